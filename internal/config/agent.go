@@ -1,0 +1,266 @@
+package config
+
+import (
+	"crypto/x509"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+
+	"github.com/ferry-tunnel/ferry/internal/policy"
+	"github.com/ferry-tunnel/ferry/internal/secret"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// Agent is ferry-agent's configuration.
+type Agent struct {
+	AgentID     string      `yaml:"agent_id"` // default: host name
+	Relay       RelayClient `yaml:"relay"`
+	Upstreams   []Upstream  `yaml:"upstreams"`
+	Diagnostics Diagnostics `yaml:"diagnostics"`
+	Audit       Audit       `yaml:"audit"`
+	Log         Log         `yaml:"log"`
+
+	File string `yaml:"-"`
+}
+
+// RelayClient says how the agent reaches the relay.
+type RelayClient struct {
+	URL         string `yaml:"url"`
+	TokenFile   string `yaml:"token_file"`
+	TokenEnv    string `yaml:"token_env"`
+	CAFile      string `yaml:"ca_file"`
+	Connections int    `yaml:"connections"`
+	ProxyURL    string `yaml:"proxy_url"`
+
+	Token secret.Source  `yaml:"-"`
+	CA    *x509.CertPool `yaml:"-"` // nil: system roots
+}
+
+// Upstream is one internal service the tunnel may reach.
+type Upstream struct {
+	Name         string   `yaml:"name"`
+	URL          string   `yaml:"url"`
+	CAFile       string   `yaml:"ca_file"`
+	Auth         Auth     `yaml:"auth"`
+	Profile      string   `yaml:"profile"`
+	Repositories []string `yaml:"repositories"`
+	Rules        []Rule   `yaml:"rules"`
+
+	CA     *x509.CertPool `yaml:"-"`
+	Policy *policy.Policy `yaml:"-"`
+}
+
+// Auth is how the agent authenticates to an upstream.
+type Auth struct {
+	Type         string `yaml:"type"` // bearer or basic
+	TokenFile    string `yaml:"token_file"`
+	Username     string `yaml:"username"`
+	PasswordFile string `yaml:"password_file"`
+
+	Secret secret.Source `yaml:"-"` // the token (bearer) or password (basic)
+}
+
+// Rule is a user allow/deny rule on top of a profile.
+type Rule struct {
+	Methods []string `yaml:"methods"`
+	Path    string   `yaml:"path"`
+	Action  string   `yaml:"action"`
+}
+
+// Diagnostics is the agent's local admin listener.
+type Diagnostics struct {
+	Listen string `yaml:"listen"`
+}
+
+// Audit is the decision log.
+type Audit struct {
+	Path string `yaml:"path"` // empty: decisions go to the main log only
+}
+
+var upstreamNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// LoadAgent reads and validates an agent config file.
+func LoadAgent(path string) (*Agent, error) {
+	data, err := readFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAgent(path, data)
+}
+
+// ParseAgent validates agent config bytes; file is used in messages.
+func ParseAgent(file string, data []byte) (*Agent, error) {
+	var c Agent
+	root, err := decodeStrict(file, data, &c)
+	if err != nil {
+		return nil, err
+	}
+	c.File = file
+	v := &validator{file: file, root: root}
+	c.validate(v)
+	if v.failed() {
+		return nil, v.err
+	}
+	return &c, nil
+}
+
+func (c *Agent) validate(v *validator) {
+	if c.AgentID == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "agent"
+		}
+		c.AgentID = h
+	}
+	r := &c.Relay
+	if r.URL == "" {
+		v.failf("relay.url", "required, e.g. wss://relay.example.com%s", proto.ConnectPath)
+	} else if u := checkURL(v, "relay.url", r.URL, "wss", "ws"); u != nil && (u.Path == "" || u.Path == "/") {
+		r.URL = strings.TrimSuffix(r.URL, "/") + proto.ConnectPath
+	}
+	switch {
+	case r.TokenFile != "" && r.TokenEnv != "":
+		v.failf("relay.token_file", "set token_file or token_env, not both")
+	case r.TokenFile != "":
+		r.Token = openSecretFile(v, "relay.token_file", &r.TokenFile)
+	case r.TokenEnv != "":
+		s, err := secret.NewEnv(r.TokenEnv)
+		if err != nil {
+			v.failf("relay.token_env", "%v", err)
+		}
+		r.Token = s
+	default:
+		v.failf("relay", "token_file or token_env is required")
+	}
+	r.CA = loadCA(v, "relay.ca_file", &r.CAFile)
+	switch {
+	case r.Connections == 0:
+		r.Connections = 2
+	case r.Connections < 1 || r.Connections > 16:
+		v.failf("relay.connections", "%d is out of range 1-16", r.Connections)
+	}
+	if r.ProxyURL != "" {
+		checkURL(v, "relay.proxy_url", r.ProxyURL, "http", "https")
+	}
+	if len(c.Upstreams) == 0 {
+		v.failf("upstreams", "at least one upstream is required")
+	}
+	names := map[string]bool{}
+	for i := range c.Upstreams {
+		c.Upstreams[i].validate(v, fmt.Sprintf("upstreams[%d]", i), names)
+	}
+	if c.Diagnostics.Listen == "" {
+		c.Diagnostics.Listen = "127.0.0.1:9091"
+	}
+	checkListen(v, "diagnostics.listen", c.Diagnostics.Listen)
+	if c.Audit.Path != "" {
+		var err error
+		if c.Audit.Path, err = ExpandCredentialsDir(c.Audit.Path); err != nil {
+			v.failf("audit.path", "%v", err)
+		}
+	}
+	v.checkLog(&c.Log)
+}
+
+func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
+	if !upstreamNameRE.MatchString(u.Name) {
+		v.failf(f+".name", "%q must be 1-63 lowercase letters, digits, '.', '_' or '-' (it appears in scanner URLs)", u.Name)
+	}
+	if names[u.Name] {
+		v.failf(f+".name", "duplicate upstream name %q", u.Name)
+	}
+	names[u.Name] = true
+	if pu := checkURL(v, f+".url", u.URL, "https", "http"); pu != nil {
+		if pu.RawQuery != "" || pu.Fragment != "" {
+			v.failf(f+".url", "must not have a query or fragment")
+		}
+		u.URL = strings.TrimSuffix(u.URL, "/")
+	}
+	u.CA = loadCA(v, f+".ca_file", &u.CAFile)
+	switch u.Auth.Type {
+	case "bearer":
+		if u.Auth.Username != "" || u.Auth.PasswordFile != "" {
+			v.failf(f+".auth", "bearer takes token_file only")
+		}
+		u.Auth.Secret = openSecretFile(v, f+".auth.token_file", &u.Auth.TokenFile)
+	case "basic":
+		if u.Auth.Username == "" {
+			v.failf(f+".auth.username", "required for basic auth")
+		}
+		if u.Auth.TokenFile != "" {
+			v.failf(f+".auth.token_file", "basic auth takes password_file, not token_file")
+		}
+		u.Auth.Secret = openSecretFile(v, f+".auth.password_file", &u.Auth.PasswordFile)
+	case "":
+		v.failf(f+".auth.type", "required: bearer or basic (the credential ferry adds to every request)")
+	default:
+		v.failf(f+".auth.type", "%q is not bearer or basic", u.Auth.Type)
+	}
+	if u.Profile == "" {
+		v.failf(f+".profile", "required: one of %s", strings.Join(policy.ProfileNames(), ", "))
+	}
+	var rules []policy.Rule
+	for j, r := range u.Rules {
+		name := fmt.Sprintf("%s.rules[%d]", f, j)
+		cr, err := policy.CompileRule(fmt.Sprintf("rules[%d]", j), policy.RuleSpec{Methods: r.Methods, Path: r.Path, Action: r.Action})
+		if err != nil {
+			v.failf(name, "%v", err)
+		}
+		rules = append(rules, cr)
+	}
+	if v.failed() {
+		return
+	}
+	p, err := policy.New(u.Profile, rules, u.Repositories)
+	if err != nil {
+		field := f + ".profile"
+		if strings.HasPrefix(err.Error(), "repositories") {
+			field = f + ".repositories"
+		}
+		v.failf(field, "%v", err)
+	}
+	u.Policy = p
+}
+
+func openSecretFile(v *validator, field string, path *string) secret.Source {
+	if *path == "" {
+		v.failf(field, "required")
+		return nil
+	}
+	p, err := ExpandCredentialsDir(*path)
+	if err != nil {
+		v.failf(field, "%v", err)
+		return nil
+	}
+	*path = p
+	s, err := secret.NewFile(p)
+	if err != nil {
+		v.failf(field, "%v", err)
+		return nil
+	}
+	return s
+}
+
+func loadCA(v *validator, field string, path *string) *x509.CertPool {
+	if *path == "" {
+		return nil
+	}
+	p, err := ExpandCredentialsDir(*path)
+	if err != nil {
+		v.failf(field, "%v", err)
+		return nil
+	}
+	*path = p
+	pem, err := os.ReadFile(p)
+	if err != nil {
+		v.failf(field, "cannot read: %v", unwrapPathError(err))
+		return nil
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		v.failf(field, "%s holds no PEM certificate", p)
+		return nil
+	}
+	return pool
+}

@@ -1,0 +1,158 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ferry-tunnel/ferry/internal/token"
+)
+
+func writeFile(t *testing.T, dir, name, body string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+var (
+	agentHash   = token.Of("agent-token").String()
+	scannerHash = token.Of("scanner-token").String()
+)
+
+func relayYAML() string {
+	return `agent_listen: "127.0.0.1:0"
+insecure_plaintext: true
+scanner_listen: "127.0.0.1:0"
+tunnels:
+  - id: acme-bbdc
+    agent_tokens: ["` + agentHash + `"]
+scanners:
+  - name: appsec
+    token: "` + scannerHash + `"
+    tunnels: [acme-bbdc]
+`
+}
+
+func TestRelayValid(t *testing.T) {
+	c, err := ParseRelay("relay.yaml", []byte(relayYAML()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.AdminListen != "127.0.0.1:9090" || c.Registry.Backend != "memory" || c.Log.Level != "info" {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+	if c.Tunnels[0].AgentHashes[0] != token.Of("agent-token") || c.Scanners[0].Hash != token.Of("scanner-token") {
+		t.Fatal("hashes not parsed")
+	}
+}
+
+func TestRelayErrorsNameFileLineField(t *testing.T) {
+	cases := []struct {
+		name, yaml string
+		want       []string
+	}{
+		{"unknown field", strings.Replace(relayYAML(), "scanner_listen", "scaner_listen", 1), []string{"relay.yaml:3", "scaner_listen", "unknown field"}},
+		{"nested unknown", strings.Replace(relayYAML(), "    tunnels: [acme-bbdc]", "    tunnels: [acme-bbdc]\n    colour: red", 1), []string{"relay.yaml:11", "colour"}},
+		{"bad hash", strings.Replace(relayYAML(), agentHash, "sha256:abc", 1), []string{"relay.yaml:6", "tunnels[0].agent_tokens[0]", "64 lowercase hex"}},
+		{"unknown tunnel", strings.Replace(relayYAML(), "[acme-bbdc]", "[nope]", 1), []string{"scanners[0].tunnels[0]", `"nope"`}},
+		{"no tls", strings.Replace(relayYAML(), "insecure_plaintext: true", "", 1), []string{"tls", "required"}},
+		{"bad listen", strings.Replace(relayYAML(), `"127.0.0.1:0"`, `"localhost"`, 1), []string{"agent_listen", "host:port"}},
+		{"type", strings.Replace(relayYAML(), "insecure_plaintext: true", "insecure_plaintext: maybe", 1), []string{"relay.yaml:2", "bool"}},
+		{"shared token", strings.Replace(relayYAML(), scannerHash, agentHash, 1), []string{"scanners[0].token", "agent token"}},
+		{"redis", relayYAML() + "registry: {backend: redis}\n", []string{"registry.backend", "redis"}},
+		{"two docs", relayYAML() + "---\na: 1\n", []string{"more than one YAML document"}},
+		{"empty", "", []string{"empty"}},
+	}
+	for _, c := range cases {
+		_, err := ParseRelay("relay.yaml", []byte(c.yaml))
+		if err == nil {
+			t.Errorf("%s: accepted", c.name)
+			continue
+		}
+		if !IsConfigError(err) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("%s: not a one-line config error: %q", c.name, err)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: %q does not mention %q", c.name, err, w)
+			}
+		}
+	}
+}
+
+func agentYAML(dir string) string {
+	return `relay:
+  url: wss://relay.example.com
+  token_file: ` + filepath.Join(dir, "relay-token") + `
+upstreams:
+  - name: bitbucket
+    url: https://bitbucket.internal:7990/
+    auth: {type: bearer, token_file: "${CREDENTIALS_DIRECTORY}/pat"}
+    profile: bitbucket-dc-read
+    repositories: ["PROJ/*"]
+    rules:
+      - {methods: [GET], path: "/rest/foo/**"}
+`
+}
+
+func TestAgentValid(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "relay-token", "tok\n")
+	writeFile(t, dir, "pat", "pat\n")
+	t.Setenv("CREDENTIALS_DIRECTORY", dir)
+	c, err := ParseAgent("agent.yaml", []byte(agentYAML(dir)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Relay.URL != "wss://relay.example.com/v1/connect" || c.Relay.Connections != 2 || c.Diagnostics.Listen != "127.0.0.1:9091" {
+		t.Fatalf("defaults: %+v", c.Relay)
+	}
+	u := c.Upstreams[0]
+	if u.URL != "https://bitbucket.internal:7990" || u.Policy == nil || u.Auth.TokenFile != filepath.Join(dir, "pat") {
+		t.Fatalf("upstream: %+v", u)
+	}
+	if v, _ := u.Auth.Secret.Value(); v != "pat" {
+		t.Fatalf("secret %q", v)
+	}
+}
+
+func TestAgentErrors(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "relay-token", "tok\n")
+	writeFile(t, dir, "pat", "pat\n")
+	t.Setenv("CREDENTIALS_DIRECTORY", dir)
+	base := agentYAML(dir)
+	cases := []struct {
+		name, yaml string
+		want       []string
+	}{
+		{"scheme", strings.Replace(base, "wss://", "https://", 1), []string{"relay.url", "scheme"}},
+		{"profile", strings.Replace(base, "bitbucket-dc-read", "bitbucket-dc-all", 1), []string{"upstreams[0].profile", "unknown profile"}},
+		{"rule method", strings.Replace(base, "[GET]", "[FETCH]", 1), []string{"upstreams[0].rules[0]", "FETCH"}},
+		{"missing pat", strings.Replace(base, "/pat\"}", "/nope\"}", 1), []string{"upstreams[0].auth.token_file", "no such file"}},
+		{"auth type", strings.Replace(base, "type: bearer", "type: ntlm", 1), []string{"upstreams[0].auth.type"}},
+		{"scope", strings.Replace(base, `"PROJ/*"`, `"PROJ"`, 1), []string{"upstreams[0].repositories"}},
+		{"connections", strings.Replace(base, "url: wss", "connections: 99\n  url: wss", 1), []string{"relay.connections"}},
+		{"unknown", strings.Replace(base, "profile:", "profle:", 1), []string{"agent.yaml:8", "profle", "unknown field"}},
+	}
+	for _, c := range cases {
+		_, err := ParseAgent("agent.yaml", []byte(c.yaml))
+		if err == nil {
+			t.Errorf("%s: accepted", c.name)
+			continue
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: %q does not mention %q", c.name, err, w)
+			}
+		}
+	}
+	t.Setenv("CREDENTIALS_DIRECTORY", "")
+	if _, err := ParseAgent("agent.yaml", []byte(base)); err == nil || !strings.Contains(err.Error(), "CREDENTIALS_DIRECTORY") {
+		t.Errorf("unset CREDENTIALS_DIRECTORY: %v", err)
+	}
+}

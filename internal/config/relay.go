@@ -1,0 +1,243 @@
+package config
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/url"
+	"regexp"
+
+	"github.com/ferry-tunnel/ferry/internal/token"
+)
+
+// Relay is ferry-relay's configuration.
+type Relay struct {
+	AgentListen       string    `yaml:"agent_listen"`
+	TLS               *TLSFiles `yaml:"tls"`
+	InsecurePlaintext bool      `yaml:"insecure_plaintext"`
+	ScannerListen     string    `yaml:"scanner_listen"`
+	ScannerTLS        *TLSFiles `yaml:"scanner_tls"`
+	AdminListen       string    `yaml:"admin_listen"`
+	Tunnels           []Tunnel  `yaml:"tunnels"`
+	Scanners          []Scanner `yaml:"scanners"`
+	Registry          Registry  `yaml:"registry"`
+	Log               Log       `yaml:"log"`
+
+	// File is where this config was read from, for messages.
+	File string `yaml:"-"`
+}
+
+// TLSFiles names a certificate and key in PEM files.
+type TLSFiles struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// Tunnel is one customer's tunnel and the agent tokens that may serve it.
+type Tunnel struct {
+	ID            string   `yaml:"id"`
+	AgentTokens   []string `yaml:"agent_tokens"`
+	WebhookTarget string   `yaml:"webhook_target"`
+
+	AgentHashes []token.Hash `yaml:"-"`
+}
+
+// Scanner is a cloud client allowed to use some tunnels.
+type Scanner struct {
+	Name    string   `yaml:"name"`
+	Token   string   `yaml:"token"`
+	Tunnels []string `yaml:"tunnels"`
+
+	Hash token.Hash `yaml:"-"`
+}
+
+// Registry says where the relay records which tunnels it holds.
+type Registry struct {
+	Backend        string `yaml:"backend"`
+	RedisURL       string `yaml:"redis_url"`
+	AdvertiseURL   string `yaml:"advertise_url"`
+	InternalListen string `yaml:"internal_listen"`
+	PeerSecretFile string `yaml:"peer_secret_file"`
+}
+
+var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// LoadRelay reads and validates a relay config file.
+func LoadRelay(path string) (*Relay, error) {
+	data, err := readFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRelay(path, data)
+}
+
+// ParseRelay validates relay config bytes; file is used in messages.
+func ParseRelay(file string, data []byte) (*Relay, error) {
+	var c Relay
+	root, err := decodeStrict(file, data, &c)
+	if err != nil {
+		return nil, err
+	}
+	c.File = file
+	v := &validator{file: file, root: root}
+	c.validate(v)
+	if v.failed() {
+		return nil, v.err
+	}
+	return &c, nil
+}
+
+func (c *Relay) validate(v *validator) {
+	if c.AgentListen == "" {
+		c.AgentListen = ":443"
+	}
+	if c.ScannerListen == "" {
+		c.ScannerListen = "127.0.0.1:8080"
+	}
+	if c.AdminListen == "" {
+		c.AdminListen = "127.0.0.1:9090"
+	}
+	checkListen(v, "agent_listen", c.AgentListen)
+	checkListen(v, "scanner_listen", c.ScannerListen)
+	checkListen(v, "admin_listen", c.AdminListen)
+	switch {
+	case c.TLS == nil && !c.InsecurePlaintext:
+		v.failf("tls", "required for agent_listen (agents connect over wss://); set insecure_plaintext: true only behind a TLS-terminating load balancer or in tests")
+	case c.TLS != nil && c.InsecurePlaintext:
+		v.failf("insecure_plaintext", "conflicts with tls: choose one")
+	case c.TLS != nil:
+		checkTLSFiles(v, "tls", c.TLS)
+	}
+	if c.ScannerTLS != nil {
+		checkTLSFiles(v, "scanner_tls", c.ScannerTLS)
+	}
+	if len(c.Tunnels) == 0 {
+		v.failf("tunnels", "at least one tunnel is required")
+	}
+	tunnels := map[string]bool{}
+	agentHash := map[token.Hash]string{}
+	for i := range c.Tunnels {
+		t := &c.Tunnels[i]
+		f := fmt.Sprintf("tunnels[%d]", i)
+		if !idRE.MatchString(t.ID) {
+			v.failf(f+".id", "%q must be 1-63 lowercase letters, digits, '.', '_' or '-'", t.ID)
+		}
+		if tunnels[t.ID] {
+			v.failf(f+".id", "duplicate tunnel id %q", t.ID)
+		}
+		tunnels[t.ID] = true
+		if len(t.AgentTokens) == 0 {
+			v.failf(f+".agent_tokens", "at least one token hash is required (make one with `ferry-relay token`)")
+		}
+		for j, s := range t.AgentTokens {
+			h, err := token.ParseHash(s)
+			if err != nil {
+				v.failf(fmt.Sprintf("%s.agent_tokens[%d]", f, j), "%v", err)
+				continue
+			}
+			if other, dup := agentHash[h]; dup {
+				v.failf(fmt.Sprintf("%s.agent_tokens[%d]", f, j), "the same token is already listed for tunnel %q; an agent token must map to one tunnel", other)
+			}
+			agentHash[h] = t.ID
+			t.AgentHashes = append(t.AgentHashes, h)
+		}
+		if t.WebhookTarget != "" {
+			checkURL(v, f+".webhook_target", t.WebhookTarget, "http", "https")
+		}
+	}
+	scanners := map[string]bool{}
+	scannerHash := map[token.Hash]bool{}
+	for i := range c.Scanners {
+		s := &c.Scanners[i]
+		f := fmt.Sprintf("scanners[%d]", i)
+		if !idRE.MatchString(s.Name) {
+			v.failf(f+".name", "%q must be 1-63 lowercase letters, digits, '.', '_' or '-'", s.Name)
+		}
+		if scanners[s.Name] {
+			v.failf(f+".name", "duplicate scanner name %q", s.Name)
+		}
+		scanners[s.Name] = true
+		h, err := token.ParseHash(s.Token)
+		if err != nil {
+			v.failf(f+".token", "%v", err)
+		}
+		if _, clash := agentHash[h]; clash {
+			v.failf(f+".token", "is also an agent token; use separate tokens for agents and scanners")
+		}
+		if scannerHash[h] {
+			v.failf(f+".token", "is already used by another scanner")
+		}
+		scannerHash[h] = true
+		s.Hash = h
+		if len(s.Tunnels) == 0 {
+			v.failf(f+".tunnels", "list the tunnels this scanner may use")
+		}
+		for j, id := range s.Tunnels {
+			if !tunnels[id] {
+				v.failf(fmt.Sprintf("%s.tunnels[%d]", f, j), "no tunnel with id %q is configured", id)
+			}
+		}
+	}
+	switch c.Registry.Backend {
+	case "", "memory":
+		c.Registry.Backend = "memory"
+		if c.Registry.RedisURL != "" || c.Registry.AdvertiseURL != "" {
+			v.failf("registry.backend", "redis_url and advertise_url need backend: redis")
+		}
+	case "redis":
+		v.failf("registry.backend", "redis is not available in this build yet; use memory (one replica)")
+	default:
+		v.failf("registry.backend", "%q is not memory or redis", c.Registry.Backend)
+	}
+	v.checkLog(&c.Log)
+}
+
+func checkListen(v *validator, field, addr string) {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		v.failf(field, "%q is not host:port (e.g. \":443\" or \"127.0.0.1:9090\")", addr)
+	}
+}
+
+func checkTLSFiles(v *validator, field string, t *TLSFiles) {
+	var err error
+	if t.CertFile, err = ExpandCredentialsDir(t.CertFile); err != nil {
+		v.failf(field+".cert_file", "%v", err)
+		return
+	}
+	if t.KeyFile, err = ExpandCredentialsDir(t.KeyFile); err != nil {
+		v.failf(field+".key_file", "%v", err)
+		return
+	}
+	if t.CertFile == "" || t.KeyFile == "" {
+		v.failf(field, "both cert_file and key_file are required")
+		return
+	}
+	if _, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile); err != nil {
+		v.failf(field, "cannot load certificate and key: %v", unwrapPathError(err))
+	}
+}
+
+func checkURL(v *validator, field, raw string, schemes ...string) *url.URL {
+	u, err := url.Parse(raw)
+	if err != nil {
+		v.failf(field, "%q is not a URL: %v", raw, err)
+		return nil
+	}
+	okScheme := false
+	for _, s := range schemes {
+		okScheme = okScheme || u.Scheme == s
+	}
+	if !okScheme {
+		v.failf(field, "%q: scheme must be one of %v", raw, schemes)
+		return nil
+	}
+	if u.Host == "" {
+		v.failf(field, "%q has no host", raw)
+		return nil
+	}
+	if u.User != nil {
+		v.failf(field, "credentials in the URL are not allowed; use the auth settings")
+		return nil
+	}
+	return u
+}
