@@ -8,9 +8,9 @@ import (
 
 // pattern matches canonical paths segment by segment, case-insensitively:
 //
-//	*        exactly one segment (may be part of one: "*.git")
-//	**       zero or more segments (a whole segment only)
-//	{a,b}    one segment, any of the alternatives (each may use *)
+//   - exactly one segment (may be part of one: "*.git")
+//     **       zero or more segments (a whole segment only)
+//     {a,b}    one segment, any of the alternatives (each may use *)
 type pattern struct {
 	src  string
 	segs []segment

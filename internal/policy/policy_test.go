@@ -9,12 +9,12 @@ import (
 
 func TestNormalizePath(t *testing.T) {
 	ok := map[string]string{
-		"/rest/api/1.0/projects":               "/rest/api/1.0/projects",
-		"/scm/proj/repo.git/info/refs":         "/scm/proj/repo.git/info/refs",
-		"/rest/api/1.0/projects/P/repos/r/":    "/rest/api/1.0/projects/P/repos/r/",
-		"/browse/a%20b/c%C3%A9.txt":            "/browse/a b/cé.txt",
-		"/x/%7Euser/file.v1.2":                 "/x/~user/file.v1.2",
-		"/":                                    "/",
+		"/rest/api/1.0/projects":            "/rest/api/1.0/projects",
+		"/scm/proj/repo.git/info/refs":      "/scm/proj/repo.git/info/refs",
+		"/rest/api/1.0/projects/P/repos/r/": "/rest/api/1.0/projects/P/repos/r/",
+		"/browse/a%20b/c%C3%A9.txt":         "/browse/a b/cé.txt",
+		"/x/%7Euser/file.v1.2":              "/x/~user/file.v1.2",
+		"/":                                 "/",
 	}
 	for in, want := range ok {
 		got, err := NormalizePath(in)

@@ -120,4 +120,4 @@ func NewEnv(name string) (*Env, error) {
 
 // Value implements Source.
 func (e *Env) Value() (string, error) { return e.val, nil }
-func (e *Env) String() string           { return "environment variable " + e.name }
+func (e *Env) String() string         { return "environment variable " + e.name }
