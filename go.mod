@@ -8,4 +8,7 @@ require (
 	gopkg.in/yaml.v3 v3.0.1
 )
 
-require github.com/kr/text v0.2.0 // indirect
+require (
+	github.com/coder/websocket v1.8.15 // indirect
+	github.com/kr/text v0.2.0 // indirect
+)

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/hashicorp/yamux"
 )
 
@@ -54,7 +55,11 @@ func (l yamuxLogger) Printf(f string, v ...any) {
 func (l yamuxLogger) emit(s string) {
 	s = strings.TrimSpace(s)
 	level := slog.LevelDebug
-	if strings.HasPrefix(s, "[ERR]") || strings.HasPrefix(s, "[WARN]") {
+	// A session ending because its connection closed is routine and is
+	// logged by the owner with context; only other errors are warnings.
+	routine := strings.Contains(s, "EOF") || strings.Contains(s, "context canceled") ||
+		strings.Contains(s, "closed") || strings.Contains(s, "reset by peer")
+	if (strings.HasPrefix(s, "[ERR]") || strings.HasPrefix(s, "[WARN]")) && !routine {
 		level = slog.LevelWarn
 	}
 	l.log.Log(context.Background(), level, s, "component", "yamux")
@@ -96,4 +101,23 @@ func (c *coalescingConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	return c.Conn.Write(p)
+}
+
+// WebSocketConn adapts an accepted or dialled WebSocket to the net.Conn
+// yamux runs on. ctx bounds the connection's life. Close is immediate
+// (CloseNow): yamux closes its conn when a session dies, often because the
+// peer is gone, and a close handshake would then block for up to 10 s.
+func WebSocketConn(ctx context.Context, c *websocket.Conn) net.Conn {
+	return Coalesce(closeNowConn{websocket.NetConn(ctx, c, websocket.MessageBinary), c})
+}
+
+type closeNowConn struct {
+	net.Conn
+	ws *websocket.Conn
+}
+
+func (c closeNowConn) Close() error {
+	err := c.ws.CloseNow()
+	c.Conn.Close()
+	return err
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/policy"
 	"github.com/ferry-tunnel/ferry/internal/secret"
@@ -46,6 +47,8 @@ type Upstream struct {
 	Profile      string   `yaml:"profile"`
 	Repositories []string `yaml:"repositories"`
 	Rules        []Rule   `yaml:"rules"`
+	// ResponseTimeout bounds the wait for the upstream's response headers.
+	ResponseTimeout time.Duration `yaml:"response_timeout"`
 
 	CA     *x509.CertPool `yaml:"-"`
 	Policy *policy.Policy `yaml:"-"`
@@ -178,6 +181,12 @@ func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
 		u.URL = strings.TrimSuffix(u.URL, "/")
 	}
 	u.CA = loadCA(v, f+".ca_file", &u.CAFile)
+	switch {
+	case u.ResponseTimeout == 0:
+		u.ResponseTimeout = 2 * time.Minute
+	case u.ResponseTimeout < 0:
+		v.failf(f+".response_timeout", "must be positive")
+	}
 	switch u.Auth.Type {
 	case "bearer":
 		if u.Auth.Username != "" || u.Auth.PasswordFile != "" {

@@ -1,0 +1,298 @@
+// Package agent is ferry-agent: it keeps WSS connections to the relay and
+// serves the requests arriving over them by calling internal upstreams,
+// only as far as each upstream's policy allows.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/audit"
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/version"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// DrainTimeout is how long requests in flight may finish after the agent
+// is told to stop.
+const DrainTimeout = 30 * time.Second
+
+// Agent is one agent process. Create with New, bind with Listen, run with
+// Serve (or all with Run).
+type Agent struct {
+	cfg           *config.Agent
+	log           *slog.Logger
+	upstreams     map[string]*upstream
+	upstreamNames []string
+	relayClient   *http.Client
+	streams       *streamListener
+	audit         *audit.Log
+	conns         []*connState
+	stats         stats
+	diagLn        net.Listener
+	started       time.Time
+}
+
+// New builds an agent from a validated config.
+func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
+	a := &Agent{cfg: cfg, log: log, upstreams: map[string]*upstream{}, streams: newStreamListener(), started: time.Now()}
+	pool := httpx.NewBufferPool()
+	for i := range cfg.Upstreams {
+		u, err := newUpstream(&cfg.Upstreams[i], log, pool)
+		if err != nil {
+			return nil, err
+		}
+		a.upstreams[u.cfg.Name] = u
+		a.upstreamNames = append(a.upstreamNames, u.cfg.Name)
+	}
+	rc, err := newRelayClient(&cfg.Relay)
+	if err != nil {
+		return nil, err
+	}
+	a.relayClient = rc
+	for i := 0; i < cfg.Relay.Connections; i++ {
+		a.conns = append(a.conns, &connState{slot: i})
+	}
+	return a, nil
+}
+
+// Listen binds the diagnostics listener and opens the audit log.
+func (a *Agent) Listen() error {
+	ln, err := net.Listen("tcp", a.cfg.Diagnostics.Listen)
+	if err != nil {
+		return fmt.Errorf("diagnostics.listen %s: %w", a.cfg.Diagnostics.Listen, err)
+	}
+	al, err := audit.Open(a.cfg.Audit.Path)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	a.diagLn, a.audit = ln, al
+	return nil
+}
+
+// DiagAddr is the bound diagnostics address.
+func (a *Agent) DiagAddr() string { return a.diagLn.Addr().String() }
+
+// Run binds and serves until ctx is done.
+func Run(ctx context.Context, cfg *config.Agent, log *slog.Logger) error {
+	a, err := New(cfg, log)
+	if err != nil {
+		return err
+	}
+	if err := a.Listen(); err != nil {
+		return err
+	}
+	return a.Serve(ctx)
+}
+
+// Serve keeps the relay connections up and serves requests until ctx is
+// done; then it stops taking requests, lets those in flight finish (up to
+// DrainTimeout), closes the connections and waits for every goroutine.
+func (a *Agent) Serve(ctx context.Context) error {
+	defer a.audit.Close()
+	tunnelSrv := &http.Server{
+		Handler:           a,
+		ConnContext:       connContext,
+		ReadHeaderTimeout: 30 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(a.log.Handler(), slog.LevelDebug),
+	}
+	tunnelSrv.SetKeepAlivesEnabled(false) // one request per stream
+	diagSrv := &http.Server{Handler: a.diagHandler(), ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10}
+	errc := make(chan error, 2)
+	go func() { errc <- tunnelSrv.Serve(a.streams) }()
+	go func() { errc <- diagSrv.Serve(a.diagLn) }()
+
+	// Connections get their own context: on shutdown they stay up while
+	// requests in flight drain, and are cut after.
+	connCtx, stopConns := context.WithCancel(context.Background())
+	defer stopConns()
+	var wg sync.WaitGroup
+	for i := range a.conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.keepConnected(connCtx, i)
+		}()
+	}
+	a.log.Info("agent started", "version", version.Version, "agent_id", a.cfg.AgentID, "relay", a.cfg.Relay.URL,
+		"connections", len(a.conns), "upstreams", a.upstreamNames, "diagnostics", a.DiagAddr())
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	a.log.Info("agent draining", "timeout", DrainTimeout.String())
+	dctx, cancel := context.WithTimeout(context.Background(), DrainTimeout)
+	defer cancel()
+	if err := tunnelSrv.Shutdown(dctx); err != nil {
+		a.log.Warn("requests still in flight at end of drain; cutting them", "err", err)
+		tunnelSrv.Close()
+	}
+	stopConns()
+	wg.Wait()
+	diagSrv.Close()
+	for _, u := range a.upstreams {
+		u.transport.CloseIdleConnections()
+	}
+	a.relayClient.CloseIdleConnections()
+	for range 2 {
+		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
+			runErr = err
+		}
+	}
+	a.log.Info("agent stopped")
+	return runErr
+}
+
+// Connected is how many relay connections are up now.
+func (a *Agent) Connected() int {
+	n := 0
+	for _, c := range a.conns {
+		if c.snapshot().Connected {
+			n++
+		}
+	}
+	return n
+}
+
+func (a *Agent) diagHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if a.Connected() == 0 {
+			http.Error(w, "no relay connection", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(a.Status())
+	})
+	return mux
+}
+
+// Status is the agent's /v1/status document.
+type Status struct {
+	AgentID     string       `json:"agent_id"`
+	Version     string       `json:"version"`
+	Relay       string       `json:"relay"`
+	Connected   int          `json:"connected"`
+	Connections []ConnStatus `json:"connections"`
+	Upstreams   []string     `json:"upstreams"`
+	StartedAt   time.Time    `json:"started_at"`
+	UptimeSec   int64        `json:"uptime_seconds"`
+	Requests    RequestStats `json:"requests"`
+}
+
+// Status reports the agent's state.
+func (a *Agent) Status() Status {
+	s := Status{
+		AgentID: a.cfg.AgentID, Version: version.Version, Relay: a.cfg.Relay.URL, Upstreams: a.upstreamNames,
+		StartedAt: a.started, UptimeSec: int64(time.Since(a.started).Seconds()), Requests: a.stats.snapshot(),
+	}
+	for _, c := range a.conns {
+		cs := c.snapshot()
+		if cs.Connected {
+			s.Connected++
+		}
+		s.Connections = append(s.Connections, cs)
+	}
+	return s
+}
+
+// connState tracks one relay connection slot for status and readiness.
+type connState struct {
+	slot int
+
+	mu sync.Mutex
+	st ConnStatus
+}
+
+// ConnStatus describes one relay connection slot.
+type ConnStatus struct {
+	Slot         int       `json:"slot"`
+	Connected    bool      `json:"connected"`
+	Since        time.Time `json:"since,omitempty"`
+	RelayID      string    `json:"relay_id,omitempty"`
+	ConnectionID string    `json:"connection_id,omitempty"`
+	Reconnects   int       `json:"reconnects"`
+	LastError    string    `json:"last_error,omitempty"`
+	LastErrorAt  time.Time `json:"last_error_at,omitempty"`
+}
+
+func (c *connState) connected(welcome proto.Message) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.st.Connected, c.st.Since = true, time.Now()
+	c.st.RelayID, c.st.ConnectionID = welcome.RelayID, welcome.ConnectionID
+}
+
+func (c *connState) failed(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.st.Connected {
+		c.st.Reconnects++
+	}
+	c.st.Connected, c.st.Since = false, time.Now()
+	if err != nil {
+		c.st.LastError, c.st.LastErrorAt = err.Error(), time.Now()
+	}
+}
+
+func (c *connState) snapshot() ConnStatus {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.st
+	s.Slot = c.slot
+	return s
+}
+
+// stats counts requests for status.
+type stats struct {
+	mu sync.Mutex
+	s  RequestStats
+}
+
+// RequestStats summarises requests served since start.
+type RequestStats struct {
+	Total        int64     `json:"total"`
+	Allowed      int64     `json:"allowed"`
+	Denied       int64     `json:"denied"`
+	LastDenial   string    `json:"last_denial,omitempty"`
+	LastDeniedAt time.Time `json:"last_denied_at,omitempty"`
+}
+
+func (s *stats) record(e audit.Entry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.s.Total++
+	if e.Decision == "allow" {
+		s.s.Allowed++
+		return
+	}
+	s.s.Denied++
+	s.s.LastDenial = e.Method + " " + e.Path + " (" + e.Rule + ")"
+	s.s.LastDeniedAt = e.Time
+}
+
+func (s *stats) snapshot() RequestStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.s
+}

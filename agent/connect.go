@@ -1,0 +1,243 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/version"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+const (
+	dialTimeout      = 10 * time.Second
+	tlsTimeout       = 10 * time.Second
+	upgradeTimeout   = 15 * time.Second
+	handshakeTimeout = 10 * time.Second
+	// streamHeaderTimeout bounds how long a new stream may take to send
+	// its header; a relay that opens streams and says nothing costs us a
+	// goroutine for at most this long.
+	streamHeaderTimeout = 10 * time.Second
+	// stableAfter: a connection that lived this long resets the backoff.
+	stableAfter = 5 * time.Second
+)
+
+// newRelayClient builds the HTTP client used for the WebSocket upgrade:
+// TLS 1.2+, the configured CA (or system roots), and the egress proxy.
+func newRelayClient(rc *config.RelayClient) (*http.Client, error) {
+	proxy := http.ProxyFromEnvironment
+	if rc.ProxyURL != "" {
+		u, err := url.Parse(rc.ProxyURL)
+		if err != nil {
+			return nil, fmt.Errorf("relay.proxy_url: %w", err)
+		}
+		proxy = http.ProxyURL(u)
+	}
+	tr := &http.Transport{
+		Proxy:                 proxy,
+		DialContext:           (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:       &tls.Config{RootCAs: rc.CA, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout:   tlsTimeout,
+		ResponseHeaderTimeout: upgradeTimeout,
+		DisableCompression:    true,
+		MaxIdleConns:          1,
+		IdleConnTimeout:       time.Second,
+	}
+	return &http.Client{Transport: tr}, nil
+}
+
+// keepConnected holds relay connection number slot up until ctx ends,
+// reconnecting with backoff.
+func (a *Agent) keepConnected(ctx context.Context, slot int) {
+	st := a.conns[slot]
+	b := newBackoff()
+	for {
+		started := time.Now()
+		up, err := a.runConnection(ctx, st)
+		if ctx.Err() != nil {
+			return
+		}
+		if up && time.Since(started) >= stableAfter {
+			b.reset()
+		}
+		delay := b.next()
+		st.failed(err)
+		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// runConnection dials, handshakes and serves one relay connection until it
+// ends. up reports whether the handshake succeeded.
+func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err error) {
+	ws, err := a.dial(ctx)
+	if err != nil {
+		return false, err
+	}
+	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(a.log))
+	if err != nil {
+		ws.CloseNow()
+		return false, fmt.Errorf("start session: %w", err)
+	}
+	defer sess.Close()
+	ctrl, welcome, err := a.hello(sess)
+	if err != nil {
+		return false, err
+	}
+	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
+	st.connected(welcome)
+	log.Info("connected to relay", "relay", a.cfg.Relay.URL, "tunnel", welcome.Tunnel)
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // control stream reader; ends with the session
+		defer wg.Done()
+		for {
+			m, err := proto.ReadMessage(ctrl)
+			if err != nil {
+				return
+			}
+			switch m.Type {
+			case proto.MsgGoAway:
+				log.Info("relay asked this connection to go away; reconnecting", "reason", m.Reason)
+				sess.Close()
+				return
+			default:
+				log.Debug("control message from relay", "type", m.Type)
+			}
+		}
+	}()
+	for {
+		s, err := sess.AcceptStream()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.dispatch(ctx, s, log)
+		}()
+	}
+	sess.Close()
+	wg.Wait()
+	return true, errors.New("relay connection closed")
+}
+
+// dispatch reads a stream's header and hands it to whoever serves its kind.
+func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, log *slog.Logger) {
+	s.SetReadDeadline(time.Now().Add(streamHeaderTimeout))
+	h, err := proto.ReadHeader(s)
+	if err != nil {
+		log.Warn("bad stream from relay", "err", err)
+		s.Close()
+		return
+	}
+	s.SetReadDeadline(time.Time{})
+	switch h.Kind {
+	case proto.KindHTTP:
+		if !a.streams.offer(ctx, &tunnelConn{Stream: s, header: h}) {
+			s.Close()
+		}
+	default:
+		log.Warn("relay opened a stream of an unsupported kind", "kind", h.Kind.String())
+		s.Close()
+	}
+}
+
+// dial opens the WebSocket to the relay and explains refusals.
+func (a *Agent) dial(ctx context.Context) (*websocket.Conn, error) {
+	tok, err := a.cfg.Relay.Token.Value()
+	if err != nil {
+		return nil, fmt.Errorf("relay token: %w", err)
+	}
+	hdr := http.Header{}
+	hdr.Set("Authorization", "Bearer "+tok)
+	hdr.Set("User-Agent", "ferry-agent/"+version.Version)
+	// ctx (not a timeout context) because it outlives the handshake as the
+	// connection's context; the transport's timeouts bound the handshake.
+	ws, resp, err := websocket.Dial(ctx, a.cfg.Relay.URL, &websocket.DialOptions{
+		HTTPClient:   a.relayClient,
+		HTTPHeader:   hdr,
+		Subprotocols: []string{proto.Subprotocol},
+	})
+	if err != nil {
+		return nil, describeDialError(a.cfg.Relay.URL, resp, err)
+	}
+	if ws.Subprotocol() != proto.Subprotocol {
+		ws.CloseNow()
+		return nil, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", a.cfg.Relay.URL, proto.Subprotocol)
+	}
+	return ws, nil
+}
+
+func describeDialError(relayURL string, resp *http.Response, err error) error {
+	if resp == nil {
+		return fmt.Errorf("dial relay %s: %w", relayURL, err)
+	}
+	msg := ""
+	if resp.Body != nil {
+		var body httperr.Body
+		if b, rerr := io.ReadAll(io.LimitReader(resp.Body, 1024)); rerr == nil && json.Unmarshal(b, &body) == nil {
+			msg = body.Message
+		}
+	}
+	switch resp.StatusCode {
+	case http.StatusUnauthorized:
+		return fmt.Errorf("dial relay %s: relay answered 401: the agent token is not accepted by any tunnel (%s)", relayURL, msg)
+	case http.StatusNotFound:
+		return fmt.Errorf("dial relay %s: relay answered 404: wrong path? agents connect to %s", relayURL, proto.ConnectPath)
+	}
+	if msg != "" {
+		return fmt.Errorf("dial relay %s: relay answered %s: %s", relayURL, resp.Status, msg)
+	}
+	return fmt.Errorf("dial relay %s: relay answered %s: %w", relayURL, resp.Status, err)
+}
+
+// hello opens the control stream and introduces this agent.
+func (a *Agent) hello(sess *yamux.Session) (*yamux.Stream, proto.Message, error) {
+	ctrl, err := sess.OpenStream()
+	if err != nil {
+		return nil, proto.Message{}, fmt.Errorf("open control stream: %w", err)
+	}
+	ctrl.SetDeadline(time.Now().Add(handshakeTimeout))
+	if err := proto.WriteHeader(ctrl, proto.Header{Kind: proto.KindControl}); err != nil {
+		return nil, proto.Message{}, err
+	}
+	hello := proto.Message{Type: proto.MsgHello, AgentID: a.cfg.AgentID, Version: version.Version, Upstreams: a.upstreamNames}
+	if err := proto.WriteMessage(ctrl, hello); err != nil {
+		return nil, proto.Message{}, err
+	}
+	m, err := proto.ReadMessage(ctrl)
+	if err != nil {
+		return nil, proto.Message{}, fmt.Errorf("wait for relay welcome: %w", err)
+	}
+	switch m.Type {
+	case proto.MsgWelcome:
+	case proto.MsgReject:
+		return nil, m, fmt.Errorf("relay rejected hello: %s", m.Reason)
+	default:
+		return nil, m, fmt.Errorf("relay answered hello with %q", m.Type)
+	}
+	ctrl.SetDeadline(time.Time{})
+	return ctrl, m, nil
+}

@@ -1,0 +1,222 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/audit"
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
+)
+
+// upstream is one configured internal service and its proxy.
+type upstream struct {
+	cfg       *config.Upstream
+	base      *url.URL
+	proxy     *httputil.ReverseProxy
+	transport *http.Transport
+	log       *slog.Logger
+}
+
+// forward is what ServeHTTP decided, carried to the proxy's Rewrite.
+type forward struct {
+	path string // canonical, checked path
+	auth string // Authorization header value for the upstream
+}
+
+type forwardKey struct{}
+
+func newUpstream(cfg *config.Upstream, log *slog.Logger, pool *httpx.BufferPool) (*upstream, error) {
+	base, err := url.Parse(cfg.URL)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %s: %w", cfg.Name, err)
+	}
+	u := &upstream{cfg: cfg, base: base, log: log.With("upstream", cfg.Name)}
+	u.transport = &http.Transport{
+		Proxy:                  nil, // upstreams are internal; HTTPS_PROXY is for the relay only
+		DialContext:            (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:        &tls.Config{RootCAs: cfg.CA, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout:    tlsTimeout,
+		ResponseHeaderTimeout:  cfg.ResponseTimeout,
+		ExpectContinueTimeout:  time.Second,
+		MaxIdleConns:           64,
+		MaxIdleConnsPerHost:    32,
+		IdleConnTimeout:        90 * time.Second,
+		MaxResponseHeaderBytes: 64 << 10,
+		DisableCompression:     true, // pass the scanner's Accept-Encoding through as is
+	}
+	u.proxy = &httputil.ReverseProxy{
+		Rewrite:       u.rewrite,
+		Transport:     u.transport,
+		FlushInterval: -1,
+		BufferPool:    pool,
+		ErrorHandler:  u.proxyError,
+		ModifyResponse: func(resp *http.Response) error {
+			// A session cookie for the service account is of no use to the
+			// scanner and must not leave the network.
+			resp.Header.Del("Set-Cookie")
+			return nil
+		},
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	return u, nil
+}
+
+func (u *upstream) rewrite(pr *httputil.ProxyRequest) {
+	f := pr.In.Context().Value(forwardKey{}).(*forward)
+	pr.Out.URL = &url.URL{
+		Scheme:   u.base.Scheme,
+		Host:     u.base.Host,
+		Path:     u.base.Path + f.path,
+		RawQuery: pr.In.URL.RawQuery,
+	}
+	pr.Out.Host = u.base.Host
+	for k := range pr.Out.Header {
+		if dropRequestHeader(strings.ToLower(k)) {
+			delete(pr.Out.Header, k)
+		}
+	}
+	pr.Out.Header.Set("Authorization", f.auth)
+}
+
+// dropRequestHeader: credentials and identity claims from the far side,
+// and method overrides that would let a GET act as a DELETE.
+func dropRequestHeader(k string) bool {
+	switch k {
+	case "authorization", "proxy-authorization", "cookie",
+		"x-http-method-override", "x-http-method", "x-method-override":
+		return true
+	}
+	return httpx.IsForwardingHeader(k) || strings.HasPrefix(k, "x-ferry-") || strings.HasPrefix(k, "x-ausername")
+}
+
+// authHeader builds the upstream credential, re-read if its file changed.
+func (u *upstream) authHeader() (string, error) {
+	v, err := u.cfg.Auth.Secret.Value()
+	if err != nil {
+		return "", err
+	}
+	if u.cfg.Auth.Type == "basic" {
+		return "Basic " + base64.StdEncoding.EncodeToString([]byte(u.cfg.Auth.Username+":"+v)), nil
+	}
+	return "Bearer " + v, nil
+}
+
+func (u *upstream) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	rid := w.Header().Get(httperr.RequestIDHeader)
+	switch {
+	case errors.Is(r.Context().Err(), context.Canceled):
+		u.log.Info("request cancelled by the relay side", "request_id", rid, "err", err)
+		return
+	case httpx.IsTimeout(err):
+		u.log.Warn("upstream timed out", "request_id", rid, "err", err)
+		httperr.Write(w, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "upstream "+u.cfg.Name+" did not answer in time")
+		return
+	}
+	u.log.Warn("upstream request failed", "request_id", rid, "err", err)
+	httperr.Write(w, http.StatusBadGateway, httperr.UpstreamError, "upstream "+u.cfg.Name+": "+classify(err)+" (details in the agent log)")
+}
+
+// classify says what kind of failure err is without naming internal hosts.
+func classify(err error) string {
+	var cv *tls.CertificateVerificationError
+	var ua x509.UnknownAuthorityError
+	var hn x509.HostnameError
+	var op *net.OpError
+	var dns *net.DNSError
+	switch {
+	case errors.As(err, &cv), errors.As(err, &ua), errors.As(err, &hn):
+		return "TLS certificate not trusted (check the upstream's ca_file)"
+	case errors.As(err, &dns):
+		return "host name does not resolve"
+	case errors.As(err, &op) && op.Op == "dial":
+		return "cannot connect"
+	}
+	return "request failed"
+}
+
+// ServeHTTP serves one request arriving through the tunnel: judge it,
+// then forward it to its upstream with the upstream's credential.
+func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	hdr, _ := headerFrom(r.Context())
+	rid := hdr.RequestID
+	if !httperr.ValidRequestID(rid) {
+		rid = httperr.NewRequestID()
+	}
+	w.Header().Set(httperr.RequestIDHeader, rid)
+	rec := &httpx.Recorder{ResponseWriter: w}
+	entry := audit.Entry{RequestID: rid, Scanner: hdr.Scanner, Upstream: hdr.Upstream, Method: r.Method, Decision: "deny"}
+	defer func() {
+		entry.Time, entry.Status, entry.Bytes = start.UTC(), rec.StatusCode(), rec.Bytes
+		entry.DurationMS = time.Since(start).Milliseconds()
+		a.record(entry)
+	}()
+
+	rawPath, rawQuery, _ := strings.Cut(r.RequestURI, "?")
+	entry.Path = rawPath
+	u := a.upstreams[hdr.Upstream]
+	switch {
+	case u == nil:
+		entry.Rule = "unknown-upstream"
+		httperr.Write(rec, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("this agent has no upstream %q", hdr.Upstream))
+		return
+	case !strings.HasPrefix(rawPath, "/"):
+		entry.Rule = "normalise"
+		httperr.Write(rec, http.StatusBadRequest, httperr.BadRequest, "request target must be a path")
+		return
+	case r.Header.Get("Upgrade") != "":
+		entry.Rule = "upgrade"
+		httperr.Write(rec, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not forwarded")
+		return
+	}
+	d := u.cfg.Policy.Decide(r.Method, rawPath, rawQuery)
+	entry.Rule = d.Rule
+	if d.Path != "" {
+		entry.Path = d.Path
+	}
+	if !d.Allow {
+		code := httperr.PolicyDenied
+		if d.Status == http.StatusBadRequest {
+			code = httperr.BadRequest
+		}
+		httperr.Write(rec, d.Status, code, d.Reason)
+		return
+	}
+	auth, err := u.authHeader()
+	if err != nil {
+		entry.Rule = "credential"
+		a.log.Error("cannot read upstream credential", "upstream", u.cfg.Name, "request_id", rid, "err", err)
+		httperr.Write(rec, http.StatusBadGateway, httperr.UpstreamError, "the agent cannot read its credential for upstream "+u.cfg.Name)
+		return
+	}
+	entry.Decision = "allow"
+	ctx := context.WithValue(r.Context(), forwardKey{}, &forward{path: d.Path, auth: auth})
+	if !hdr.Deadline.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, hdr.Deadline)
+		defer cancel()
+	}
+	u.proxy.ServeHTTP(rec, r.WithContext(ctx))
+}
+
+func (a *Agent) record(e audit.Entry) {
+	a.log.Info("request", "request_id", e.RequestID, "scanner", e.Scanner, "upstream", e.Upstream, "method", e.Method,
+		"path", e.Path, "decision", e.Decision, "rule", e.Rule, "status", e.Status, "bytes", e.Bytes, "duration_ms", e.DurationMS)
+	if err := a.audit.Record(e); err != nil {
+		a.log.Error("audit log write failed", "err", err)
+	}
+	a.stats.record(e)
+}

@@ -1,0 +1,49 @@
+// Command ferry-agent runs inside the private network, keeps outbound WSS
+// connections to a ferry relay and serves the requests its policy allows.
+// See the README.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/ferry-tunnel/ferry/agent"
+	"github.com/ferry-tunnel/ferry/internal/cli"
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/logging"
+	"github.com/ferry-tunnel/ferry/internal/version"
+)
+
+const usage = `usage:
+  ferry-agent --config FILE                 run the agent
+  ferry-agent status [--addr HOST:PORT]     summarise the running agent
+  ferry-agent version                       print the version`
+
+func main() { cli.Exit("ferry-agent", run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "status":
+			return status(args[1:], stdout, stderr)
+		case "version":
+			fmt.Fprintf(stdout, "ferry-agent %s (%s)\n", version.Version, version.Commit())
+			return nil
+		case "-h", "--help", "help":
+			fmt.Fprintln(stdout, usage)
+			return nil
+		}
+	}
+	path, err := cli.ConfigFlag("ferry-agent", args, stderr)
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, usage)
+	}
+	cfg, err := config.LoadAgent(path)
+	if err != nil {
+		return err
+	}
+	ctx, stop := cli.SignalContext()
+	defer stop()
+	return agent.Run(ctx, cfg, logging.New(stderr, cfg.Log))
+}

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/agent"
+	"github.com/ferry-tunnel/ferry/internal/cli"
+)
+
+// status reads the running agent's /v1/status and prints it for people.
+func status(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", "127.0.0.1:9091", "the agent's diagnostics.listen address")
+	asJSON := fs.Bool("json", false, "print the raw JSON")
+	if err := fs.Parse(args); err != nil {
+		return cli.Usagef("%v", err)
+	}
+	client := &http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Get("http://" + *addr + "/v1/status")
+	if err != nil {
+		return fmt.Errorf("read agent status from %s: %w (is ferry-agent running, and is diagnostics.listen %s?)", *addr, err, *addr)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return fmt.Errorf("read agent status: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("agent status: %s", resp.Status)
+	}
+	if *asJSON {
+		stdout.Write(body)
+		return nil
+	}
+	var s agent.Status
+	if err := json.Unmarshal(body, &s); err != nil {
+		return fmt.Errorf("agent status: %w", err)
+	}
+	state := "CONNECTED"
+	if s.Connected == 0 {
+		state = "DISCONNECTED"
+	}
+	fmt.Fprintf(stdout, "ferry-agent %s (%s): %s, %d of %d relay connections up\n", s.AgentID, s.Version, state, s.Connected, len(s.Connections))
+	fmt.Fprintf(stdout, "relay:     %s\n", s.Relay)
+	fmt.Fprintf(stdout, "uptime:    %s\n", (time.Duration(s.UptimeSec) * time.Second).String())
+	fmt.Fprintf(stdout, "upstreams: %v\n", s.Upstreams)
+	fmt.Fprintf(stdout, "requests:  %d (%d allowed, %d denied)\n", s.Requests.Total, s.Requests.Allowed, s.Requests.Denied)
+	if s.Requests.LastDenial != "" {
+		fmt.Fprintf(stdout, "last denial: %s at %s\n", s.Requests.LastDenial, s.Requests.LastDeniedAt.Format(time.RFC3339))
+	}
+	for _, c := range s.Connections {
+		line := fmt.Sprintf("  connection %d: ", c.Slot)
+		if c.Connected {
+			line += fmt.Sprintf("up since %s (relay %s)", c.Since.Format(time.RFC3339), c.RelayID)
+		} else {
+			line += "down"
+		}
+		if c.Reconnects > 0 {
+			line += fmt.Sprintf(", %d reconnects", c.Reconnects)
+		}
+		if c.LastError != "" {
+			line += fmt.Sprintf("; last error %s: %s", c.LastErrorAt.Format(time.RFC3339), c.LastError)
+		}
+		fmt.Fprintln(stdout, line)
+	}
+	return nil
+}

@@ -1,0 +1,55 @@
+// Command ferry-relay accepts ferry agents over WSS and exposes their
+// tunnels to cloud scanners. See the README.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/ferry-tunnel/ferry/internal/cli"
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/logging"
+	"github.com/ferry-tunnel/ferry/internal/token"
+	"github.com/ferry-tunnel/ferry/internal/version"
+	"github.com/ferry-tunnel/ferry/relay"
+)
+
+const usage = `usage:
+  ferry-relay --config FILE   run the relay
+  ferry-relay token           print a new token and its sha256 form for the config
+  ferry-relay version         print the version`
+
+func main() { cli.Exit("ferry-relay", run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "token":
+			t, err := token.Generate()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(stdout, t)
+			fmt.Fprintln(stdout, token.Of(t).String())
+			return nil
+		case "version":
+			fmt.Fprintf(stdout, "ferry-relay %s (%s)\n", version.Version, version.Commit())
+			return nil
+		case "-h", "--help", "help":
+			fmt.Fprintln(stdout, usage)
+			return nil
+		}
+	}
+	path, err := cli.ConfigFlag("ferry-relay", args, stderr)
+	if err != nil {
+		return fmt.Errorf("%w\n%s", err, usage)
+	}
+	cfg, err := config.LoadRelay(path)
+	if err != nil {
+		return err
+	}
+	ctx, stop := cli.SignalContext()
+	defer stop()
+	return relay.Run(ctx, cfg, logging.New(stderr, cfg.Log))
+}

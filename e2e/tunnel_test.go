@@ -1,0 +1,331 @@
+package e2e
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/audit"
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+func TestCloneAndRESTThroughTunnel(t *testing.T) {
+	e := newEnv(t)
+	dst := filepath.Join(t.TempDir(), "app")
+	gitCmd(t, "", scannerToken, "clone", "-q", e.scannerBase+"/scm/proj/app.git", dst)
+	if n := gitCmd(t, dst, scannerToken, "rev-list", "--count", "HEAD"); n != "5" {
+		t.Fatalf("clone has %s commits, want 5", n)
+	}
+	if tags := gitCmd(t, dst, scannerToken, "tag"); tags != "v1" {
+		t.Fatalf("tags %q", tags)
+	}
+	readme, err := os.ReadFile(filepath.Join(dst, "README.md"))
+	if err != nil || !strings.Contains(string(readme), "revision 5") {
+		t.Fatalf("README: %q %v", readme, err)
+	}
+	// Fetch after the clone goes through the tunnel too.
+	gitCmd(t, dst, scannerToken, "fetch", "-q", "origin")
+
+	status, hdr, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects/PROJ/repos?limit=10", scannerToken, nil, nil)
+	if status != 200 {
+		t.Fatalf("REST: %d %s", status, body)
+	}
+	if !httperr.ValidRequestID(hdr.Get(httperr.RequestIDHeader)) || len(hdr.Values(httperr.RequestIDHeader)) != 1 {
+		t.Fatalf("request id header: %q", hdr.Values(httperr.RequestIDHeader))
+	}
+	var page struct {
+		Size       int  `json:"size"`
+		IsLastPage bool `json:"isLastPage"`
+		Values     []struct {
+			Slug  string `json:"slug"`
+			Links struct {
+				Clone []struct{ Href, Name string } `json:"clone"`
+			} `json:"links"`
+		} `json:"values"`
+	}
+	if err := json.Unmarshal([]byte(body), &page); err != nil || page.Size != 1 || page.Values[0].Slug != "app" || !page.IsLastPage {
+		t.Fatalf("repos page: %s (%v)", body, err)
+	}
+	// The request id the scanner saw is the one in the agent's audit log.
+	rid := hdr.Get(httperr.RequestIDHeader)
+	if !auditHas(t, e.dir, func(a audit.Entry) bool { return a.RequestID == rid && a.Decision == "allow" && a.Scanner == "appsec" }) {
+		t.Fatalf("audit log has no allow entry for request %s", rid)
+	}
+}
+
+func auditHas(t *testing.T, dir string, match func(audit.Entry) bool) bool {
+	t.Helper()
+	f, err := os.Open(filepath.Join(dir, "audit.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var a audit.Entry
+		if err := json.Unmarshal(sc.Bytes(), &a); err != nil {
+			t.Fatalf("audit line %q: %v", sc.Text(), err)
+		}
+		if match(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestLargeDownloadStreamsWithBoundedMemory(t *testing.T) {
+	e := newEnv(t)
+	const size = 256 << 20
+	syn := testrig.Synthetic{Size: size, Seed: [32]byte{7}}
+	e.bb.AddSynthetic("PROJ", "app", "big.bin", syn)
+	want := sha256.New()
+	io.Copy(want, syn.Reader())
+
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		var ms runtime.MemStats
+		for {
+			runtime.ReadMemStats(&ms)
+			if ms.HeapInuse > peak.Load() {
+				peak.Store(ms.HeapInuse)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(25 * time.Millisecond):
+			}
+		}
+	}()
+	req, _ := http.NewRequest("GET", e.scannerBase+"/rest/api/1.0/projects/PROJ/repos/app/raw/big.bin", nil)
+	req.Header.Set("Authorization", "Bearer "+scannerToken)
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := sha256.New()
+	n, err := io.Copy(got, resp.Body)
+	resp.Body.Close()
+	close(stop)
+	wg.Wait()
+	if err != nil || n != size {
+		t.Fatalf("read %d bytes, err %v", n, err)
+	}
+	if string(got.Sum(nil)) != string(want.Sum(nil)) {
+		t.Fatal("checksum mismatch: the tunnel corrupted the body")
+	}
+	// Relay, agent, upstream and client all live in this process: the heap
+	// must stay far below the payload, i.e. nothing buffered it whole.
+	if p := peak.Load(); p > 96<<20 {
+		t.Fatalf("heap in use peaked at %d MiB while streaming 256 MiB", p>>20)
+	}
+	t.Logf("heap peak %d MiB while streaming %d MiB", peak.Load()>>20, size>>20)
+}
+
+func TestCredentialsAreSwapped(t *testing.T) {
+	e := newEnv(t)
+	status, _, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, map[string]string{
+		"Cookie":                 "session=scanner-cookie",
+		"X-Forwarded-For":        "203.0.113.9",
+		"Forwarded":              "for=203.0.113.9",
+		"X-Ferry-Scanner":        "spoofed",
+		"X-HTTP-Method-Override": "DELETE",
+		"Proxy-Authorization":    "Basic " + scannerToken,
+	})
+	if status != 200 {
+		t.Fatalf("%d %s", status, body)
+	}
+	seen := e.bb.Seen()
+	if len(seen) == 0 {
+		t.Fatal("upstream saw nothing")
+	}
+	for _, s := range seen {
+		if got := s.Header.Get("Authorization"); got != "Bearer "+bitbucketPAT {
+			t.Errorf("upstream Authorization = %q, want the PAT", got)
+		}
+		for k, vs := range s.Header {
+			for _, v := range vs {
+				if strings.Contains(v, scannerToken) || strings.Contains(v, "203.0.113.9") || strings.Contains(v, "scanner-cookie") || v == "spoofed" || v == "DELETE" {
+					t.Errorf("upstream received scanner-side header %s: %s", k, v)
+				}
+			}
+		}
+	}
+	// The PAT never comes back to the scanner either.
+	if strings.Contains(body, bitbucketPAT) {
+		t.Fatal("response leaks the PAT")
+	}
+}
+
+// errorBody decodes a ferry JSON error.
+func errorBody(t *testing.T, body string) httperr.Body {
+	t.Helper()
+	var b httperr.Body
+	if err := json.Unmarshal([]byte(body), &b); err != nil {
+		t.Fatalf("not a JSON error: %q", body)
+	}
+	return b
+}
+
+func TestScannerErrors(t *testing.T) {
+	e := newEnv(t)
+	base := "http://" + e.relay.ScannerAddr()
+	before := len(e.bb.Seen())
+	cases := []struct {
+		name, method, url, tok string
+		status                 int
+		code                   string
+	}{
+		{"no token", "GET", e.scannerBase + "/rest/api/1.0/projects", "", 401, httperr.Unauthorized},
+		{"wrong token", "GET", e.scannerBase + "/rest/api/1.0/projects", "fry_wrong", 401, httperr.Unauthorized},
+		{"agent token as scanner", "GET", e.scannerBase + "/rest/api/1.0/projects", agentToken, 401, httperr.Unauthorized},
+		{"other tunnel's scanner", "GET", e.scannerBase + "/rest/api/1.0/projects", otherScanner, 403, httperr.Forbidden},
+		{"unknown tunnel", "GET", base + "/t/nope/bitbucket/rest/api/1.0/projects", scannerToken, 404, httperr.UnknownTunnel},
+		{"unknown upstream", "GET", base + "/t/" + tunnelID + "/jira/rest/api/2/issue", scannerToken, 404, httperr.UnknownUpstream},
+		{"not a tunnel path", "GET", base + "/rest/api/1.0/projects", scannerToken, 404, httperr.NotFound},
+		{"offline tunnel", "GET", base + "/t/other/bitbucket/x", otherScanner, 503, httperr.TunnelOffline},
+		{"push refused", "POST", e.scannerBase + "/scm/proj/app.git/git-receive-pack", scannerToken, 403, httperr.PolicyDenied},
+		{"admin refused", "PUT", e.scannerBase + "/rest/api/1.0/admin/users", scannerToken, 403, httperr.PolicyDenied},
+		{"traversal refused", "GET", e.scannerBase + "/rest/api/1.0/projects/PROJ/repos/app/raw/%2e%2e/%2e%2e/admin", scannerToken, 400, httperr.BadRequest},
+		{"double slash", "GET", e.scannerBase + "//rest/api/1.0/projects", scannerToken, 400, httperr.BadRequest},
+	}
+	for _, c := range cases {
+		status, hdr, body := e.do(c.method, c.url, c.tok, nil, nil)
+		if status != c.status {
+			t.Errorf("%s: status %d, want %d (%s)", c.name, status, c.status, body)
+			continue
+		}
+		b := errorBody(t, body)
+		if b.Error != c.code || b.Message == "" {
+			t.Errorf("%s: body %+v, want code %s", c.name, b, c.code)
+		}
+		if hdr.Get(httperr.RequestIDHeader) == "" || b.RequestID != hdr.Get(httperr.RequestIDHeader) {
+			t.Errorf("%s: request id header %q, body %q", c.name, hdr.Get(httperr.RequestIDHeader), b.RequestID)
+		}
+	}
+	if after := len(e.bb.Seen()); after != before {
+		for _, s := range e.bb.Seen()[before:] {
+			t.Errorf("upstream saw a refused request: %s %s", s.Method, s.RawPath)
+		}
+	}
+	// A denial names the rule family and reaches the audit log.
+	_, _, body := e.do("POST", e.scannerBase+"/scm/proj/app.git/git-receive-pack", scannerToken, strings.NewReader("x"), nil)
+	if b := errorBody(t, body); !strings.Contains(b.Message, "bitbucket-dc-read") {
+		t.Errorf("denial message does not name the profile: %q", b.Message)
+	}
+	if !auditHas(t, e.dir, func(a audit.Entry) bool { return a.Decision == "deny" && a.Status == 403 && a.Rule == "default-deny" }) {
+		t.Error("denial missing from the audit log")
+	}
+}
+
+func TestBasicAuthTokenForGit(t *testing.T) {
+	e := newEnv(t)
+	u := strings.Replace(e.scannerBase, "http://", "http://x-token-auth:"+scannerToken+"@", 1)
+	dst := filepath.Join(t.TempDir(), "tools")
+	if _, err := testrig.Git("", "clone", "-q", u+"/scm/ops/deploy-tools.git", dst); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestAgentGoneAnswers503AtOnce(t *testing.T) {
+	e := newEnv(t)
+	e.agentRun.shutdown(t)
+	e.agentRun = &running{stop: func() {}, done: make(chan error, 1)}
+	e.agentRun.done <- nil
+	waitFor(t, "relay to notice", func() bool {
+		status, _, _ := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, nil)
+		return status == 503
+	})
+	start := time.Now()
+	status, _, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, nil)
+	if status != 503 || errorBody(t, body).Error != httperr.TunnelOffline {
+		t.Fatalf("%d %s", status, body)
+	}
+	t.Logf("503 answered in %v", time.Since(start))
+}
+
+func TestUpstreamFailures(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	// An upstream that accepts and never answers, and one that is not there.
+	hang := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }), TLSConfig: w.pki.ServerTLS()}
+	hl := listenLocal(t)
+	go hang.ServeTLS(hl, "", "")
+	defer hang.Close()
+	dead := listenLocal(t)
+	deadURL := "https://" + dead.Addr().String()
+	dead.Close()
+	extra := "  - name: slow\n    url: https://" + hl.Addr().String() + "\n    ca_file: " + w.pki.CAFile +
+		"\n    auth: {type: bearer, token_file: " + filepath.Join(w.dir, "pat") + "}\n    profile: bitbucket-dc-read\n    response_timeout: 500ms\n" +
+		"  - name: dead\n    url: " + deadURL + "\n    auth: {type: basic, username: svc, password_file: " + filepath.Join(w.dir, "pat") + "}\n    profile: bitbucket-dc-read\n"
+	a, arun := w.startAgent(r.AgentAddr(), extra)
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() > 0 })
+	e := &env{world: w, relay: r, client: &http.Client{}}
+	defer e.client.CloseIdleConnections()
+	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID
+	status, _, body := e.do("GET", base+"/slow/rest/api/1.0/projects", scannerToken, nil, nil)
+	if status != 504 || errorBody(t, body).Error != httperr.UpstreamTimeout {
+		t.Errorf("slow upstream: %d %s", status, body)
+	}
+	status, _, body = e.do("GET", base+"/dead/rest/api/1.0/projects", scannerToken, nil, nil)
+	b := errorBody(t, body)
+	if status != 502 || b.Error != httperr.UpstreamError || strings.Contains(b.Message, "127.0.0.1") {
+		t.Errorf("dead upstream: %d %s", status, body)
+	}
+}
+
+func TestAgentReconnectsAfterRelayRestart(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	addr := r.AgentAddr()
+	a, arun := w.startAgent(addr, "")
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	rrun.shutdown(t)
+	waitFor(t, "agent to notice", func() bool { return a.Connected() == 0 })
+	r2, rrun2 := w.startRelay(addr)
+	defer rrun2.shutdown(t)
+	waitFor(t, "agent reconnected", func() bool { return a.Connected() == 2 })
+	e := &env{world: w, client: &http.Client{}}
+	defer e.client.CloseIdleConnections()
+	status, _, body := e.do("GET", "http://"+r2.ScannerAddr()+"/t/"+tunnelID+"/bitbucket/rest/api/1.0/projects", scannerToken, nil, nil)
+	if status != 200 {
+		t.Fatalf("after reconnect: %d %s", status, body)
+	}
+	st := a.Status()
+	if st.Connections[0].Reconnects == 0 || st.Connections[0].LastError == "" {
+		t.Fatalf("status does not record the reconnect: %+v", st.Connections[0])
+	}
+}
+
+func TestAgentWithWrongTokenExplains(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	w.write("relay-token", "fry_not-a-valid-token")
+	a, arun := w.startAgent(r.AgentAddr(), "")
+	defer arun.shutdown(t)
+	waitFor(t, "a failed attempt", func() bool { return a.Status().Connections[0].LastError != "" })
+	if msg := a.Status().Connections[0].LastError; !strings.Contains(msg, "401") || !strings.Contains(msg, "token") {
+		t.Fatalf("last error does not explain the refusal: %q", msg)
+	}
+	if a.Connected() != 0 {
+		t.Fatal("connected with a wrong token")
+	}
+}

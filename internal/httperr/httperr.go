@@ -1,0 +1,67 @@
+// Package httperr writes ferry's JSON error bodies and carries the request
+// id header that ties a scanner's response to both sides' logs.
+package httperr
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+)
+
+// RequestIDHeader is on every response ferry gives a scanner.
+const RequestIDHeader = "X-Ferry-Request-Id"
+
+// Error codes of the scanner API (SPEC "Scanner API").
+const (
+	Unauthorized    = "unauthorized"
+	Forbidden       = "forbidden"
+	PolicyDenied    = "policy_denied"
+	UnknownTunnel   = "unknown_tunnel"
+	UnknownUpstream = "unknown_upstream"
+	TunnelOffline   = "tunnel_offline"
+	UpstreamError   = "upstream_error"
+	UpstreamTimeout = "upstream_timeout"
+	BadRequest      = "bad_request"
+	NotFound        = "not_found"
+)
+
+// Body is the JSON error shape.
+type Body struct {
+	Error     string `json:"error"`
+	Message   string `json:"message"`
+	RequestID string `json:"request_id,omitempty"`
+}
+
+// Write sends a JSON error. The request id is taken from the response
+// headers, where every handler sets it first.
+func Write(w http.ResponseWriter, status int, code, msg string) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	b, _ := json.Marshal(Body{Error: code, Message: msg, RequestID: h.Get(RequestIDHeader)})
+	w.Write(append(b, '\n'))
+}
+
+// NewRequestID returns 16 random hex characters.
+func NewRequestID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// ValidRequestID reports whether id looks like one ferry made: it comes
+// from the other side of the tunnel and ends up in logs and headers.
+func ValidRequestID(id string) bool {
+	if len(id) < 8 || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}

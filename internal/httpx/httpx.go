@@ -1,0 +1,85 @@
+// Package httpx holds small net/http helpers both daemons use.
+package httpx
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+)
+
+// Recorder notes the status and bytes of a response for access and audit
+// logs. Unwrap keeps http.ResponseController (Flush) working through it.
+type Recorder struct {
+	http.ResponseWriter
+	Status int
+	Bytes  int64
+}
+
+// WriteHeader implements http.ResponseWriter.
+func (r *Recorder) WriteHeader(code int) {
+	if r.Status == 0 {
+		r.Status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+// Write implements http.ResponseWriter.
+func (r *Recorder) Write(p []byte) (int, error) {
+	if r.Status == 0 {
+		r.Status = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(p)
+	r.Bytes += int64(n)
+	return n, err
+}
+
+// StatusCode is the status sent, or 499 when nothing was: the client went
+// away first.
+func (r *Recorder) StatusCode() int {
+	if r.Status == 0 {
+		return 499
+	}
+	return r.Status
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer.
+func (r *Recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// BufferPool hands httputil.ReverseProxy reusable 32 KiB copy buffers, so
+// streaming a large body allocates nothing per chunk.
+type BufferPool struct{ p sync.Pool }
+
+// NewBufferPool returns an empty pool.
+func NewBufferPool() *BufferPool {
+	return &BufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+}
+
+// Get implements httputil.BufferPool.
+func (b *BufferPool) Get() []byte { return *(b.p.Get().(*[]byte)) }
+
+// Put implements httputil.BufferPool.
+func (b *BufferPool) Put(x []byte) { b.p.Put(&x) }
+
+// IsForwardingHeader reports whether a (lower-case) header name claims to
+// say who is asking or which proxies a request passed. A scanner's such
+// claims never cross the tunnel.
+func IsForwardingHeader(lowerName string) bool {
+	switch lowerName {
+	case "forwarded", "x-real-ip", "via", "true-client-ip", "client-ip":
+		return true
+	}
+	return len(lowerName) > 12 && lowerName[:12] == "x-forwarded-"
+}
+
+// IsTimeout reports whether err is a timeout of a network operation or of
+// waiting for response headers.
+func IsTimeout(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "timeout awaiting response headers")
+}

@@ -1,0 +1,351 @@
+package testrig
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/cgi"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Bitbucket is a stand-in for a Bitbucket Data Center instance: git smart
+// HTTP through the real `git http-backend` under /scm/, and the REST
+// endpoints ferry's profiles cover, answering in Bitbucket's JSON shapes
+// (paged lists with size/limit/isLastPage/values/start, errors as
+// {"errors":[{context,message,exceptionName}]}).
+//
+// Like Bitbucket with public access off, every request needs the PAT as a
+// bearer token or basic password; an authenticated response carries the
+// user in X-AUSERNAME.
+type Bitbucket struct {
+	GitRoot string // bare repositories at GitRoot/{project}/{slug}.git
+	Token   string // the PAT it accepts
+	User    string // the PAT's user, reported in X-AUSERNAME
+
+	mu        sync.Mutex
+	seen      []SeenRequest
+	synthetic map[string]Synthetic // "PROJ/slug/path" -> generated file
+}
+
+// SeenRequest is what the upstream received, for tests to check what did
+// (and did not) cross the tunnel.
+type SeenRequest struct {
+	Method, Path, RawPath, Query string
+	Header                       http.Header
+}
+
+// Synthetic is a large generated file served by the raw endpoint without
+// being stored anywhere: Size bytes from a ChaCha8 stream seeded by Seed.
+type Synthetic struct {
+	Size int64
+	Seed [32]byte
+}
+
+// Reader returns the synthetic file's content.
+func (s Synthetic) Reader() io.Reader {
+	return io.LimitReader(rand.NewChaCha8(s.Seed), s.Size)
+}
+
+// AddSynthetic serves a generated file at
+// /rest/api/1.0/projects/{project}/repos/{slug}/raw/{path}.
+func (b *Bitbucket) AddSynthetic(project, slug, path string, s Synthetic) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.synthetic == nil {
+		b.synthetic = map[string]Synthetic{}
+	}
+	b.synthetic[strings.ToUpper(project)+"/"+slug+"/"+path] = s
+}
+
+// Seen returns the requests received so far.
+func (b *Bitbucket) Seen() []SeenRequest {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]SeenRequest(nil), b.seen...)
+}
+
+// ServeHTTP implements http.Handler.
+func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	b.mu.Lock()
+	b.seen = append(b.seen, SeenRequest{Method: r.Method, Path: r.URL.Path, RawPath: r.URL.EscapedPath(), Query: r.URL.RawQuery, Header: r.Header.Clone()})
+	b.mu.Unlock()
+
+	if !b.authenticated(r) {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="Bitbucket"`)
+		bbError(w, http.StatusUnauthorized, "Authentication failed. Please check your credentials and try again.",
+			"com.atlassian.bitbucket.auth.IncorrectPasswordAuthenticationException")
+		return
+	}
+	w.Header().Set("X-AUSERNAME", b.User)
+	w.Header().Set("X-AREQUESTID", "@"+strconv.Itoa(rand.IntN(1<<30))+"x1")
+	switch {
+	case strings.HasPrefix(r.URL.Path, "/scm/"):
+		b.serveGit(w, r)
+	case strings.HasPrefix(r.URL.Path, "/rest/api/1.0/") || strings.HasPrefix(r.URL.Path, "/rest/api/latest/"):
+		b.serveREST(w, r)
+	default:
+		bbError(w, http.StatusNotFound, "Not found: "+r.URL.Path, "")
+	}
+}
+
+func (b *Bitbucket) authenticated(r *http.Request) bool {
+	if h := r.Header.Get("Authorization"); h == "Bearer "+b.Token {
+		return true
+	}
+	_, pw, ok := r.BasicAuth()
+	return ok && pw == b.Token
+}
+
+func (b *Bitbucket) serveGit(w http.ResponseWriter, r *http.Request) {
+	git, err := exec.LookPath("git")
+	if err != nil {
+		bbError(w, http.StatusInternalServerError, "git not installed", "")
+		return
+	}
+	h := &cgi.Handler{
+		Path: git,
+		Args: []string{"http-backend"},
+		Root: "/scm",
+		Env: []string{
+			"GIT_PROJECT_ROOT=" + b.GitRoot, "GIT_HTTP_EXPORT_ALL=1",
+			"GIT_CONFIG_NOSYSTEM=1", "GIT_CONFIG_GLOBAL=/dev/null", "REMOTE_USER=" + b.User,
+		},
+		Stderr: io.Discard,
+	}
+	// Bitbucket's git URLs use the project key in lower case.
+	r2 := r.Clone(r.Context())
+	parts := strings.SplitN(strings.TrimPrefix(r.URL.Path, "/scm/"), "/", 2)
+	if len(parts) == 2 {
+		r2.URL.Path = "/scm/" + strings.ToLower(parts[0]) + "/" + parts[1]
+	}
+	h.ServeHTTP(w, r2)
+}
+
+func (b *Bitbucket) serveREST(w http.ResponseWriter, r *http.Request) {
+	_, rest, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/rest/api/"), "/")
+	seg := strings.Split(strings.Trim(rest, "/"), "/")
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		bbError(w, http.StatusMethodNotAllowed, "Method "+r.Method+" is not supported by the ferry stand-in", "")
+		return
+	}
+	switch {
+	case len(seg) == 1 && seg[0] == "application-properties":
+		writeJSON(w, map[string]any{"version": "8.19.1", "buildNumber": "8019001", "buildDate": "1730000000000", "displayName": "Bitbucket"})
+	case len(seg) == 1 && seg[0] == "projects":
+		var vals []any
+		for _, p := range b.projects() {
+			vals = append(vals, b.projectJSON(r, p))
+		}
+		writePage(w, r, vals)
+	case len(seg) >= 2 && seg[0] == "projects":
+		b.serveProject(w, r, strings.ToUpper(seg[1]), seg[2:])
+	default:
+		bbError(w, http.StatusNotFound, "No resource at "+r.URL.Path, "")
+	}
+}
+
+func (b *Bitbucket) serveProject(w http.ResponseWriter, r *http.Request, key string, seg []string) {
+	if !b.projectExists(key) {
+		bbError(w, http.StatusNotFound, "Project "+key+" does not exist.", "com.atlassian.bitbucket.project.NoSuchProjectException")
+		return
+	}
+	if len(seg) == 0 {
+		writeJSON(w, b.projectJSON(r, key))
+		return
+	}
+	if seg[0] != "repos" {
+		bbError(w, http.StatusNotFound, "No resource at "+r.URL.Path, "")
+		return
+	}
+	if len(seg) == 1 {
+		var vals []any
+		for _, slug := range b.repos(key) {
+			vals = append(vals, b.repoJSON(r, key, slug))
+		}
+		writePage(w, r, vals)
+		return
+	}
+	slug := seg[1]
+	bare := filepath.Join(b.GitRoot, strings.ToLower(key), slug+".git")
+	if st, err := os.Stat(bare); err != nil || !st.IsDir() {
+		bbError(w, http.StatusNotFound, "Repository "+key+"/"+slug+" does not exist.", "com.atlassian.bitbucket.repository.NoSuchRepositoryException")
+		return
+	}
+	switch {
+	case len(seg) == 2:
+		writeJSON(w, b.repoJSON(r, key, slug))
+	case seg[2] == "branches":
+		b.serveBranches(w, r, bare)
+	case seg[2] == "raw" && len(seg) > 3:
+		b.serveRaw(w, r, key, slug, bare, strings.Join(seg[3:], "/"))
+	default:
+		bbError(w, http.StatusNotFound, "No resource at "+r.URL.Path, "")
+	}
+}
+
+func (b *Bitbucket) serveBranches(w http.ResponseWriter, r *http.Request, bare string) {
+	out, err := Git(bare, "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads/")
+	if err != nil {
+		bbError(w, http.StatusInternalServerError, err.Error(), "")
+		return
+	}
+	head, _ := Git(bare, "symbolic-ref", "HEAD")
+	var vals []any
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		ref, sha, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		vals = append(vals, map[string]any{
+			"id": ref, "displayId": strings.TrimPrefix(ref, "refs/heads/"), "type": "BRANCH",
+			"latestCommit": sha, "latestChangeset": sha, "isDefault": ref == strings.TrimSpace(head),
+		})
+	}
+	writePage(w, r, vals)
+}
+
+func (b *Bitbucket) serveRaw(w http.ResponseWriter, r *http.Request, key, slug, bare, path string) {
+	b.mu.Lock()
+	syn, ok := b.synthetic[key+"/"+slug+"/"+path]
+	b.mu.Unlock()
+	if ok {
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.FormatInt(syn.Size, 10))
+		if r.Method == http.MethodGet {
+			io.Copy(w, syn.Reader())
+		}
+		return
+	}
+	at := r.URL.Query().Get("at")
+	if at == "" {
+		at = "HEAD"
+	}
+	cmd := exec.CommandContext(r.Context(), "git", "cat-file", "blob", at+":"+path)
+	cmd.Dir = bare
+	cmd.Env = GitEnv()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		bbError(w, http.StatusInternalServerError, err.Error(), "")
+		return
+	}
+	if err := cmd.Start(); err != nil {
+		bbError(w, http.StatusInternalServerError, err.Error(), "")
+		return
+	}
+	var first [1]byte
+	n, _ := io.ReadFull(out, first[:])
+	if n == 0 {
+		cmd.Wait()
+		bbError(w, http.StatusNotFound, "The path \""+path+"\" does not exist at revision \""+at+"\"", "com.atlassian.bitbucket.content.NoSuchPathException")
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain;charset=UTF-8")
+	w.Write(first[:])
+	io.Copy(w, out)
+	cmd.Wait()
+}
+
+func (b *Bitbucket) projects() []string {
+	ents, _ := os.ReadDir(b.GitRoot)
+	var keys []string
+	for _, e := range ents {
+		if e.IsDir() {
+			keys = append(keys, strings.ToUpper(e.Name()))
+		}
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+func (b *Bitbucket) projectExists(key string) bool {
+	st, err := os.Stat(filepath.Join(b.GitRoot, strings.ToLower(key)))
+	return err == nil && st.IsDir()
+}
+
+func (b *Bitbucket) repos(key string) []string {
+	ents, _ := os.ReadDir(filepath.Join(b.GitRoot, strings.ToLower(key)))
+	var slugs []string
+	for _, e := range ents {
+		if s, ok := strings.CutSuffix(e.Name(), ".git"); ok && e.IsDir() {
+			slugs = append(slugs, s)
+		}
+	}
+	sort.Strings(slugs)
+	return slugs
+}
+
+func baseURL(r *http.Request) string {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + r.Host
+}
+
+func (b *Bitbucket) projectJSON(r *http.Request, key string) map[string]any {
+	return map[string]any{
+		"key": key, "id": idOf(key), "name": strings.Title(strings.ToLower(key)), //nolint:staticcheck // ASCII keys
+		"public": false, "type": "NORMAL",
+		"links": map[string]any{"self": []any{map[string]string{"href": baseURL(r) + "/projects/" + key}}},
+	}
+}
+
+func (b *Bitbucket) repoJSON(r *http.Request, key, slug string) map[string]any {
+	base := baseURL(r)
+	return map[string]any{
+		"slug": slug, "id": idOf(key + "/" + slug), "name": slug, "hierarchyId": fmt.Sprintf("%020x", idOf(slug))[:20],
+		"scmId": "git", "state": "AVAILABLE", "statusMessage": "Available", "forkable": true,
+		"project": b.projectJSON(r, key), "public": false, "archived": false,
+		"links": map[string]any{
+			"clone": []any{map[string]string{"href": base + "/scm/" + strings.ToLower(key) + "/" + slug + ".git", "name": "http"}},
+			"self":  []any{map[string]string{"href": base + "/projects/" + key + "/repos/" + slug + "/browse"}},
+		},
+	}
+}
+
+func idOf(s string) int {
+	h := 7
+	for _, c := range s {
+		h = h*31 + int(c)
+	}
+	return h & 0xfffff
+}
+
+// writePage answers a paged list the way Bitbucket does (start, limit).
+func writePage(w http.ResponseWriter, r *http.Request, vals []any) {
+	start, _ := strconv.Atoi(r.URL.Query().Get("start"))
+	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
+	if limit <= 0 || limit > 1000 {
+		limit = 25
+	}
+	start = max(0, min(start, len(vals)))
+	end := min(start+limit, len(vals))
+	page := map[string]any{"size": end - start, "limit": limit, "isLastPage": end == len(vals), "values": append([]any{}, vals[start:end]...), "start": start}
+	if end < len(vals) {
+		page["nextPageStart"] = end
+	}
+	writeJSON(w, page)
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json;charset=UTF-8")
+	json.NewEncoder(w).Encode(v)
+}
+
+func bbError(w http.ResponseWriter, status int, msg, exception string) {
+	w.Header().Set("Content-Type", "application/json;charset=UTF-8")
+	w.WriteHeader(status)
+	var exc any
+	if exception != "" {
+		exc = exception
+	}
+	json.NewEncoder(w).Encode(map[string]any{"errors": []any{map[string]any{"context": nil, "message": msg, "exceptionName": exc}}})
+}

@@ -1,0 +1,205 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/http"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/token"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// handshakeTimeout bounds how long an agent may take, after the WebSocket
+// upgrade, to open its control stream and say hello.
+const handshakeTimeout = 10 * time.Second
+
+var (
+	nameRE    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+	agentIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$`)
+)
+
+// handleConnect is the agent endpoint: authenticate, upgrade, handshake,
+// then hold the connection until it ends. The handler runs for the whole
+// life of the agent connection.
+func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
+	rid := httperr.NewRequestID()
+	w.Header().Set(httperr.RequestIDHeader, rid)
+	log := r.log.With("remote", req.RemoteAddr, "request_id", rid)
+
+	tok, ok := bearerToken(req)
+	if !ok {
+		log.Warn("agent refused: no bearer token")
+		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token missing: send Authorization: Bearer <token>")
+		return
+	}
+	t := r.tunnelForAgent(token.Of(tok))
+	if t == nil {
+		log.Warn("agent refused: token matches no tunnel")
+		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token not accepted by any tunnel on this relay")
+		return
+	}
+	if !offersSubprotocol(req, proto.Subprotocol) {
+		log.Warn("agent refused: wrong subprotocol", "offered", req.Header.Get("Sec-WebSocket-Protocol"))
+		httperr.Write(w, http.StatusBadRequest, httperr.BadRequest, "agent must speak WebSocket subprotocol "+proto.Subprotocol+" (agent and relay versions incompatible?)")
+		return
+	}
+	if !r.trackSession() {
+		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "relay is shutting down; reconnect to another replica")
+		return
+	}
+	defer r.sessions.Done()
+	ws, err := websocket.Accept(w, req, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
+	if err != nil {
+		log.Warn("agent WebSocket upgrade failed", "err", err)
+		return
+	}
+	if err := r.serveAgent(log.With("tunnel", t.id), t, ws, req.RemoteAddr); err != nil {
+		log.Info("agent connection ended", "tunnel", t.id, "err", err)
+	}
+}
+
+func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remote string) error {
+	ctx, cancel := context.WithCancel(r.life)
+	defer cancel()
+	sess, err := yamux.Server(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(log))
+	if err != nil {
+		ws.CloseNow()
+		return fmt.Errorf("start session: %w", err)
+	}
+	defer sess.Close()
+
+	ac, err := r.handshake(ctx, t, sess, remote)
+	if err != nil {
+		log.Warn("agent handshake failed", "err", err)
+		return err
+	}
+	log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
+	t.add(ac)
+	defer t.remove(ac)
+	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(slices.Sorted(maps.Keys(ac.upstreams)), ","))
+
+	// The control stream stays open; read it so that the agent's messages
+	// (and its closing) are noticed. Owned here: it ends with the session.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			m, err := proto.ReadMessage(ac.ctrl)
+			if err != nil {
+				return
+			}
+			log.Debug("control message from agent", "type", m.Type)
+		}
+	}()
+	// Agents may open streams (webhook deliveries); none are served yet.
+	for {
+		s, err := sess.AcceptStream()
+		if err != nil {
+			break
+		}
+		s.Close()
+	}
+	sess.Close()
+	<-done
+	log.Info("agent disconnected", "served", ac.served.Load())
+	return nil
+}
+
+// handshake reads the agent's hello on its control stream and answers.
+func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string) (*agentConn, error) {
+	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	defer cancel()
+	ctrl, err := sess.AcceptStreamWithContext(hctx)
+	if err != nil {
+		return nil, fmt.Errorf("wait for control stream: %w", err)
+	}
+	ctrl.SetDeadline(time.Now().Add(handshakeTimeout))
+	hdr, err := proto.ReadHeader(ctrl)
+	if err != nil {
+		return nil, err
+	}
+	if hdr.Kind != proto.KindControl {
+		return nil, fmt.Errorf("first stream is %s, want control", hdr.Kind)
+	}
+	hello, err := proto.ReadMessage(ctrl)
+	if err != nil {
+		return nil, err
+	}
+	reject := func(reason string) error {
+		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgReject, Reason: reason})
+		return errors.New("rejected hello: " + reason)
+	}
+	if hello.Type != proto.MsgHello {
+		return nil, reject("first control message must be hello, got " + hello.Type)
+	}
+	if !agentIDRE.MatchString(hello.AgentID) {
+		return nil, reject("agent_id must be 1-128 letters, digits or ._@:-")
+	}
+	if len(hello.Upstreams) == 0 || len(hello.Upstreams) > 64 {
+		return nil, reject("hello must list 1-64 upstreams")
+	}
+	if len(hello.Version) > 64 || !agentIDRE.MatchString("v"+hello.Version) {
+		return nil, reject("version must be up to 64 letters, digits or ._@:-")
+	}
+	ups := map[string]bool{}
+	for _, u := range hello.Upstreams {
+		if !nameRE.MatchString(u) {
+			return nil, reject(fmt.Sprintf("upstream name %q is invalid", u))
+		}
+		ups[u] = true
+	}
+	ac := &agentConn{
+		id:          httperr.NewRequestID(),
+		tunnel:      t,
+		agentID:     hello.AgentID,
+		version:     hello.Version,
+		upstreams:   ups,
+		remote:      remote,
+		connectedAt: time.Now(),
+		sess:        sess,
+		ctrl:        ctrl,
+	}
+	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: r.id, Tunnel: t.id, ConnectionID: ac.id}); err != nil {
+		return nil, err
+	}
+	ctrl.SetDeadline(time.Time{})
+	return ac, nil
+}
+
+func (r *Relay) tunnelForAgent(h token.Hash) *tunnel {
+	if i := token.Index(r.agentHashes, h); i >= 0 {
+		return r.agentTunnel[i]
+	}
+	return nil
+}
+
+func bearerToken(req *http.Request) (string, bool) {
+	scheme, tok, ok := strings.Cut(req.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	tok = strings.TrimSpace(tok)
+	return tok, tok != ""
+}
+
+func offersSubprotocol(req *http.Request, want string) bool {
+	for _, h := range req.Header.Values("Sec-WebSocket-Protocol") {
+		for _, p := range strings.Split(h, ",") {
+			if strings.TrimSpace(p) == want {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,301 @@
+// Package relay is ferry-relay: it accepts agent connections over WSS and
+// exposes each tunnel to authenticated scanners as plain HTTP.
+package relay
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/token"
+	"github.com/ferry-tunnel/ferry/internal/version"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// ShutdownGrace is how long in-flight scanner requests may run on after
+// the relay is told to stop.
+const ShutdownGrace = 30 * time.Second
+
+// Relay is one relay process. Create with New, bind with Listen, run with
+// Serve (or both with Run).
+type Relay struct {
+	cfg *config.Relay
+	log *slog.Logger
+	id  string
+
+	tunnels       map[string]*tunnel
+	agentHashes   []token.Hash
+	agentTunnel   []*tunnel // parallel to agentHashes
+	scannerHashes []token.Hash
+	scanners      []*scannerAuth // parallel to scannerHashes
+
+	proxy     *httputil.ReverseProxy
+	transport *http.Transport
+
+	agentLn, scannerLn, adminLn net.Listener
+	scannerTLS                  *tls.Config
+
+	life     context.Context // cancelled when Serve begins shutting down
+	sessMu   sync.Mutex      // guards sessions.Add against the final Wait
+	sessDone bool
+	sessions sync.WaitGroup // agent connection handlers
+	stopping atomic.Bool
+}
+
+// New builds a relay from a validated config.
+func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
+	host, _ := os.Hostname()
+	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}}
+	for _, tc := range cfg.Tunnels {
+		t := &tunnel{id: tc.ID}
+		r.tunnels[tc.ID] = t
+		for _, h := range tc.AgentHashes {
+			r.agentHashes = append(r.agentHashes, h)
+			r.agentTunnel = append(r.agentTunnel, t)
+		}
+	}
+	for _, sc := range cfg.Scanners {
+		sa := &scannerAuth{name: sc.Name, tunnels: map[string]bool{}}
+		for _, t := range sc.Tunnels {
+			sa.tunnels[t] = true
+		}
+		r.scannerHashes = append(r.scannerHashes, sc.Hash)
+		r.scanners = append(r.scanners, sa)
+	}
+	r.proxy, r.transport = r.newProxy()
+	return r, nil
+}
+
+// Listen binds the three listeners, so that callers (and tests using port
+// 0) know the addresses before Serve.
+func (r *Relay) Listen() error {
+	var err error
+	if r.agentLn, err = listen("agent_listen", r.cfg.AgentListen); err != nil {
+		return err
+	}
+	if r.cfg.TLS != nil {
+		cert, err := tls.LoadX509KeyPair(r.cfg.TLS.CertFile, r.cfg.TLS.KeyFile)
+		if err != nil {
+			r.closeListeners()
+			return fmt.Errorf("load tls certificate: %w", err)
+		}
+		r.agentLn = tls.NewListener(r.agentLn, serverTLS(cert))
+	}
+	if r.scannerLn, err = listen("scanner_listen", r.cfg.ScannerListen); err != nil {
+		r.closeListeners()
+		return err
+	}
+	if r.cfg.ScannerTLS != nil {
+		cert, err := tls.LoadX509KeyPair(r.cfg.ScannerTLS.CertFile, r.cfg.ScannerTLS.KeyFile)
+		if err != nil {
+			r.closeListeners()
+			return fmt.Errorf("load scanner_tls certificate: %w", err)
+		}
+		r.scannerLn = tls.NewListener(r.scannerLn, serverTLS(cert))
+	}
+	if r.adminLn, err = listen("admin_listen", r.cfg.AdminListen); err != nil {
+		r.closeListeners()
+		return err
+	}
+	return nil
+}
+
+func listen(what, addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", what, addr, err)
+	}
+	return ln, nil
+}
+
+func serverTLS(cert tls.Certificate) *tls.Config {
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+}
+
+func (r *Relay) closeListeners() {
+	for _, ln := range []net.Listener{r.agentLn, r.scannerLn, r.adminLn} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
+// AgentAddr, ScannerAddr and AdminAddr are the bound addresses.
+func (r *Relay) AgentAddr() string   { return r.agentLn.Addr().String() }
+func (r *Relay) ScannerAddr() string { return r.scannerLn.Addr().String() }
+func (r *Relay) AdminAddr() string   { return r.adminLn.Addr().String() }
+
+// Run binds and serves until ctx is done.
+func Run(ctx context.Context, cfg *config.Relay, log *slog.Logger) error {
+	r, err := New(cfg, log)
+	if err != nil {
+		return err
+	}
+	if err := r.Listen(); err != nil {
+		return err
+	}
+	return r.Serve(ctx)
+}
+
+// Serve runs the listeners bound by Listen until ctx is done, then shuts
+// down: scanner requests in flight get ShutdownGrace to finish, agents are
+// told to go away, and every goroutine is waited for.
+func (r *Relay) Serve(ctx context.Context) error {
+	life, stopLife := context.WithCancel(context.Background())
+	defer stopLife()
+	r.life = life
+
+	agentMux := http.NewServeMux()
+	agentMux.HandleFunc("GET "+proto.ConnectPath, r.handleConnect)
+	agentMux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
+		httperr.Write(w, http.StatusNotFound, httperr.NotFound, "agents connect to "+proto.ConnectPath)
+	})
+	servers := []*http.Server{
+		r.newServer(agentMux, 16<<10),
+		r.newServer(http.HandlerFunc(r.serveScanner), 64<<10),
+		r.newServer(r.adminHandler(), 16<<10),
+	}
+	lns := []net.Listener{r.agentLn, r.scannerLn, r.adminLn}
+	errc := make(chan error, len(servers))
+	for i, s := range servers {
+		go func() { errc <- s.Serve(lns[i]) }()
+	}
+	r.log.Info("relay started", "version", version.Version, "relay_id", r.id, "agent_listen", r.AgentAddr(),
+		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.tunnels))
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+		runErr = fmt.Errorf("listener failed: %w", runErr)
+	}
+	r.stopping.Store(true)
+	r.log.Info("relay shutting down", "grace", ShutdownGrace.String())
+
+	// Stop taking agents, then let scanner requests finish on live tunnels.
+	servers[0].Close()
+	sctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
+	defer cancel()
+	if err := servers[1].Shutdown(sctx); err != nil {
+		r.log.Warn("scanner requests cut at end of shutdown grace", "err", err)
+		servers[1].Close()
+	}
+	for _, t := range r.tunnels {
+		for _, c := range t.snapshot() {
+			c.goAway("relay shutting down")
+		}
+	}
+	stopLife()
+	r.sessMu.Lock()
+	r.sessDone = true
+	r.sessMu.Unlock()
+	r.sessions.Wait()
+	servers[2].Close()
+	r.transport.CloseIdleConnections()
+	for range servers {
+		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
+			runErr = err
+		}
+	}
+	r.log.Info("relay stopped")
+	return runErr
+}
+
+// trackSession registers an agent connection handler with Serve, or
+// reports false when the relay is past the point of taking any.
+func (r *Relay) trackSession() bool {
+	r.sessMu.Lock()
+	defer r.sessMu.Unlock()
+	if r.sessDone || r.stopping.Load() {
+		return false
+	}
+	r.sessions.Add(1)
+	return true
+}
+
+func (r *Relay) newServer(h http.Handler, maxHeader int) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    maxHeader,
+		ErrorLog:          slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
+	}
+}
+
+// adminHandler serves health, readiness and the tunnel list.
+func (r *Relay) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if r.stopping.Load() {
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	mux.HandleFunc("GET /v1/tunnels", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(r.tunnelStatus())
+	})
+	return mux
+}
+
+// TunnelStatus is one entry of /v1/tunnels.
+type TunnelStatus struct {
+	ID          string             `json:"id"`
+	Online      bool               `json:"online"`
+	Connections []ConnectionStatus `json:"connections"`
+}
+
+// ConnectionStatus describes one agent connection.
+type ConnectionStatus struct {
+	ID          string    `json:"id"`
+	AgentID     string    `json:"agent_id"`
+	Version     string    `json:"version"`
+	Remote      string    `json:"remote"`
+	ConnectedAt time.Time `json:"connected_at"`
+	Upstreams   []string  `json:"upstreams"`
+	InFlight    int64     `json:"in_flight"`
+	Served      int64     `json:"served"`
+	Draining    bool      `json:"draining"`
+}
+
+func (r *Relay) tunnelStatus() []TunnelStatus {
+	out := []TunnelStatus{}
+	for _, t := range r.tunnels {
+		ts := TunnelStatus{ID: t.id, Connections: []ConnectionStatus{}}
+		for _, c := range t.snapshot() {
+			ups := make([]string, 0, len(c.upstreams))
+			for u := range c.upstreams {
+				ups = append(ups, u)
+			}
+			sort.Strings(ups)
+			ts.Connections = append(ts.Connections, ConnectionStatus{
+				ID: c.id, AgentID: c.agentID, Version: c.version, Remote: c.remote, ConnectedAt: c.connectedAt,
+				Upstreams: ups, InFlight: c.inflight.Load(), Served: c.served.Load(), Draining: c.draining.Load(),
+			})
+		}
+		ts.Online = len(ts.Connections) > 0
+		out = append(out, ts)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}

@@ -1,0 +1,275 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/token"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+const (
+	// agentResponseTimeout bounds the wait for the agent's response
+	// headers; the agent's own upstream timeout is shorter, so a slow
+	// Bitbucket shows as the agent's 504 rather than this one.
+	agentResponseTimeout = 150 * time.Second
+	// maxRequestDuration is sent to the agent as the request's deadline.
+	maxRequestDuration = 2 * time.Hour
+	streamHeaderWrite  = 10 * time.Second
+)
+
+// errTunnelOffline: no live agent connection could take the request.
+var errTunnelOffline = errors.New("no agent connection")
+
+// route is what the scanner handler decided, carried to the dialer in the
+// request context.
+type route struct {
+	tunnel  *tunnel
+	conn    *agentConn
+	rawPath string // path below /t/{tunnel}/{upstream}, as received
+	header  proto.Header
+}
+
+type routeKey struct{}
+
+func withRoute(ctx context.Context, rt *route) context.Context {
+	return context.WithValue(ctx, routeKey{}, rt)
+}
+
+func routeFrom(ctx context.Context) *route {
+	rt, _ := ctx.Value(routeKey{}).(*route)
+	return rt
+}
+
+// newProxy builds the reverse proxy that carries scanner requests into the
+// tunnel: one yamux stream per request, HTTP/1.1 on it, streamed.
+func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
+	tr := &http.Transport{
+		DialContext:            r.dialAgent,
+		DisableKeepAlives:      true, // one stream per request: the stream header is per request
+		DisableCompression:     true,
+		ResponseHeaderTimeout:  agentResponseTimeout,
+		ExpectContinueTimeout:  time.Second,
+		MaxResponseHeaderBytes: 64 << 10,
+		Proxy:                  nil,
+	}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			rt := routeFrom(pr.In.Context())
+			// Opaque keeps the path exactly as the scanner sent it; the agent
+			// normalises and judges it. Paths starting "//" never get here.
+			pr.Out.URL = &url.URL{Scheme: "http", Host: "agent.ferry", Opaque: rt.rawPath, RawQuery: pr.In.URL.RawQuery}
+			pr.Out.Host = "agent.ferry"
+			stripScannerHeaders(pr.Out.Header)
+			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
+		},
+		Transport:     tr,
+		FlushInterval: -1,
+		BufferPool:    httpx.NewBufferPool(),
+		ErrorHandler:  r.proxyError,
+		ModifyResponse: func(resp *http.Response) error {
+			resp.Header.Del(httperr.RequestIDHeader) // the relay set its own, same value
+			return nil
+		},
+		ErrorLog: slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
+	}
+	return rp, tr
+}
+
+// stripScannerHeaders removes what must not cross the tunnel: the
+// scanner's credentials and anything that claims to say who is asking.
+func stripScannerHeaders(h http.Header) {
+	for k := range h {
+		lk := strings.ToLower(k)
+		if lk == "authorization" || lk == "proxy-authorization" || lk == "cookie" ||
+			httpx.IsForwardingHeader(lk) || strings.HasPrefix(lk, "x-ferry-") {
+			delete(h, k)
+		}
+	}
+}
+
+// dialAgent opens the stream for one request on the connection the handler
+// picked, or on another live one if that connection just died.
+func (r *Relay) dialAgent(ctx context.Context, _, _ string) (net.Conn, error) {
+	rt := routeFrom(ctx)
+	if rt == nil {
+		return nil, errors.New("relay: request without a route")
+	}
+	c := rt.conn
+	for attempt := 0; ; attempt++ {
+		s, err := c.sess.OpenStream()
+		if err == nil {
+			return r.startStream(c, s, rt.header)
+		}
+		if attempt > 0 {
+			return nil, fmt.Errorf("%w: open stream: %v", errTunnelOffline, err)
+		}
+		if c = rt.tunnel.pick(c); c == nil {
+			return nil, fmt.Errorf("%w: open stream: %v", errTunnelOffline, err)
+		}
+		rt.conn = c
+	}
+}
+
+func (r *Relay) startStream(c *agentConn, s *yamux.Stream, h proto.Header) (net.Conn, error) {
+	s.SetWriteDeadline(time.Now().Add(streamHeaderWrite))
+	if err := proto.WriteHeader(s, h); err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.SetWriteDeadline(time.Time{})
+	c.inflight.Add(1)
+	c.served.Add(1)
+	return &trackedStream{Stream: s, done: func() { c.inflight.Add(-1) }}, nil
+}
+
+// trackedStream counts a stream as in flight until it is closed.
+type trackedStream struct {
+	*yamux.Stream
+	once sync.Once
+	done func()
+}
+
+func (t *trackedStream) Close() error {
+	t.once.Do(t.done)
+	return t.Stream.Close()
+}
+
+// serveScanner is the scanner API: /t/{tunnel}/{upstream}/{path}.
+func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
+	start := time.Now()
+	rid := httperr.NewRequestID()
+	w.Header().Set(httperr.RequestIDHeader, rid)
+	rec := &httpx.Recorder{ResponseWriter: w}
+	w = rec
+	var tunnelID, upstream, scanner string
+	defer func() {
+		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
+			"method", req.Method, "path", pathOnly(req.RequestURI), "status", rec.StatusCode(), "bytes", rec.Bytes,
+			"duration_ms", time.Since(start).Milliseconds())
+	}()
+
+	tunnelID, upstream, rest, ok := splitScannerPath(req.RequestURI)
+	if !ok {
+		httperr.Write(w, http.StatusNotFound, httperr.NotFound, "scanner URLs have the form /t/{tunnel}/{upstream}/{path}")
+		return
+	}
+	sc := r.authScanner(req)
+	if sc == nil {
+		// Basic too, so that git sends a token given in the URL
+		// (https://x-token:TOKEN@relay/...) after this challenge.
+		w.Header().Add("WWW-Authenticate", `Bearer realm="ferry"`)
+		w.Header().Add("WWW-Authenticate", `Basic realm="ferry"`)
+		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "scanner token missing or not accepted")
+		return
+	}
+	scanner = sc.name
+	t := r.tunnels[tunnelID]
+	if t == nil {
+		httperr.Write(w, http.StatusNotFound, httperr.UnknownTunnel, fmt.Sprintf("no tunnel %q on this relay", tunnelID))
+		return
+	}
+	if !sc.tunnels[tunnelID] {
+		httperr.Write(w, http.StatusForbidden, httperr.Forbidden, fmt.Sprintf("scanner %q may not use tunnel %q", sc.name, tunnelID))
+		return
+	}
+	if strings.HasPrefix(rest, "//") {
+		httperr.Write(w, http.StatusBadRequest, httperr.BadRequest, "ambiguous path: empty segment (//)")
+		return
+	}
+	if req.Header.Get("Upgrade") != "" {
+		httperr.Write(w, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not supported through ferry")
+		return
+	}
+	c := t.pick(nil)
+	if c == nil {
+		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, fmt.Sprintf("no agent is connected for tunnel %q", tunnelID))
+		return
+	}
+	if !c.upstreams[upstream] {
+		httperr.Write(w, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("the agent of tunnel %q has no upstream %q", tunnelID, upstream))
+		return
+	}
+	rt := &route{tunnel: t, conn: c, rawPath: rest, header: proto.Header{
+		Kind: proto.KindHTTP, Upstream: upstream, RequestID: rid, Scanner: sc.name,
+		Deadline: time.Now().Add(maxRequestDuration),
+	}}
+	r.proxy.ServeHTTP(w, req.WithContext(withRoute(req.Context(), rt)))
+}
+
+// proxyError answers a request the tunnel could not carry.
+func (r *Relay) proxyError(w http.ResponseWriter, req *http.Request, err error) {
+	rid := w.Header().Get(httperr.RequestIDHeader)
+	switch {
+	case errors.Is(err, errTunnelOffline):
+		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "the agent connection went away; retry")
+	case req.Context().Err() != nil:
+		r.log.Info("scanner went away", "request_id", rid, "err", err)
+	case httpx.IsTimeout(err):
+		httperr.Write(w, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "the agent did not answer in time")
+	default:
+		r.log.Warn("tunnel request failed", "request_id", rid, "err", err)
+		httperr.Write(w, http.StatusBadGateway, httperr.UpstreamError, "the tunnel failed during the request")
+	}
+}
+
+// splitScannerPath splits a raw request URI "/t/{tunnel}/{upstream}/rest?q"
+// into its parts; rest keeps its leading slash and its encoding.
+func splitScannerPath(uri string) (tunnel, upstream, rest string, ok bool) {
+	p := pathOnly(uri)
+	after, found := strings.CutPrefix(p, "/t/")
+	if !found {
+		return "", "", "", false
+	}
+	parts := strings.SplitN(after, "/", 3)
+	if len(parts) < 2 || !nameRE.MatchString(parts[0]) || !nameRE.MatchString(parts[1]) {
+		return "", "", "", false
+	}
+	rest = "/"
+	if len(parts) == 3 {
+		rest += parts[2]
+	}
+	return parts[0], parts[1], rest, true
+}
+
+func pathOnly(uri string) string {
+	p, _, _ := strings.Cut(uri, "?")
+	return p
+}
+
+// scannerAuth is a configured scanner, ready for lookups.
+type scannerAuth struct {
+	name    string
+	tunnels map[string]bool
+}
+
+// authScanner accepts "Authorization: Bearer <token>", and Basic with the
+// token as password (what git sends for https://x:TOKEN@host/ URLs).
+func (r *Relay) authScanner(req *http.Request) *scannerAuth {
+	tok, ok := bearerToken(req)
+	if !ok {
+		if _, pw, basic := req.BasicAuth(); basic && pw != "" {
+			tok, ok = pw, true
+		}
+	}
+	if !ok {
+		return nil
+	}
+	if i := token.Index(r.scannerHashes, token.Of(tok)); i >= 0 {
+		return r.scanners[i]
+	}
+	return nil
+}

@@ -1,0 +1,91 @@
+package relay
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// tunnel is one configured tunnel and the agent connections serving it.
+type tunnel struct {
+	id string
+
+	mu    sync.Mutex
+	conns []*agentConn
+}
+
+// agentConn is one live, registered agent connection (one WebSocket, one
+// yamux session).
+type agentConn struct {
+	id          string
+	tunnel      *tunnel
+	agentID     string
+	version     string
+	upstreams   map[string]bool
+	remote      string
+	connectedAt time.Time
+	sess        *yamux.Session
+
+	inflight atomic.Int64
+	served   atomic.Int64
+	draining atomic.Bool
+
+	ctrlMu sync.Mutex
+	ctrl   *yamux.Stream
+}
+
+func (t *tunnel) add(c *agentConn) {
+	t.mu.Lock()
+	t.conns = append(t.conns, c)
+	t.mu.Unlock()
+}
+
+func (t *tunnel) remove(c *agentConn) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i, x := range t.conns {
+		if x == c {
+			t.conns = append(t.conns[:i], t.conns[i+1:]...)
+			return
+		}
+	}
+}
+
+// pick returns the live connection with the fewest streams in flight,
+// skipping except (a connection that just failed), or nil if none.
+func (t *tunnel) pick(except *agentConn) *agentConn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var best *agentConn
+	for _, c := range t.conns {
+		if c == except || c.draining.Load() || c.sess.IsClosed() {
+			continue
+		}
+		if best == nil || c.inflight.Load() < best.inflight.Load() {
+			best = c
+		}
+	}
+	return best
+}
+
+// snapshot copies the connection list for reporting and shutdown.
+func (t *tunnel) snapshot() []*agentConn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return append([]*agentConn(nil), t.conns...)
+}
+
+// goAway tells the agent to move off this connection, then closes it.
+func (c *agentConn) goAway(reason string) {
+	c.draining.Store(true)
+	c.ctrlMu.Lock()
+	if c.ctrl != nil {
+		c.ctrl.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		proto.WriteMessage(c.ctrl, proto.Message{Type: proto.MsgGoAway, Reason: reason})
+	}
+	c.ctrlMu.Unlock()
+}
