@@ -46,7 +46,6 @@ type Relay struct {
 	transport *http.Transport
 
 	agentLn, scannerLn, adminLn net.Listener
-	scannerTLS                  *tls.Config
 
 	life     context.Context // cancelled when Serve begins shutting down
 	sessMu   sync.Mutex      // guards sessions.Add against the final Wait

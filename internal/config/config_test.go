@@ -156,3 +156,10 @@ func TestAgentErrors(t *testing.T) {
 		t.Errorf("unset CREDENTIALS_DIRECTORY: %v", err)
 	}
 }
+
+func TestUnquotedCredentialsDirHint(t *testing.T) {
+	_, err := ParseAgent("agent.yaml", []byte("upstreams:\n  - name: b\n    auth: {type: bearer, token_file: ${CREDENTIALS_DIRECTORY}/pat}\n"))
+	if err == nil || !strings.Contains(err.Error(), "hint: quote") || !strings.Contains(err.Error(), "agent.yaml:") {
+		t.Fatalf("got %v", err)
+	}
+}

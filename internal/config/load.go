@@ -69,7 +69,7 @@ func (v *validator) failed() bool { return v.err != nil }
 func decodeStrict(file string, data []byte, out any) (*yaml.Node, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, yamlError(file, err)
+		return nil, yamlError(file, data, err)
 	}
 	if len(bytes.TrimSpace(data)) == 0 {
 		return nil, &Error{File: file, Msg: "file is empty"}
@@ -81,7 +81,7 @@ func decodeStrict(file string, data []byte, out any) (*yaml.Node, error) {
 		if errors.As(err, &te) && len(te.Errors) > 0 {
 			return nil, parseTypeError(file, te.Errors[0])
 		}
-		return nil, yamlError(file, err)
+		return nil, yamlError(file, data, err)
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); err != io.EOF {
@@ -108,9 +108,18 @@ func parseTypeError(file, msg string) *Error {
 }
 
 // yamlError turns a yaml.v3 syntax error ("yaml: line 6: did not find
-// expected key") into file:line form.
-func yamlError(file string, err error) *Error {
-	return parseTypeError(file, strings.TrimPrefix(err.Error(), "yaml: "))
+// expected key") into file:line form, with a hint for the common trap of
+// an unquoted ${CREDENTIALS_DIRECTORY} inside a {flow: mapping}.
+func yamlError(file string, data []byte, err error) *Error {
+	e := parseTypeError(file, strings.TrimPrefix(err.Error(), "yaml: "))
+	lines := strings.Split(string(data), "\n")
+	for _, l := range []int{e.Line - 1, e.Line, e.Line + 1} { // yaml.v3 may report a neighbouring line
+		if l >= 1 && l <= len(lines) && strings.Contains(lines[l-1], "${") && strings.Contains(lines[l-1], "{") {
+			e.Msg += ` (hint: quote values with ${...} inside {...}, e.g. token_file: "${CREDENTIALS_DIRECTORY}/pat")`
+			break
+		}
+	}
+	return e
 }
 
 // lineOf finds the line of a dotted field path such as "tunnels[1].id" in

@@ -292,7 +292,7 @@ func baseURL(r *http.Request) string {
 
 func (b *Bitbucket) projectJSON(r *http.Request, key string) map[string]any {
 	return map[string]any{
-		"key": key, "id": idOf(key), "name": strings.Title(strings.ToLower(key)), //nolint:staticcheck // ASCII keys
+		"key": key, "id": idOf(key), "name": key[:1] + strings.ToLower(key[1:]),
 		"public": false, "type": "NORMAL",
 		"links": map[string]any{"self": []any{map[string]string{"href": baseURL(r) + "/projects/" + key}}},
 	}

@@ -1,0 +1,48 @@
+# ferry — see README.md. `make demo` and `make test` are the two commands a
+# newcomer runs; `make deps` installs what they need on Debian/Ubuntu.
+
+GO        ?= go
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -s -w -X github.com/ferry-tunnel/ferry/internal/version.Version=$(VERSION)
+FUZZTIME  ?= 30s
+STATICCHECK_VERSION ?= v0.8.2
+
+.PHONY: all build test demo deps fuzz lint clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/ferry-agent ./cmd/ferry-relay
+
+# Every test, with the race detector; fuzz targets run their seed corpus.
+test: deps
+	$(GO) test -race -count=1 -timeout 12m ./...
+
+# A complete local setup: Bitbucket stand-in, relay, agent, git clone.
+demo: deps build
+	$(GO) run ./demo -bin bin
+
+# Longer fuzzing of every decoder and the path normaliser.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzReadHeader$$' -fuzztime $(FUZZTIME) ./proto
+	$(GO) test -run '^$$' -fuzz '^FuzzReadMessage$$' -fuzztime $(FUZZTIME) ./proto
+	$(GO) test -run '^$$' -fuzz '^FuzzNormalizePath$$' -fuzztime $(FUZZTIME) ./internal/policy
+
+lint:
+	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+# Tools the tests and demo drive for real. Installs only what is missing.
+deps:
+	@missing=""; \
+	command -v git >/dev/null || missing="$$missing git"; \
+	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@$(GO) mod download
+
+clean:
+	rm -rf bin
