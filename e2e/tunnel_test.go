@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -327,5 +328,41 @@ func TestAgentWithWrongTokenExplains(t *testing.T) {
 	}
 	if a.Connected() != 0 {
 		t.Fatal("connected with a wrong token")
+	}
+}
+
+func TestLargeUploadStreams(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	a, arun := w.startAgent(r.AgentAddr(), "    rules: [{methods: [POST], path: \""+testrig.SinkPath+"\"}]\n")
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() > 0 })
+	client := &http.Client{}
+	defer client.CloseIdleConnections()
+
+	const size = 64 << 20
+	syn := testrig.Synthetic{Size: size, Seed: [32]byte{9}}
+	want := sha256.New()
+	io.Copy(want, syn.Reader())
+	// Chunked (unknown length) and with Expect: 100-continue, as git sends
+	// large pushes.
+	req, _ := http.NewRequest("POST", "http://"+r.ScannerAddr()+"/t/"+tunnelID+"/bitbucket"+testrig.SinkPath, io.NopCloser(syn.Reader()))
+	req.Header.Set("Authorization", "Bearer "+scannerToken)
+	req.Header.Set("Expect", "100-continue")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Bytes  int64  `json:"bytes"`
+		SHA256 string `json:"sha256"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%d %v", resp.StatusCode, err)
+	}
+	if got.Bytes != size || got.SHA256 != hex.EncodeToString(want.Sum(nil)) {
+		t.Fatalf("upstream received %d bytes with sha256 %s", got.Bytes, got.SHA256)
 	}
 }

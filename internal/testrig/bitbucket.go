@@ -1,6 +1,8 @@
 package testrig
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -87,6 +89,8 @@ func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("X-AUSERNAME", b.User)
 	w.Header().Set("X-AREQUESTID", "@"+strconv.Itoa(rand.IntN(1<<30))+"x1")
 	switch {
+	case r.URL.Path == SinkPath:
+		serveSink(w, r)
 	case strings.HasPrefix(r.URL.Path, "/scm/"):
 		b.serveGit(w, r)
 	case strings.HasPrefix(r.URL.Path, "/rest/api/1.0/") || strings.HasPrefix(r.URL.Path, "/rest/api/latest/"):
@@ -94,6 +98,25 @@ func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		bbError(w, http.StatusNotFound, "Not found: "+r.URL.Path, "")
 	}
+}
+
+// SinkPath is a test-only endpoint (not Bitbucket's): it reads a POST body
+// and answers {"bytes": n, "sha256": hex}, so tests can check that large
+// request bodies cross the tunnel whole.
+const SinkPath = "/rest/ferry-test/sink"
+
+func serveSink(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		bbError(w, http.StatusMethodNotAllowed, "POST only", "")
+		return
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, r.Body)
+	if err != nil {
+		bbError(w, http.StatusBadRequest, "reading body: "+err.Error(), "")
+		return
+	}
+	writeJSON(w, map[string]any{"bytes": n, "sha256": hex.EncodeToString(h.Sum(nil))})
 }
 
 func (b *Bitbucket) authenticated(r *http.Request) bool {
