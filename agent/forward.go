@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -19,6 +20,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/policy"
 )
 
 // upstream is one configured internal service and its proxy.
@@ -122,11 +124,11 @@ func (u *upstream) proxyError(w http.ResponseWriter, r *http.Request, err error)
 		return
 	case httpx.IsTimeout(err):
 		u.log.Warn("upstream timed out", "request_id", rid, "err", err)
-		httperr.Write(w, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "upstream "+u.cfg.Name+" did not answer in time")
+		httperr.Respond(w, r, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "upstream "+u.cfg.Name+" did not answer in time")
 		return
 	}
 	u.log.Warn("upstream request failed", "request_id", rid, "err", err)
-	httperr.Write(w, http.StatusBadGateway, httperr.UpstreamError, "upstream "+u.cfg.Name+": "+classify(err)+" (details in the agent log)")
+	httperr.Respond(w, r, http.StatusBadGateway, httperr.UpstreamError, "upstream "+u.cfg.Name+": "+classify(err)+" (details in the agent log)")
 }
 
 // classify says what kind of failure err is without naming internal hosts.
@@ -171,15 +173,15 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case u == nil:
 		entry.Rule = "unknown-upstream"
-		httperr.Write(rec, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("this agent has no upstream %q", hdr.Upstream))
+		httperr.Respond(rec, r, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("this agent has no upstream %q", hdr.Upstream))
 		return
 	case !strings.HasPrefix(rawPath, "/"):
 		entry.Rule = "normalise"
-		httperr.Write(rec, http.StatusBadRequest, httperr.BadRequest, "request target must be a path")
+		httperr.Respond(rec, r, http.StatusBadRequest, httperr.BadRequest, "request target must be a path")
 		return
 	case r.Header.Get("Upgrade") != "":
 		entry.Rule = "upgrade"
-		httperr.Write(rec, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not forwarded")
+		httperr.Respond(rec, r, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not forwarded")
 		return
 	}
 	d := u.cfg.Policy.Decide(r.Method, rawPath, rawQuery)
@@ -188,18 +190,38 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		entry.Path = d.Path
 	}
 	if !d.Allow {
-		code := httperr.PolicyDenied
-		if d.Status == http.StatusBadRequest {
-			code = httperr.BadRequest
-		}
-		httperr.Write(rec, d.Status, code, d.Reason)
+		writeRefusal(rec, r, d.Status, d.Reason)
 		return
+	}
+	if d.Inspect != policy.InspectNone {
+		body, err := u.cfg.Policy.CheckBody(d, r.Header, r.Body)
+		var ref *policy.Refusal
+		switch {
+		case errors.As(err, &ref):
+			entry.Decision = "deny"
+			entry.Rule = ref.Rule
+			if ref.Push != nil && isGit(r) && writePushRejection(rec, ref.Push, ref.Reason, u.cfg.Policy.PushRefPrefix()) {
+				return
+			}
+			writeRefusal(rec, r, ref.Status, ref.Reason)
+			return
+		case err != nil:
+			entry.Rule = "body"
+			httperr.Respond(rec, r, http.StatusBadRequest, httperr.BadRequest, "could not read the request body: "+err.Error())
+			return
+		}
+		r.Body = readCloser{body.R, r.Body}
+		if body.Decoded {
+			r.Header.Del("Content-Encoding")
+			r.Header.Del("Content-Length")
+			r.ContentLength = -1
+		}
 	}
 	auth, err := u.authHeader()
 	if err != nil {
 		entry.Rule = "credential"
 		a.log.Error("cannot read upstream credential", "upstream", u.cfg.Name, "request_id", rid, "err", err)
-		httperr.Write(rec, http.StatusBadGateway, httperr.UpstreamError, "the agent cannot read its credential for upstream "+u.cfg.Name)
+		httperr.Respond(rec, r, http.StatusBadGateway, httperr.UpstreamError, "the agent cannot read its credential for upstream "+u.cfg.Name)
 		return
 	}
 	entry.Decision = "allow"
@@ -210,6 +232,23 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer cancel()
 	}
 	u.proxy.ServeHTTP(rec, r.WithContext(ctx))
+}
+
+// readCloser forwards a checked body while closing the original.
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+func isGit(r *http.Request) bool { return strings.HasPrefix(r.Header.Get("User-Agent"), "git/") }
+
+// writeRefusal answers a policy refusal.
+func writeRefusal(w http.ResponseWriter, r *http.Request, status int, reason string) {
+	code := httperr.PolicyDenied
+	if status == http.StatusBadRequest {
+		code = httperr.BadRequest
+	}
+	httperr.Respond(w, r, status, code, reason)
 }
 
 func (a *Agent) record(e audit.Entry) {

@@ -182,7 +182,12 @@ func (w *world) startRelay(agentAddr string) (*relay.Relay, *running) {
 
 func (w *world) startAgent(relayAddr, extra string) (*agent.Agent, *running) {
 	w.t.Helper()
-	cfg, err := config.ParseAgent("agent.yaml", []byte(w.agentYAML(relayAddr, extra)))
+	return w.startAgentYAML(w.agentYAML(relayAddr, extra))
+}
+
+func (w *world) startAgentYAML(yaml string) (*agent.Agent, *running) {
+	w.t.Helper()
+	cfg, err := config.ParseAgent("agent.yaml", []byte(yaml))
 	if err != nil {
 		w.t.Fatal(err)
 	}

@@ -164,7 +164,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 
 	tunnelID, upstream, rest, ok := splitScannerPath(req.RequestURI)
 	if !ok {
-		httperr.Write(w, http.StatusNotFound, httperr.NotFound, "scanner URLs have the form /t/{tunnel}/{upstream}/{path}")
+		httperr.Respond(w, req, http.StatusNotFound, httperr.NotFound, "scanner URLs have the form /t/{tunnel}/{upstream}/{path}")
 		return
 	}
 	sc := r.authScanner(req)
@@ -173,34 +173,34 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		// (https://x-token:TOKEN@relay/...) after this challenge.
 		w.Header().Add("WWW-Authenticate", `Bearer realm="ferry"`)
 		w.Header().Add("WWW-Authenticate", `Basic realm="ferry"`)
-		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "scanner token missing or not accepted")
+		httperr.Respond(w, req, http.StatusUnauthorized, httperr.Unauthorized, "scanner token missing or not accepted")
 		return
 	}
 	scanner = sc.name
 	t := r.tunnels[tunnelID]
 	if t == nil {
-		httperr.Write(w, http.StatusNotFound, httperr.UnknownTunnel, fmt.Sprintf("no tunnel %q on this relay", tunnelID))
+		httperr.Respond(w, req, http.StatusNotFound, httperr.UnknownTunnel, fmt.Sprintf("no tunnel %q on this relay", tunnelID))
 		return
 	}
 	if !sc.tunnels[tunnelID] {
-		httperr.Write(w, http.StatusForbidden, httperr.Forbidden, fmt.Sprintf("scanner %q may not use tunnel %q", sc.name, tunnelID))
+		httperr.Respond(w, req, http.StatusForbidden, httperr.Forbidden, fmt.Sprintf("scanner %q may not use tunnel %q", sc.name, tunnelID))
 		return
 	}
 	if strings.HasPrefix(rest, "//") {
-		httperr.Write(w, http.StatusBadRequest, httperr.BadRequest, "ambiguous path: empty segment (//)")
+		httperr.Respond(w, req, http.StatusBadRequest, httperr.BadRequest, "ambiguous path: empty segment (//)")
 		return
 	}
 	if req.Header.Get("Upgrade") != "" {
-		httperr.Write(w, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not supported through ferry")
+		httperr.Respond(w, req, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not supported through ferry")
 		return
 	}
 	c := t.pick(nil)
 	if c == nil {
-		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, fmt.Sprintf("no agent is connected for tunnel %q", tunnelID))
+		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, fmt.Sprintf("no agent is connected for tunnel %q", tunnelID))
 		return
 	}
 	if !c.upstreams[upstream] {
-		httperr.Write(w, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("the agent of tunnel %q has no upstream %q", tunnelID, upstream))
+		httperr.Respond(w, req, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("the agent of tunnel %q has no upstream %q", tunnelID, upstream))
 		return
 	}
 	rt := &route{tunnel: t, conn: c, rawPath: rest, header: proto.Header{
@@ -215,14 +215,14 @@ func (r *Relay) proxyError(w http.ResponseWriter, req *http.Request, err error) 
 	rid := w.Header().Get(httperr.RequestIDHeader)
 	switch {
 	case errors.Is(err, errTunnelOffline):
-		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "the agent connection went away; retry")
+		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, "the agent connection went away; retry")
 	case req.Context().Err() != nil:
 		r.log.Info("scanner went away", "request_id", rid, "err", err)
 	case httpx.IsTimeout(err):
-		httperr.Write(w, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "the agent did not answer in time")
+		httperr.Respond(w, req, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "the agent did not answer in time")
 	default:
 		r.log.Warn("tunnel request failed", "request_id", rid, "err", err)
-		httperr.Write(w, http.StatusBadGateway, httperr.UpstreamError, "the tunnel failed during the request")
+		httperr.Respond(w, req, http.StatusBadGateway, httperr.UpstreamError, "the tunnel failed during the request")
 	}
 }
 

@@ -47,6 +47,9 @@ type Upstream struct {
 	Profile      string   `yaml:"profile"`
 	Repositories []string `yaml:"repositories"`
 	Rules        []Rule   `yaml:"rules"`
+	// PushRefPrefix is where bitbucket-dc-appsec may write (pushes,
+	// branch creation, file edits).
+	PushRefPrefix string `yaml:"push_ref_prefix"`
 	// ResponseTimeout bounds the wait for the upstream's response headers.
 	ResponseTimeout time.Duration `yaml:"response_timeout"`
 
@@ -221,13 +224,11 @@ func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
 	if v.failed() {
 		return
 	}
-	p, err := policy.New(u.Profile, rules, u.Repositories)
+	p, err := policy.New(policy.Options{Profile: u.Profile, Rules: rules, Repositories: u.Repositories, PushRefPrefix: u.PushRefPrefix})
 	if err != nil {
-		field := f + ".profile"
-		if strings.HasPrefix(err.Error(), "repositories") {
-			field = f + ".repositories"
-		}
-		v.failf(field, "%v", err)
+		// policy errors start with the option's name: "profile: ...".
+		opt, msg, _ := strings.Cut(err.Error(), ": ")
+		v.failf(f+"."+opt, "%s", msg)
 	}
 	u.Policy = p
 }

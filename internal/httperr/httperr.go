@@ -6,7 +6,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"strings"
 )
 
 // RequestIDHeader is on every response ferry gives a scanner.
@@ -43,6 +45,22 @@ func Write(w http.ResponseWriter, status int, code, msg string) {
 	w.WriteHeader(status)
 	b, _ := json.Marshal(Body{Error: code, Message: msg, RequestID: h.Get(RequestIDHeader)})
 	w.Write(append(b, '\n'))
+}
+
+// Respond writes an error in the form the client reads best: plain text
+// for git (which shows it to its user as "remote: ..." lines), JSON for
+// everything else. The code is also in the X-Ferry-Error header.
+func Respond(w http.ResponseWriter, r *http.Request, status int, code, msg string) {
+	w.Header().Set("X-Ferry-Error", code)
+	if strings.HasPrefix(r.Header.Get("User-Agent"), "git/") {
+		h := w.Header()
+		h.Set("Content-Type", "text/plain; charset=utf-8")
+		h.Set("Cache-Control", "no-store")
+		w.WriteHeader(status)
+		fmt.Fprintf(w, "ferry: %s: %s (request %s)\n", code, msg, h.Get(RequestIDHeader))
+		return
+	}
+	Write(w, status, code, msg)
 }
 
 // NewRequestID returns 16 random hex characters.

@@ -27,6 +27,8 @@ type Decision struct {
 	Reason string
 	// Status is the HTTP status to answer a refusal with (400 or 403).
 	Status int
+	// Inspect, on an allow, is the body check still to pass (CheckBody).
+	Inspect Inspection
 }
 
 // Rule is one allow or deny rule.
@@ -35,8 +37,9 @@ type Rule struct {
 	Methods map[string]bool
 	Path    pattern
 	// Query requires exact values of query keys (each must appear once).
-	Query map[string]string
-	Deny  bool
+	Query   map[string]string
+	Deny    bool
+	Inspect Inspection
 }
 
 func (r *Rule) matches(method, p string, q url.Values) bool {
@@ -94,22 +97,44 @@ var knownMethods = map[string]bool{
 // Policy is the compiled policy of one upstream. It is immutable and safe
 // for concurrent use.
 type Policy struct {
-	profile string
-	allow   []Rule // profile rules
-	user    []Rule // user rules, in order
-	scope   *scope // nil: all repositories
+	profile    string
+	allow      []Rule // profile rules
+	user       []Rule // user rules, in order
+	scope      *scope // nil: all repositories
+	pushPrefix string
 }
 
-// New compiles a policy from a profile name, user rules and a repository
-// scope (nil or empty: all repositories).
-func New(profile string, user []Rule, repositories []string) (*Policy, error) {
-	prof, ok := profiles[profile]
+// Options describe one upstream's policy.
+type Options struct {
+	Profile      string
+	Rules        []Rule   // user rules, from CompileRule
+	Repositories []string // scope; empty: all repositories
+	// PushRefPrefix is where pushes, branch creation and file edits may
+	// write; empty: DefaultPushRefPrefix.
+	PushRefPrefix string
+}
+
+// New compiles a policy. Errors name the option that is wrong.
+func New(o Options) (*Policy, error) {
+	prof, ok := profiles[o.Profile]
 	if !ok {
-		return nil, fmt.Errorf("unknown profile %q (known: %s)", profile, strings.Join(ProfileNames(), ", "))
+		return nil, fmt.Errorf("profile: unknown profile %q (known: %s)", o.Profile, strings.Join(ProfileNames(), ", "))
 	}
-	p := &Policy{profile: profile, allow: prof, user: user}
-	if len(repositories) > 0 {
-		s, err := newScope(repositories)
+	p := &Policy{profile: o.Profile, allow: prof, user: o.Rules, pushPrefix: o.PushRefPrefix}
+	if p.pushPrefix == "" {
+		p.pushPrefix = DefaultPushRefPrefix
+	}
+	if !strings.HasPrefix(p.pushPrefix, "refs/") || !strings.HasSuffix(p.pushPrefix, "/") || !validRef(strings.TrimSuffix(p.pushPrefix, "/")) ||
+		p.pushPrefix == "refs/" || p.pushPrefix == "refs/heads/" || p.pushPrefix == "refs/tags/" {
+		return nil, fmt.Errorf("push_ref_prefix: %q must be a ref namespace below refs/heads/ or refs/tags/, ending in /", p.pushPrefix)
+	}
+	for _, r := range o.Rules {
+		if !r.Deny && r.Methods[http.MethodPost] && (r.Path.match("/scm/x/y/git-receive-pack") || r.Path.match("/scm/x/y.git/git-receive-pack")) {
+			return nil, fmt.Errorf("rules: %s would allow git pushes without the ref check; use profile bitbucket-dc-appsec", r.Name)
+		}
+	}
+	if len(o.Repositories) > 0 {
+		s, err := newScope(o.Repositories)
 		if err != nil {
 			return nil, err
 		}
@@ -117,6 +142,9 @@ func New(profile string, user []Rule, repositories []string) (*Policy, error) {
 	}
 	return p, nil
 }
+
+// PushRefPrefix is where writes through this policy may go.
+func (p *Policy) PushRefPrefix() string { return p.pushPrefix }
 
 // ProfileNames lists the built-in profiles.
 func ProfileNames() []string {
@@ -148,6 +176,7 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 		}
 	}
 	var allowedBy string
+	var inspect Inspection
 	for i := range p.user {
 		r := &p.user[i]
 		if !r.matches(method, canon, q) {
@@ -162,7 +191,7 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 	if allowedBy == "" {
 		for i := range p.allow {
 			if r := &p.allow[i]; r.matches(method, canon, q) {
-				allowedBy = r.Name
+				allowedBy, inspect = r.Name, r.Inspect
 				break
 			}
 		}
@@ -175,7 +204,7 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 			return deny("scope", reason)
 		}
 	}
-	return Decision{Allow: true, Path: canon, Rule: allowedBy}
+	return Decision{Allow: true, Path: canon, Rule: allowedBy, Inspect: inspect}
 }
 
 // scope limits which repositories are reachable.

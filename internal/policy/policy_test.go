@@ -79,7 +79,7 @@ func mustPolicy(t *testing.T, profile string, rules []RuleSpec, repos []string) 
 		}
 		compiled = append(compiled, r)
 	}
-	p, err := New(profile, compiled, repos)
+	p, err := New(Options{Profile: profile, Rules: compiled, Repositories: repos})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestUserRulesAndNeverAllowed(t *testing.T) {
 	if _, err := CompileRule("r", RuleSpec{Methods: []string{"GET"}, Path: "/x", Action: "maybe"}); err == nil {
 		t.Error("unknown action accepted")
 	}
-	if _, err := New("bitbucket-dc-everything", nil, nil); err == nil {
+	if _, err := New(Options{Profile: "bitbucket-dc-everything"}); err == nil {
 		t.Error("unknown profile accepted")
 	}
 }
@@ -172,7 +172,7 @@ func TestRepositoryScope(t *testing.T) {
 			t.Errorf("GET %s: allow=%v (%s: %s), want %v", c.path, d.Allow, d.Rule, d.Reason, c.allow)
 		}
 	}
-	if _, err := New("bitbucket-dc-read", nil, []string{"PROJ"}); err == nil {
+	if _, err := New(Options{Profile: "bitbucket-dc-read", Repositories: []string{"PROJ"}}); err == nil {
 		t.Error("scope entry without / accepted")
 	}
 }
