@@ -184,6 +184,11 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httperr.Respond(rec, r, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not forwarded")
 		return
 	}
+	if why := policy.CheckHeaders(r.Header); why != "" {
+		entry.Rule = "headers"
+		httperr.Respond(rec, r, http.StatusBadRequest, httperr.BadRequest, why)
+		return
+	}
 	d := u.cfg.Policy.Decide(r.Method, rawPath, rawQuery)
 	entry.Rule = d.Rule
 	if d.Path != "" {

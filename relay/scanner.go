@@ -17,6 +17,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/policy"
 	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/proto"
 )
@@ -29,6 +30,7 @@ const (
 	// maxRequestDuration is sent to the agent as the request's deadline.
 	maxRequestDuration = 2 * time.Hour
 	streamHeaderWrite  = 10 * time.Second
+	maxRequestURI      = 8 << 10
 )
 
 // errTunnelOffline: no live agent connection could take the request.
@@ -162,6 +164,14 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 			"duration_ms", time.Since(start).Milliseconds())
 	}()
 
+	if len(req.RequestURI) > maxRequestURI {
+		httperr.Respond(w, req, http.StatusRequestURITooLong, httperr.BadRequest, fmt.Sprintf("request URI longer than %d bytes", maxRequestURI))
+		return
+	}
+	if len(req.Header) > policy.MaxHeaderFields {
+		httperr.Respond(w, req, http.StatusRequestHeaderFieldsTooLarge, httperr.BadRequest, fmt.Sprintf("more than %d header fields", policy.MaxHeaderFields))
+		return
+	}
 	tunnelID, upstream, rest, ok := splitScannerPath(req.RequestURI)
 	if !ok {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.NotFound, "scanner URLs have the form /t/{tunnel}/{upstream}/{path}")

@@ -167,6 +167,9 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 	if err != nil {
 		return Decision{Path: canon, Rule: "normalise", Reason: err.Error(), Status: http.StatusBadRequest}
 	}
+	if _, ok := q["_method"]; ok {
+		return Decision{Path: canon, Rule: "method-override", Reason: "method override (_method) is not allowed", Status: http.StatusBadRequest}
+	}
 	deny := func(rule, reason string) Decision {
 		return Decision{Path: canon, Rule: rule, Reason: reason, Status: http.StatusForbidden}
 	}
@@ -205,6 +208,24 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 		}
 	}
 	return Decision{Allow: true, Path: canon, Rule: allowedBy, Inspect: inspect}
+}
+
+// MaxHeaderFields bounds how many header fields a request may carry.
+const MaxHeaderFields = 64
+
+// CheckHeaders refuses headers that would let a request act as something
+// other than what the policy judged: method overrides, and absurd counts.
+// It returns "" when the headers are acceptable.
+func CheckHeaders(h http.Header) string {
+	for _, k := range []string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"} {
+		if _, ok := h[k]; ok {
+			return "method override header " + k + " is not allowed"
+		}
+	}
+	if len(h) > MaxHeaderFields {
+		return fmt.Sprintf("more than %d header fields", MaxHeaderFields)
+	}
+	return ""
 }
 
 // scope limits which repositories are reachable.
