@@ -70,7 +70,7 @@ func (a *Agent) Listen() error {
 	if err != nil {
 		return fmt.Errorf("diagnostics.listen %s: %w", a.cfg.Diagnostics.Listen, err)
 	}
-	al, err := audit.Open(a.cfg.Audit.Path)
+	al, err := audit.Open(audit.Options{Path: a.cfg.Audit.Path, MaxBytes: int64(a.cfg.Audit.MaxSizeMB) << 20, Keep: a.cfg.Audit.MaxFiles})
 	if err != nil {
 		ln.Close()
 		return err

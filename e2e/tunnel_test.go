@@ -366,3 +366,19 @@ func TestLargeUploadStreams(t *testing.T) {
 		t.Fatalf("upstream received %d bytes with sha256 %s", got.Bytes, got.SHA256)
 	}
 }
+
+func TestFailedAuthIsRateLimited(t *testing.T) {
+	e := newEnv(t)
+	var statuses []int
+	for i := 0; i < 25; i++ {
+		s, _, _ := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", "fry_guess", nil, nil)
+		statuses = append(statuses, s)
+	}
+	if statuses[0] != 401 || statuses[len(statuses)-1] != 429 {
+		t.Fatalf("statuses for 25 wrong tokens: %v", statuses)
+	}
+	status, hdr, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects/PROJ", scannerToken, nil, nil)
+	if status != 429 || hdr.Get("Retry-After") == "" || errorBody(t, body).Error != "too_many_requests" {
+		t.Fatalf("a limited source: %d %v %s", status, hdr, body)
+	}
+}

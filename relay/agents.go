@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,14 +38,23 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	w.Header().Set(httperr.RequestIDHeader, rid)
 	log := r.log.With("remote", req.RemoteAddr, "request_id", rid)
 
+	src := sourceOf(req.RemoteAddr)
+	if lim, retry := r.limiter.limited(src); lim {
+		log.Warn("agent refused: too many failed authentications from this address")
+		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Seconds())+1))
+		httperr.Write(w, http.StatusTooManyRequests, httperr.TooManyRequests, "too many failed authentications from this address; retry later")
+		return
+	}
 	tok, ok := bearerToken(req)
 	if !ok {
+		r.limiter.failed(src)
 		log.Warn("agent refused: no bearer token")
 		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token missing: send Authorization: Bearer <token>")
 		return
 	}
 	t := r.tunnelForAgent(token.Of(tok))
 	if t == nil {
+		r.limiter.failed(src)
 		log.Warn("agent refused: token matches no tunnel")
 		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token not accepted by any tunnel on this relay")
 		return

@@ -44,6 +44,7 @@ type Relay struct {
 
 	proxy     *httputil.ReverseProxy
 	transport *http.Transport
+	limiter   *authLimiter
 
 	agentLn, scannerLn, adminLn net.Listener
 
@@ -57,7 +58,7 @@ type Relay struct {
 // New builds a relay from a validated config.
 func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	host, _ := os.Hostname()
-	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}}
+	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}, limiter: newAuthLimiter()}
 	for _, tc := range cfg.Tunnels {
 		t := &tunnel{id: tc.ID}
 		r.tunnels[tc.ID] = t

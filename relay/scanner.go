@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -177,8 +178,15 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.NotFound, "scanner URLs have the form /t/{tunnel}/{upstream}/{path}")
 		return
 	}
+	src := sourceOf(req.RemoteAddr)
+	if lim, retry := r.limiter.limited(src); lim {
+		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Seconds())+1))
+		httperr.Respond(w, req, http.StatusTooManyRequests, httperr.TooManyRequests, "too many failed authentications from this address; retry later")
+		return
+	}
 	sc := r.authScanner(req)
 	if sc == nil {
+		r.limiter.failed(src)
 		// Basic too, so that git sends a token given in the URL
 		// (https://x-token:TOKEN@relay/...) after this challenge.
 		w.Header().Add("WWW-Authenticate", `Bearer realm="ferry"`)

@@ -6,6 +6,7 @@ package audit
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"time"
@@ -26,22 +27,54 @@ type Entry struct {
 	DurationMS int64     `json:"duration_ms"`
 }
 
-// Log appends entries to a file. A nil *Log records nothing.
-type Log struct {
-	mu sync.Mutex
-	f  *os.File
+// Options say where entries go.
+type Options struct {
+	// Path of the file; "-" writes to standard output (for journald).
+	Path string
+	// MaxBytes rotates the file when a write would pass it; 0: never.
+	MaxBytes int64
+	// Keep is how many rotated files (path.1 … path.N) are kept.
+	Keep int
 }
 
-// Open opens (creating, appending) the audit file; path "" gives nil.
-func Open(path string) (*Log, error) {
-	if path == "" {
+// Log appends entries. A nil *Log records nothing.
+type Log struct {
+	opts Options
+
+	mu   sync.Mutex
+	w    io.Writer
+	f    *os.File // nil for stdout
+	size int64
+}
+
+// Open opens (creating, appending) the audit destination; an empty path
+// gives a nil Log.
+func Open(o Options) (*Log, error) {
+	if o.Path == "" {
 		return nil, nil
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
-	if err != nil {
-		return nil, fmt.Errorf("open audit log: %w", err)
+	if o.Path == "-" {
+		return &Log{opts: o, w: os.Stdout}, nil
 	}
-	return &Log{f: f}, nil
+	l := &Log{opts: o}
+	if err := l.open(); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *Log) open() error {
+	f, err := os.OpenFile(l.opts.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	if err != nil {
+		return fmt.Errorf("open audit log: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("open audit log: %w", err)
+	}
+	l.f, l.w, l.size = f, f, st.Size()
+	return nil
 }
 
 // Record writes one entry as one line in one write, so concurrent
@@ -54,18 +87,43 @@ func (l *Log) Record(e Entry) error {
 	if err != nil {
 		return err
 	}
+	b = append(b, '\n')
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if _, err := l.f.Write(append(b, '\n')); err != nil {
+	if l.f != nil && l.opts.MaxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.opts.MaxBytes {
+		if err := l.rotate(); err != nil {
+			return err
+		}
+	}
+	n, err := l.w.Write(b)
+	l.size += int64(n)
+	if err != nil {
 		return fmt.Errorf("write audit log: %w", err)
 	}
 	return nil
 }
 
+// rotate shifts path.(N-1) → path.N … path → path.1 and reopens path.
+func (l *Log) rotate() error {
+	l.f.Close()
+	p := l.opts.Path
+	keep := max(l.opts.Keep, 1)
+	os.Remove(fmt.Sprintf("%s.%d", p, keep))
+	for i := keep - 1; i >= 1; i-- {
+		os.Rename(fmt.Sprintf("%s.%d", p, i), fmt.Sprintf("%s.%d", p, i+1))
+	}
+	if err := os.Rename(p, p+".1"); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("rotate audit log: %w", err)
+	}
+	return l.open()
+}
+
 // Close closes the file.
 func (l *Log) Close() error {
-	if l == nil {
+	if l == nil || l.f == nil {
 		return nil
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	return l.f.Close()
 }

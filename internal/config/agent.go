@@ -81,7 +81,9 @@ type Diagnostics struct {
 
 // Audit is the decision log.
 type Audit struct {
-	Path string `yaml:"path"` // empty: decisions go to the main log only
+	Path      string `yaml:"path"`        // empty: main log only; "-": standard output (journald)
+	MaxSizeMB int    `yaml:"max_size_mb"` // rotate past this size (default 100)
+	MaxFiles  int    `yaml:"max_files"`   // rotated files kept (default 5)
 }
 
 var upstreamNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
@@ -160,11 +162,23 @@ func (c *Agent) validate(v *validator) {
 		c.Diagnostics.Listen = "127.0.0.1:9091"
 	}
 	checkListen(v, "diagnostics.listen", c.Diagnostics.Listen)
-	if c.Audit.Path != "" {
+	if c.Audit.Path != "" && c.Audit.Path != "-" {
 		var err error
 		if c.Audit.Path, err = ExpandCredentialsDir(c.Audit.Path); err != nil {
 			v.failf("audit.path", "%v", err)
 		}
+	}
+	switch {
+	case c.Audit.MaxSizeMB == 0:
+		c.Audit.MaxSizeMB = 100
+	case c.Audit.MaxSizeMB < 0:
+		v.failf("audit.max_size_mb", "must be positive")
+	}
+	switch {
+	case c.Audit.MaxFiles == 0:
+		c.Audit.MaxFiles = 5
+	case c.Audit.MaxFiles < 0 || c.Audit.MaxFiles > 1000:
+		v.failf("audit.max_files", "%d is out of range 1-1000", c.Audit.MaxFiles)
 	}
 	v.checkLog(&c.Log)
 }

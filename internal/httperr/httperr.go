@@ -25,6 +25,7 @@ const (
 	UpstreamError   = "upstream_error"
 	UpstreamTimeout = "upstream_timeout"
 	BadRequest      = "bad_request"
+	TooManyRequests = "too_many_requests"
 	NotFound        = "not_found"
 )
 
