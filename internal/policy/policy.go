@@ -278,23 +278,39 @@ func (s *scope) allowsWholeProject(project string) bool {
 	return false
 }
 
-// check returns "" when canon is inside the scope, else why not.
+// check returns "" when canon is inside the scope, else why not. Paths
+// that name a repository are judged by it; project-wide paths need the
+// whole project in scope; anything else is refused unless it is one of the
+// few global endpoints that reveal no repository (scope is default-deny).
 func (s *scope) check(canon string) string {
 	segs := strings.Split(strings.Trim(canon, "/"), "/")
 	lower := make([]string, len(segs))
 	for i, v := range segs {
 		lower[i] = strings.ToLower(v)
 	}
-	// Git smart HTTP: /scm/{project}/{repo}[.git]/...
+	outside := func(p, r string) string {
+		return fmt.Sprintf("repository %s/%s is outside this upstream's repositories scope", p, r)
+	}
+	// Git smart HTTP and LFS: /scm/{project}/{repo}[.git]/...
 	if len(lower) >= 3 && lower[0] == "scm" {
 		if s.allows(segs[1], segs[2]) {
 			return ""
 		}
-		return fmt.Sprintf("repository %s/%s is outside this upstream's repositories scope", segs[1], segs[2])
+		return outside(segs[1], segs[2])
 	}
-	// REST: /rest/{api}/{version}/projects/{P}[/repos[/{R}/...]]
-	for i := 0; i+1 < len(lower); i++ {
-		if lower[i] != "projects" || lower[0] != "rest" {
+	if len(lower) < 2 || lower[0] != "rest" {
+		return "path is not attributable to a repository in this upstream's repositories scope"
+	}
+	// LFS objects: /rest/git-lfs/storage/{PROJECT}/{repo}/{oid}
+	if len(lower) >= 5 && lower[1] == "git-lfs" && lower[2] == "storage" {
+		if s.allows(segs[3], segs[4]) {
+			return ""
+		}
+		return outside(segs[3], segs[4])
+	}
+	// REST: /rest/{api}/{version}/.../projects/{P}[/repos/{R}/...]
+	for i := 1; i+1 < len(lower); i++ {
+		if lower[i] != "projects" {
 			continue
 		}
 		project := segs[i+1]
@@ -303,17 +319,24 @@ func (s *scope) check(canon string) string {
 			if s.allows(project, segs[i+3]) {
 				return ""
 			}
-			return fmt.Sprintf("repository %s/%s is outside this upstream's repositories scope", project, segs[i+3])
+			return outside(project, segs[i+3])
 		case s.allowsWholeProject(project):
 			return ""
 		default:
 			return fmt.Sprintf("project %s is only partly in this upstream's repositories scope; project-wide endpoints would reveal other repositories", project)
 		}
 	}
-	// Endpoints that enumerate across projects (/rest/api/1.0/projects,
-	// /rest/api/1.0/repos) would reveal repositories outside the scope.
-	if len(lower) >= 4 && lower[0] == "rest" && (lower[3] == "projects" || lower[3] == "repos") {
-		return "listing across projects would reveal repositories outside this upstream's repositories scope"
+	if len(lower) >= 4 && lower[1] == "api" && globalEndpoints[lower[3]] {
+		return ""
 	}
-	return ""
+	return "this endpoint is not tied to one repository, so it could reach repositories outside this upstream's repositories scope"
+}
+
+// globalEndpoints are /rest/api/{version}/{name}/... endpoints that reveal
+// no repository: instance properties and the user directory.
+var globalEndpoints = map[string]bool{
+	"application-properties": true,
+	"users":                  true,
+	"groups":                 true,
+	"admin":                  true, // reads only: writes are never allowed
 }

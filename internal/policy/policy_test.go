@@ -176,3 +176,31 @@ func TestRepositoryScope(t *testing.T) {
 		t.Error("scope entry without / accepted")
 	}
 }
+
+func TestScopeCoversEveryRepositoryPath(t *testing.T) {
+	as, err := New(Options{Profile: "bitbucket-dc-appsec", Repositories: []string{"PROJ/*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		method, path string
+		allow        bool
+	}{
+		{"GET", "/rest/git-lfs/storage/PROJ/app/" + strings.Repeat("a", 64), true},
+		{"GET", "/rest/git-lfs/storage/SECRET/vault/" + strings.Repeat("a", 64), false},
+		{"POST", "/rest/build-status/1.0/commits/" + sha1, false},
+		{"POST", "/rest/api/1.0/projects/PROJ/repos/app/commits/" + sha1 + "/builds", true},
+		{"POST", "/rest/branch-utils/1.0/projects/SECRET/repos/vault/branches", false},
+		{"PUT", "/rest/insights/1.0/projects/SECRET/repos/vault/commits/" + sha1 + "/reports/k", false},
+		{"GET", "/rest/api/1.0/application-properties", true},
+	}
+	for _, c := range cases {
+		if d := as.Decide(c.method, c.path, ""); d.Allow != c.allow {
+			t.Errorf("%s %s: allow=%v (%s), want %v", c.method, c.path, d.Allow, d.Reason, c.allow)
+		}
+	}
+	ar, _ := New(Options{Profile: "bitbucket-dc-access-review", Repositories: []string{"PROJ/*"}})
+	if d := ar.Decide("GET", "/rest/api/1.0/admin/users", ""); !d.Allow {
+		t.Errorf("directory reads under a scope: %s", d.Reason)
+	}
+}
