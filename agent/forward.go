@@ -27,6 +27,7 @@ import (
 type upstream struct {
 	cfg       *config.Upstream
 	base      *url.URL
+	bases     []*url.URL // base and aliases: URLs that mean this upstream
 	proxy     *httputil.ReverseProxy
 	transport *http.Transport
 	log       *slog.Logger
@@ -34,8 +35,9 @@ type upstream struct {
 
 // forward is what ServeHTTP decided, carried to the proxy's Rewrite.
 type forward struct {
-	path string // canonical, checked path
-	auth string // Authorization header value for the upstream
+	path       string // canonical, checked path
+	auth       string // Authorization header value for the upstream
+	publicBase string // the scanner's URL of this upstream, for rewriting responses
 }
 
 type forwardKey struct{}
@@ -45,7 +47,14 @@ func newUpstream(cfg *config.Upstream, log *slog.Logger, pool *httpx.BufferPool)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", cfg.Name, err)
 	}
-	u := &upstream{cfg: cfg, base: base, log: log.With("upstream", cfg.Name)}
+	u := &upstream{cfg: cfg, base: base, bases: []*url.URL{base}, log: log.With("upstream", cfg.Name)}
+	for _, a := range cfg.Aliases {
+		au, err := url.Parse(a)
+		if err != nil {
+			return nil, fmt.Errorf("upstream %s alias: %w", cfg.Name, err)
+		}
+		u.bases = append(u.bases, au)
+	}
 	u.transport = &http.Transport{
 		Proxy:                  nil, // upstreams are internal; HTTPS_PROXY is for the relay only
 		DialContext:            (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
@@ -60,18 +69,13 @@ func newUpstream(cfg *config.Upstream, log *slog.Logger, pool *httpx.BufferPool)
 		DisableCompression:     true, // pass the scanner's Accept-Encoding through as is
 	}
 	u.proxy = &httputil.ReverseProxy{
-		Rewrite:       u.rewrite,
-		Transport:     u.transport,
-		FlushInterval: -1,
-		BufferPool:    pool,
-		ErrorHandler:  u.proxyError,
-		ModifyResponse: func(resp *http.Response) error {
-			// A session cookie for the service account is of no use to the
-			// scanner and must not leave the network.
-			resp.Header.Del("Set-Cookie")
-			return nil
-		},
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		Rewrite:        u.rewrite,
+		Transport:      u.transport,
+		FlushInterval:  -1,
+		BufferPool:     pool,
+		ErrorHandler:   u.proxyError,
+		ModifyResponse: u.modifyResponse,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
 	return u, nil
 }
@@ -139,6 +143,8 @@ func classify(err error) string {
 	var op *net.OpError
 	var dns *net.DNSError
 	switch {
+	case errors.Is(err, errOffHostRedirect):
+		return "it redirected to another host, which ferry does not follow"
 	case errors.As(err, &cv), errors.As(err, &ua), errors.As(err, &hn):
 		return "TLS certificate not trusted (check the upstream's ca_file)"
 	case errors.As(err, &dns):
@@ -230,7 +236,8 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	entry.Decision = "allow"
-	ctx := context.WithValue(r.Context(), forwardKey{}, &forward{path: d.Path, auth: auth})
+	fwd := &forward{path: d.Path, auth: auth, publicBase: parsePublicBase(r.Header.Get(PublicBaseHeader))}
+	ctx := context.WithValue(r.Context(), forwardKey{}, fwd)
 	if !hdr.Deadline.IsZero() {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithDeadline(ctx, hdr.Deadline)

@@ -40,10 +40,11 @@ var errTunnelOffline = errors.New("no agent connection")
 // route is what the scanner handler decided, carried to the dialer in the
 // request context.
 type route struct {
-	tunnel  *tunnel
-	conn    *agentConn
-	rawPath string // path below /t/{tunnel}/{upstream}, as received
-	header  proto.Header
+	tunnel     *tunnel
+	conn       *agentConn
+	rawPath    string // path below /t/{tunnel}/{upstream}, as received
+	header     proto.Header
+	publicBase string // the scanner's URL of the upstream, for the agent's rewrites
 }
 
 type routeKey struct{}
@@ -78,6 +79,7 @@ func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
 			pr.Out.Host = "agent.ferry"
 			stripScannerHeaders(pr.Out.Header)
 			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
+			pr.Out.Header.Set("X-Ferry-Public-Base", rt.publicBase)
 		},
 		Transport:     tr,
 		FlushInterval: -1,
@@ -221,7 +223,11 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("the agent of tunnel %q has no upstream %q", tunnelID, upstream))
 		return
 	}
-	rt := &route{tunnel: t, conn: c, rawPath: rest, header: proto.Header{
+	scheme := "http"
+	if req.TLS != nil {
+		scheme = "https"
+	}
+	rt := &route{tunnel: t, conn: c, rawPath: rest, publicBase: scheme + "://" + req.Host + "/t/" + tunnelID + "/" + upstream, header: proto.Header{
 		Kind: proto.KindHTTP, Upstream: upstream, RequestID: rid, Scanner: sc.name,
 		Deadline: time.Now().Add(maxRequestDuration),
 	}}

@@ -50,6 +50,13 @@ type Upstream struct {
 	// PushRefPrefix is where bitbucket-dc-appsec may write (pushes,
 	// branch creation, file edits).
 	PushRefPrefix string `yaml:"push_ref_prefix"`
+	// Aliases are other base URLs under which the upstream names itself
+	// (Bitbucket's configured base URL); Location headers and LFS hrefs
+	// on them are rewritten like those on URL.
+	Aliases []string `yaml:"aliases"`
+	// HideResponseHeaders are dropped from every response (headers that
+	// name internal hosts). Default: Via, X-Served-By, X-Backend-Server.
+	HideResponseHeaders []string `yaml:"hide_response_headers"`
 	// ResponseTimeout bounds the wait for the upstream's response headers.
 	ResponseTimeout time.Duration `yaml:"response_timeout"`
 
@@ -198,6 +205,19 @@ func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
 		u.URL = strings.TrimSuffix(u.URL, "/")
 	}
 	u.CA = loadCA(v, f+".ca_file", &u.CAFile)
+	for i, a := range u.Aliases {
+		if au := checkURL(v, fmt.Sprintf("%s.aliases[%d]", f, i), a, "https", "http"); au != nil && (au.RawQuery != "" || au.Fragment != "") {
+			v.failf(fmt.Sprintf("%s.aliases[%d]", f, i), "must not have a query or fragment")
+		}
+	}
+	if u.HideResponseHeaders == nil {
+		u.HideResponseHeaders = []string{"Via", "X-Served-By", "X-Backend-Server"}
+	}
+	for i, h := range u.HideResponseHeaders {
+		if h == "" || strings.ContainsAny(h, " :\t\r\n") {
+			v.failf(fmt.Sprintf("%s.hide_response_headers[%d]", f, i), "%q is not a header name", h)
+		}
+	}
 	switch {
 	case u.ResponseTimeout == 0:
 		u.ResponseTimeout = 2 * time.Minute

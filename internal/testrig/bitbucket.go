@@ -32,9 +32,27 @@ type Bitbucket struct {
 	Token   string // the PAT it accepts
 	User    string // the PAT's user, reported in X-AUSERNAME
 
+	// Redirects answers GET on a path with 302 to a Location (tests of
+	// what ferry does with redirects).
+	Redirects map[string]string
+
 	mu        sync.Mutex
 	seen      []SeenRequest
 	synthetic map[string]Synthetic // "PROJ/slug/path" -> generated file
+	lfs       map[string][]byte    // oid -> object
+}
+
+// AddLFSObject stores an LFS object and returns its oid (sha256).
+func (b *Bitbucket) AddLFSObject(content []byte) string {
+	sum := sha256.Sum256(content)
+	oid := hex.EncodeToString(sum[:])
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.lfs == nil {
+		b.lfs = map[string][]byte{}
+	}
+	b.lfs[oid] = content
+	return oid
 }
 
 // SeenRequest is what the upstream received, for tests to check what did
@@ -88,9 +106,17 @@ func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("X-AUSERNAME", b.User)
 	w.Header().Set("X-AREQUESTID", "@"+strconv.Itoa(rand.IntN(1<<30))+"x1")
+	if loc, ok := b.Redirects[r.URL.Path]; ok {
+		http.Redirect(w, r, loc, http.StatusFound)
+		return
+	}
 	switch {
 	case r.URL.Path == SinkPath:
 		serveSink(w, r)
+	case strings.HasSuffix(r.URL.Path, "/info/lfs/objects/batch") && strings.HasPrefix(r.URL.Path, "/scm/"):
+		b.serveLFSBatch(w, r)
+	case strings.HasPrefix(r.URL.Path, "/rest/git-lfs/storage/"):
+		b.serveLFSObject(w, r)
 	case strings.HasPrefix(r.URL.Path, "/scm/"):
 		b.serveGit(w, r)
 	case strings.HasPrefix(r.URL.Path, "/rest/api/1.0/") || strings.HasPrefix(r.URL.Path, "/rest/api/latest/"):
@@ -150,6 +176,57 @@ func (b *Bitbucket) serveGit(w http.ResponseWriter, r *http.Request) {
 		r2.URL.Path = "/scm/" + strings.ToLower(parts[0]) + "/" + parts[1]
 	}
 	h.ServeHTTP(w, r2)
+}
+
+// serveLFSBatch answers the Git LFS batch API as Bitbucket does: actions
+// with absolute hrefs on its own base URL. Like some servers, it puts an
+// Authorization header into each action, which ferry must not pass on.
+func (b *Bitbucket) serveLFSBatch(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Operation string `json:"operation"`
+		Objects   []struct {
+			OID  string `json:"oid"`
+			Size int64  `json:"size"`
+		} `json:"objects"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+		bbError(w, http.StatusBadRequest, err.Error(), "")
+		return
+	}
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/scm/"), "/")
+	project, slug := strings.ToUpper(parts[0]), strings.TrimSuffix(parts[1], ".git")
+	var objs []any
+	for _, o := range req.Objects {
+		b.mu.Lock()
+		content, ok := b.lfs[o.OID]
+		b.mu.Unlock()
+		if !ok {
+			objs = append(objs, map[string]any{"oid": o.OID, "size": o.Size, "error": map[string]any{"code": 404, "message": "Object does not exist"}})
+			continue
+		}
+		objs = append(objs, map[string]any{"oid": o.OID, "size": len(content), "authenticated": true, "actions": map[string]any{
+			"download": map[string]any{
+				"href":       baseURL(r) + "/rest/git-lfs/storage/" + project + "/" + slug + "/" + o.OID,
+				"header":     map[string]string{"Authorization": r.Header.Get("Authorization")},
+				"expires_in": 3600,
+			},
+		}})
+	}
+	w.Header().Set("Content-Type", "application/vnd.git-lfs+json")
+	json.NewEncoder(w).Encode(map[string]any{"transfer": "basic", "objects": objs})
+}
+
+func (b *Bitbucket) serveLFSObject(w http.ResponseWriter, r *http.Request) {
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/rest/git-lfs/storage/"), "/")
+	b.mu.Lock()
+	content, ok := b.lfs[parts[len(parts)-1]]
+	b.mu.Unlock()
+	if len(parts) != 3 || !ok {
+		bbError(w, http.StatusNotFound, "Object does not exist", "")
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Write(content)
 }
 
 func (b *Bitbucket) serveREST(w http.ResponseWriter, r *http.Request) {

@@ -1,0 +1,74 @@
+package e2e
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+func TestResponsesNeverPointInside(t *testing.T) {
+	e := newEnv(t)
+	repoPath := "/rest/api/1.0/projects/PROJ/repos/app"
+	e.bb.Redirects = map[string]string{
+		repoPath + "/browse/moved": e.bbURL + repoPath + "/browse/README.md?at=main",
+		repoPath + "/browse/sso":   "https://idp.corp.internal/login?service=bitbucket",
+	}
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	defer client.CloseIdleConnections()
+	get := func(path string) *http.Response {
+		req, _ := http.NewRequest("GET", e.scannerBase+path, nil)
+		req.Header.Set("Authorization", "Bearer "+scannerToken)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
+	}
+	resp := get(repoPath + "/browse/moved")
+	want := e.scannerBase + repoPath + "/browse/README.md?at=main"
+	if resp.StatusCode != 302 || resp.Header.Get("Location") != want {
+		t.Fatalf("redirect on the upstream: %d Location %q, want %q", resp.StatusCode, resp.Header.Get("Location"), want)
+	}
+	if resp := get(repoPath + "/browse/sso"); resp.StatusCode != 502 || resp.Header.Get("Location") != "" {
+		t.Fatalf("redirect to another host: %d %q", resp.StatusCode, resp.Header.Get("Location"))
+	}
+
+	// Git LFS: the batch answer points into the tunnel and carries no
+	// credential; the object comes through the tunnel.
+	content := []byte("large binary asset\n")
+	oid := e.bb.AddLFSObject(content)
+	status, hdr, body := e.do("POST", e.scannerBase+"/scm/proj/app.git/info/lfs/objects/batch", scannerToken,
+		strings.NewReader(`{"operation":"download","transfers":["basic"],"objects":[{"oid":"`+oid+`","size":19}]}`),
+		map[string]string{"Accept": "application/vnd.git-lfs+json", "Content-Type": "application/vnd.git-lfs+json"})
+	if status != 200 {
+		t.Fatalf("batch: %d %s", status, body)
+	}
+	if strings.Contains(body, bitbucketPAT) || strings.Contains(body, e.bbURL) || strings.Contains(body, `"header"`) {
+		t.Fatalf("batch answer leaks the upstream: %s", body)
+	}
+	var batch struct {
+		Objects []struct {
+			Actions map[string]struct {
+				Href string `json:"href"`
+			} `json:"actions"`
+		} `json:"objects"`
+	}
+	if err := json.Unmarshal([]byte(body), &batch); err != nil || len(batch.Objects) != 1 {
+		t.Fatalf("batch: %v %s", err, body)
+	}
+	href := batch.Objects[0].Actions["download"].Href
+	if !strings.HasPrefix(href, e.scannerBase+"/rest/git-lfs/storage/PROJ/app/") || hdr.Get("Content-Length") != "" && hdr.Get("Content-Length") != itoa(len(body)) {
+		t.Fatalf("download href %q", href)
+	}
+	status, _, obj := e.do("GET", href, scannerToken, nil, nil)
+	if status != 200 || obj != string(content) {
+		t.Fatalf("object through the tunnel: %d %q", status, obj)
+	}
+}
+
+func itoa(n int) string {
+	b, _ := json.Marshal(n)
+	return string(b)
+}
