@@ -38,6 +38,7 @@ deps:
 	@missing=""; \
 	command -v git >/dev/null || missing="$$missing git"; \
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	command -v git-lfs >/dev/null || missing="$$missing git-lfs"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -60,4 +61,31 @@ func TestAppsecPushOnlyToFixPrefix(t *testing.T) {
 	}
 	// Deleting a fix branch is inside the prefix, so allowed.
 	gitCmd(t, dst, scannerToken, "push", "-q", "origin", ":ferry-fix/cve-1")
+}
+
+func TestAccessReviewReadsPermissionsOnly(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	cfg := strings.Replace(w.agentYAML(r.AgentAddr(), ""), "profile: bitbucket-dc-read", "profile: bitbucket-dc-access-review", 1)
+	a, arun := w.startAgentYAML(cfg)
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() > 0 })
+	e := &env{world: w, client: &http.Client{}}
+	defer e.client.CloseIdleConnections()
+	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket"
+	for _, p := range []string{"/rest/api/1.0/admin/users", "/rest/api/1.0/admin/groups", "/rest/api/1.0/projects/PROJ/permissions/users",
+		"/rest/api/latest/projects/PROJ/repos/app/permissions/users", "/rest/api/1.0/projects"} {
+		status, _, body := e.do("GET", base+p, scannerToken, nil, nil)
+		if status != 200 || !strings.Contains(body, `"values"`) {
+			t.Errorf("GET %s: %d %s", p, status, body)
+		}
+	}
+	if _, err := gitTry("", scannerToken, "clone", "-q", base+"/scm/proj/app.git", filepath.Join(t.TempDir(), "x")); err == nil {
+		t.Error("access-review profile allowed a clone")
+	}
+	status, _, _ := e.do("GET", base+"/rest/api/1.0/projects/PROJ/repos/app/raw/README.md", scannerToken, nil, nil)
+	if status != 403 {
+		t.Errorf("access-review profile read file content: %d", status)
+	}
 }

@@ -1,10 +1,17 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
 
 func TestResponsesNeverPointInside(t *testing.T) {
@@ -71,4 +78,39 @@ func TestResponsesNeverPointInside(t *testing.T) {
 func itoa(n int) string {
 	b, _ := json.Marshal(n)
 	return string(b)
+}
+
+func TestRealGitLFSCloneThroughTunnel(t *testing.T) {
+	if _, err := exec.LookPath("git-lfs"); err != nil {
+		t.Fatal("git-lfs not installed: run make deps")
+	}
+	e := newEnv(t)
+	content := bytes.Repeat([]byte("ferry lfs object\n"), 4096)
+	oid := e.bb.AddLFSObject(content)
+	// A repository whose asset.bin is an LFS pointer, as git-lfs commits it.
+	work := t.TempDir()
+	for _, args := range [][]string{{"init", "-q", "-b", "main"}} {
+		if _, err := testrig.Git(work, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(work, ".gitattributes"), []byte("*.bin filter=lfs diff=lfs merge=lfs -text\n"), 0o644)
+	os.WriteFile(filepath.Join(work, "asset.bin"), []byte(fmt.Sprintf("version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize %d\n", oid, len(content))), 0o644)
+	for _, args := range [][]string{{"add", "-A"}, {"commit", "-q", "-m", "add asset"}, {"clone", "-q", "--bare", ".", filepath.Join(e.dir, "git", "proj", "assets.git")}} {
+		if _, err := testrig.Git(work, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dst := filepath.Join(t.TempDir(), "assets")
+	_, err := testrig.Git("", "-c", "http.extraHeader=Authorization: Bearer "+scannerToken,
+		"-c", "filter.lfs.process=git-lfs filter-process", "-c", "filter.lfs.smudge=git-lfs smudge -- %f",
+		"-c", "filter.lfs.clean=git-lfs clean -- %f", "-c", "filter.lfs.required=true",
+		"clone", "-q", e.scannerBase+"/scm/proj/assets.git", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(dst, "asset.bin"))
+	if err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("asset.bin is %d bytes (%v), want the %d-byte LFS object", len(got), err, len(content))
+	}
 }

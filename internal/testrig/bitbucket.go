@@ -247,6 +247,10 @@ func (b *Bitbucket) serveREST(w http.ResponseWriter, r *http.Request) {
 		writePage(w, r, vals)
 	case len(seg) >= 2 && seg[0] == "projects":
 		b.serveProject(w, r, strings.ToUpper(seg[1]), seg[2:])
+	case len(seg) == 1 && seg[0] == "users", len(seg) == 2 && seg[0] == "admin" && seg[1] == "users":
+		writePage(w, r, users())
+	case len(seg) == 2 && seg[0] == "admin" && seg[1] == "groups":
+		writePage(w, r, []any{map[string]any{"name": "stash-users", "deletable": true}, map[string]any{"name": "security", "deletable": true}})
 	default:
 		bbError(w, http.StatusNotFound, "No resource at "+r.URL.Path, "")
 	}
@@ -259,6 +263,10 @@ func (b *Bitbucket) serveProject(w http.ResponseWriter, r *http.Request, key str
 	}
 	if len(seg) == 0 {
 		writeJSON(w, b.projectJSON(r, key))
+		return
+	}
+	if len(seg) == 2 && seg[0] == "permissions" && seg[1] == "users" {
+		writePage(w, r, permissions("PROJECT_READ"))
 		return
 	}
 	if seg[0] != "repos" {
@@ -282,6 +290,8 @@ func (b *Bitbucket) serveProject(w http.ResponseWriter, r *http.Request, key str
 	switch {
 	case len(seg) == 2:
 		writeJSON(w, b.repoJSON(r, key, slug))
+	case len(seg) == 4 && seg[2] == "permissions" && seg[3] == "users":
+		writePage(w, r, permissions("REPO_WRITE"))
 	case seg[2] == "branches":
 		b.serveBranches(w, r, bare)
 	case seg[2] == "raw" && len(seg) > 3:
@@ -351,6 +361,26 @@ func (b *Bitbucket) serveRaw(w http.ResponseWriter, r *http.Request, key, slug, 
 	w.Write(first[:])
 	io.Copy(w, out)
 	cmd.Wait()
+}
+
+// users is the stand-in's user directory, in Bitbucket's ApplicationUser shape.
+func users() []any {
+	var out []any
+	for i, n := range []string{"alice", "bob", "svc-ferry"} {
+		out = append(out, map[string]any{
+			"name": n, "emailAddress": n + "@corp.example", "id": 100 + i, "displayName": strings.ToUpper(n[:1]) + n[1:],
+			"active": true, "slug": n, "type": "NORMAL",
+		})
+	}
+	return out
+}
+
+func permissions(perm string) []any {
+	var out []any
+	for _, u := range users() {
+		out = append(out, map[string]any{"user": u, "permission": perm})
+	}
+	return out
 }
 
 func (b *Bitbucket) projects() []string {
