@@ -1,0 +1,179 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/hashicorp/yamux"
+	"go.uber.org/goleak"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/logging"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeRelay speaks just enough of the protocol to get an agent connected,
+// then hands the session to the test, which plays a relay that lies.
+type fakeRelay struct {
+	sessions chan *yamux.Session
+	srv      *http.Server
+	addr     string
+}
+
+func startFakeRelay(t *testing.T) *fakeRelay {
+	f := &fakeRelay{sessions: make(chan *yamux.Session, 4)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.addr = ln.Addr().String()
+	f.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
+		if err != nil {
+			return
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		sess, _ := yamux.Server(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(logging.Discard()))
+		defer sess.Close()
+		ctrl, err := sess.AcceptStream()
+		if err != nil {
+			return
+		}
+		if _, err := proto.ReadHeader(ctrl); err != nil {
+			return
+		}
+		if _, err := proto.ReadMessage(ctrl); err != nil {
+			return
+		}
+		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: "liar", Tunnel: "t", ConnectionID: "c1"})
+		f.sessions <- sess
+		<-sess.CloseChan()
+	})}
+	go f.srv.Serve(ln)
+	return f
+}
+
+// exchange opens a stream, writes raw, and returns the HTTP response (or
+// nil if the agent closed the stream without one).
+func exchange(t *testing.T, sess *yamux.Session, raw []byte) *http.Response {
+	t.Helper()
+	s, err := sess.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetDeadline(time.Now().Add(15 * time.Second))
+	s.Write(raw)
+	resp, err := http.ReadResponse(bufio.NewReader(s), nil)
+	if err != nil {
+		s.Close()
+		return nil
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body = io.NopCloser(strings.NewReader(string(body)))
+	s.Close()
+	return resp
+}
+
+func httpStream(t *testing.T, upstream, request string) []byte {
+	t.Helper()
+	h, err := proto.Header{Kind: proto.KindHTTP, Upstream: upstream, RequestID: "liar00000001", Scanner: "s"}.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(h, request...)
+}
+
+func TestAgentDistrustsTheRelay(t *testing.T) {
+	dir := t.TempDir()
+	pki, err := testrig.NewPKI(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testrig.MakeRepo(filepath.Join(dir, "git"), "PROJ", "app", 2); err != nil {
+		t.Fatal(err)
+	}
+	bb := &testrig.Bitbucket{GitRoot: filepath.Join(dir, "git"), Token: "pat", User: "svc"}
+	bbLn, _ := net.Listen("tcp", "127.0.0.1:0")
+	bbSrv := &http.Server{Handler: bb, TLSConfig: pki.ServerTLS()}
+	go bbSrv.ServeTLS(bbLn, "", "")
+	defer bbSrv.Close()
+
+	relay := startFakeRelay(t)
+	defer relay.srv.Close()
+	os.WriteFile(filepath.Join(dir, "tok"), []byte("t"), 0o600)
+	os.WriteFile(filepath.Join(dir, "pat"), []byte("pat"), 0o600)
+	cfg, err := config.ParseAgent("agent.yaml", []byte(fmt.Sprintf(`relay: {url: "ws://%s/v1/connect", token_file: %s, connections: 1}
+upstreams:
+  - {name: bitbucket, url: "https://%s", ca_file: %s, auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
+diagnostics: {listen: "127.0.0.1:0"}
+`, relay.addr, filepath.Join(dir, "tok"), bbLn.Addr(), pki.CAFile, filepath.Join(dir, "pat"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(cfg, logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	sess := <-relay.sessions
+
+	lies := []struct {
+		name   string
+		raw    []byte
+		status int // 0: the agent must close the stream without answering
+	}{
+		{"garbage instead of a header", []byte("GET / HTTP/1.1\r\n\r\n"), 0},
+		{"header of an unknown kind", append([]byte{'F', 'Y', 1, 99, 0, 0}, "GET / HTTP/1.1\r\n\r\n"...), 0},
+		{"oversized header", []byte{'F', 'Y', 1, 2, 0xff, 0xff}, 0},
+		{"absolute-form target to another host", httpStream(t, "bitbucket", "GET http://evil.example/rest/api/1.0/projects HTTP/1.1\r\nHost: evil.example\r\n\r\n"), 400},
+		{"unknown upstream", httpStream(t, "internal-admin", "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\n\r\n"), 404},
+		{"traversal", httpStream(t, "bitbucket", "GET /rest/api/1.0/projects/P/repos/r/raw/%2e%2e/%2e%2e/x HTTP/1.1\r\nHost: x\r\n\r\n"), 400},
+		{"not HTTP after the header", httpStream(t, "bitbucket", "\x00\x01\x02 garbage\r\n\r\n"), 400},
+		{"a push on a read profile", httpStream(t, "bitbucket", "POST /scm/proj/app.git/git-receive-pack HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n0000"), 403},
+		{"credential smuggled in a header", httpStream(t, "bitbucket", "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer stolen\r\nX-Http-Method-Override: DELETE\r\n\r\n"), 400},
+	}
+	before := len(bb.Seen())
+	for _, l := range lies {
+		resp := exchange(t, sess, l.raw)
+		switch {
+		case l.status == 0 && resp != nil:
+			t.Errorf("%s: agent answered %d", l.name, resp.StatusCode)
+		case l.status != 0 && (resp == nil || resp.StatusCode != l.status):
+			t.Errorf("%s: got %v, want %d", l.name, resp, l.status)
+		}
+	}
+	if n := len(bb.Seen()) - before; n != 0 {
+		t.Fatalf("Bitbucket received %d requests from a lying relay", n)
+	}
+	// Through all that the connection stayed up, and honest requests work.
+	resp := exchange(t, sess, httpStream(t, "bitbucket", "GET /rest/api/1.0/projects/PROJ/repos/app HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+	if resp == nil || resp.StatusCode != 200 {
+		t.Fatalf("honest request after the lies: %v", resp)
+	}
+	if got := bb.Seen()[len(bb.Seen())-1].Header.Get("Authorization"); got != "Bearer pat" {
+		t.Fatalf("upstream saw Authorization %q", got)
+	}
+	if a.Connected() != 1 {
+		t.Fatal("the agent dropped the connection")
+	}
+}
