@@ -17,6 +17,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/audit"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/version"
 	"github.com/ferry-tunnel/ferry/proto"
 )
@@ -37,13 +38,14 @@ type Agent struct {
 	audit         *audit.Log
 	conns         []*connState
 	stats         stats
+	metrics       *metrics.Agent
 	diagLn        net.Listener
 	started       time.Time
 }
 
 // New builds an agent from a validated config.
 func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
-	a := &Agent{cfg: cfg, log: log, upstreams: map[string]*upstream{}, streams: newStreamListener(), started: time.Now()}
+	a := &Agent{cfg: cfg, log: log, upstreams: map[string]*upstream{}, streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent()}
 	pool := httpx.NewBufferPool()
 	for i := range cfg.Upstreams {
 		u, err := newUpstream(&cfg.Upstreams[i], log, pool)
@@ -178,6 +180,7 @@ func (a *Agent) diagHandler() http.Handler {
 		}
 		w.Write([]byte("ready\n"))
 	})
+	mux.Handle("GET /metrics", metrics.Handler(a.metrics.Registry))
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
@@ -296,3 +299,6 @@ func (s *stats) snapshot() RequestStats {
 	defer s.mu.Unlock()
 	return s.s
 }
+
+// Metrics exposes the agent's metrics (tests, embedding).
+func (a *Agent) Metrics() *metrics.Agent { return a.metrics }

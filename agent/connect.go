@@ -76,6 +76,7 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 		}
 		delay := b.next()
 		st.failed(err)
+		a.metrics.Reconnects.Inc()
 		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
 		t := time.NewTimer(delay)
 		select {
@@ -106,6 +107,8 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	}
 	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
 	st.connected(welcome)
+	a.metrics.RelayConnections.Inc()
+	defer a.metrics.RelayConnections.Dec()
 	log.Info("connected to relay", "relay", a.cfg.Relay.URL, "tunnel", welcome.Tunnel)
 
 	var wg sync.WaitGroup

@@ -20,6 +20,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/policy"
 )
 
@@ -166,11 +167,16 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set(httperr.RequestIDHeader, rid)
 	rec := &httpx.Recorder{ResponseWriter: w}
+	in := &httpx.CountingBody{ReadCloser: r.Body}
+	r.Body = in
+	a.metrics.StreamsInFlight.Inc()
+	defer a.metrics.StreamsInFlight.Dec()
 	entry := audit.Entry{RequestID: rid, Scanner: hdr.Scanner, Upstream: hdr.Upstream, Method: r.Method, Decision: "deny"}
 	defer func() {
+		took := time.Since(start)
 		entry.Time, entry.Status, entry.Bytes = start.UTC(), rec.StatusCode(), rec.Bytes
-		entry.DurationMS = time.Since(start).Milliseconds()
-		a.record(entry)
+		entry.DurationMS = took.Milliseconds()
+		a.record(entry, took, in.N)
 	}()
 
 	rawPath, rawQuery, _ := strings.Cut(r.RequestURI, "?")
@@ -263,7 +269,19 @@ func writeRefusal(w http.ResponseWriter, r *http.Request, status int, reason str
 	httperr.Respond(w, r, status, code, reason)
 }
 
-func (a *Agent) record(e audit.Entry) {
+func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
+	up := "-" // the relay names the upstream: only configured names become labels
+	if a.upstreams[e.Upstream] != nil {
+		up = e.Upstream
+	}
+	m := a.metrics
+	m.Requests.WithLabelValues(up, metrics.MethodClass(e.Method), metrics.Code(e.Status), e.Decision).Inc()
+	m.RequestDuration.WithLabelValues(up, e.Decision).Observe(took.Seconds())
+	m.Bytes.WithLabelValues(up, "to_upstream").Add(float64(bytesIn))
+	m.Bytes.WithLabelValues(up, "to_relay").Add(float64(e.Bytes))
+	if e.Decision == "deny" {
+		m.PolicyDenials.WithLabelValues(up, e.Rule).Inc()
+	}
 	a.log.Info("request", "request_id", e.RequestID, "scanner", e.Scanner, "upstream", e.Upstream, "method", e.Method,
 		"path", e.Path, "decision", e.Decision, "rule", e.Rule, "status", e.Status, "bytes", e.Bytes, "duration_ms", e.DurationMS)
 	if err := a.audit.Record(e); err != nil {

@@ -40,6 +40,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 
 	src := sourceOf(req.RemoteAddr)
 	if lim, retry := r.limiter.limited(src); lim {
+		r.metrics.RateLimited.WithLabelValues("agent").Inc()
 		log.Warn("agent refused: too many failed authentications from this address")
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Seconds())+1))
 		httperr.Write(w, http.StatusTooManyRequests, httperr.TooManyRequests, "too many failed authentications from this address; retry later")
@@ -48,6 +49,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	tok, ok := bearerToken(req)
 	if !ok {
 		r.limiter.failed(src)
+		r.metrics.AuthFailures.WithLabelValues("agent").Inc()
 		log.Warn("agent refused: no bearer token")
 		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token missing: send Authorization: Bearer <token>")
 		return
@@ -55,6 +57,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	t := r.tunnelForAgent(token.Of(tok))
 	if t == nil {
 		r.limiter.failed(src)
+		r.metrics.AuthFailures.WithLabelValues("agent").Inc()
 		log.Warn("agent refused: token matches no tunnel")
 		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token not accepted by any tunnel on this relay")
 		return
@@ -91,9 +94,14 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 
 	ac, err := r.handshake(ctx, t, sess, remote)
 	if err != nil {
+		r.metrics.AgentConnects.WithLabelValues(t.id, "handshake_failed").Inc()
 		log.Warn("agent handshake failed", "err", err)
 		return err
 	}
+	r.metrics.AgentConnects.WithLabelValues(t.id, "accepted").Inc()
+	conns := r.metrics.AgentConnections.WithLabelValues(t.id)
+	conns.Inc()
+	defer conns.Dec()
 	log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
 	t.add(ac)
 	defer t.remove(ac)

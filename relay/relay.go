@@ -20,6 +20,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/internal/version"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -45,6 +46,7 @@ type Relay struct {
 	proxy     *httputil.ReverseProxy
 	transport *http.Transport
 	limiter   *authLimiter
+	metrics   *metrics.Relay
 
 	agentLn, scannerLn, adminLn net.Listener
 
@@ -58,10 +60,12 @@ type Relay struct {
 // New builds a relay from a validated config.
 func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	host, _ := os.Hostname()
-	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}, limiter: newAuthLimiter()}
+	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}, limiter: newAuthLimiter(), metrics: metrics.NewRelay()}
 	for _, tc := range cfg.Tunnels {
 		t := &tunnel{id: tc.ID}
 		r.tunnels[tc.ID] = t
+		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
+		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 		for _, h := range tc.AgentHashes {
 			r.agentHashes = append(r.agentHashes, h)
 			r.agentTunnel = append(r.agentTunnel, t)
@@ -249,6 +253,7 @@ func (r *Relay) adminHandler() http.Handler {
 		}
 		w.Write([]byte("ready\n"))
 	})
+	mux.Handle("GET /metrics", metrics.Handler(r.metrics.Registry))
 	mux.HandleFunc("GET /v1/tunnels", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
@@ -299,3 +304,6 @@ func (r *Relay) tunnelStatus() []TunnelStatus {
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
+
+// Metrics exposes the relay's metrics (tests, embedding).
+func (r *Relay) Metrics() *metrics.Relay { return r.metrics }

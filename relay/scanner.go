@@ -18,6 +18,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/policy"
 	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -138,7 +139,9 @@ func (r *Relay) startStream(c *agentConn, s *yamux.Stream, h proto.Header) (net.
 	s.SetWriteDeadline(time.Time{})
 	c.inflight.Add(1)
 	c.served.Add(1)
-	return &trackedStream{Stream: s, done: func() { c.inflight.Add(-1) }}, nil
+	g := r.metrics.StreamsInFlight.WithLabelValues(c.tunnel.id)
+	g.Inc()
+	return &trackedStream{Stream: s, done: func() { c.inflight.Add(-1); g.Dec() }}, nil
 }
 
 // trackedStream counts a stream as in flight until it is closed.
@@ -160,11 +163,22 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 	w.Header().Set(httperr.RequestIDHeader, rid)
 	rec := &httpx.Recorder{ResponseWriter: w}
 	w = rec
+	in := &httpx.CountingBody{ReadCloser: req.Body}
+	req.Body = in
 	var tunnelID, upstream, scanner string
+	// Metric labels take only configured tunnels and upstreams the agent
+	// announced: path segments are the scanner's to choose.
+	mTunnel, mUpstream := "-", "-"
 	defer func() {
+		status, took := rec.StatusCode(), time.Since(start)
 		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
-			"method", req.Method, "path", pathOnly(req.RequestURI), "status", rec.StatusCode(), "bytes", rec.Bytes,
-			"duration_ms", time.Since(start).Milliseconds())
+			"method", req.Method, "path", pathOnly(req.RequestURI), "status", status, "bytes", rec.Bytes,
+			"duration_ms", took.Milliseconds())
+		m := r.metrics
+		m.Requests.WithLabelValues(mTunnel, mUpstream, metrics.MethodClass(req.Method), metrics.Code(status)).Inc()
+		m.RequestDuration.WithLabelValues(mTunnel).Observe(took.Seconds())
+		m.Bytes.WithLabelValues(mTunnel, "to_agent").Add(float64(in.N))
+		m.Bytes.WithLabelValues(mTunnel, "to_scanner").Add(float64(rec.Bytes))
 	}()
 
 	if len(req.RequestURI) > maxRequestURI {
@@ -182,6 +196,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 	}
 	src := sourceOf(req.RemoteAddr)
 	if lim, retry := r.limiter.limited(src); lim {
+		r.metrics.RateLimited.WithLabelValues("scanner").Inc()
 		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Seconds())+1))
 		httperr.Respond(w, req, http.StatusTooManyRequests, httperr.TooManyRequests, "too many failed authentications from this address; retry later")
 		return
@@ -189,6 +204,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 	sc := r.authScanner(req)
 	if sc == nil {
 		r.limiter.failed(src)
+		r.metrics.AuthFailures.WithLabelValues("scanner").Inc()
 		// Basic too, so that git sends a token given in the URL
 		// (https://x-token:TOKEN@relay/...) after this challenge.
 		w.Header().Add("WWW-Authenticate", `Bearer realm="ferry"`)
@@ -198,6 +214,9 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 	}
 	scanner = sc.name
 	t := r.tunnels[tunnelID]
+	if t != nil {
+		mTunnel = tunnelID
+	}
 	if t == nil {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.UnknownTunnel, fmt.Sprintf("no tunnel %q on this relay", tunnelID))
 		return
@@ -223,6 +242,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("the agent of tunnel %q has no upstream %q", tunnelID, upstream))
 		return
 	}
+	mUpstream = upstream
 	scheme := "http"
 	if req.TLS != nil {
 		scheme = "https"

@@ -4,6 +4,7 @@ package httpx
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -82,4 +83,16 @@ func IsTimeout(err error) bool {
 		return true
 	}
 	return errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "timeout awaiting response headers")
+}
+
+// CountingBody counts the bytes read through it.
+type CountingBody struct {
+	io.ReadCloser
+	N int64
+}
+
+func (c *CountingBody) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	c.N += int64(n)
+	return n, err
 }

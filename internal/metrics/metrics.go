@@ -1,0 +1,146 @@
+// Package metrics defines ferry's Prometheus metrics. Each daemon has its
+// own registry (no global state), served on its admin listener only.
+// Label values are bounded: tunnel ids and upstream names come from
+// config, rule families from the policy, status codes from HTTP.
+package metrics
+
+import (
+	"net/http"
+	"runtime"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/ferry-tunnel/ferry/internal/version"
+)
+
+// latencyBuckets span a small REST call to a long clone.
+var latencyBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
+
+func newRegistry(side string) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	promauto.With(reg).NewGaugeVec(prometheus.GaugeOpts{
+		Name: "ferry_" + side + "_build_info",
+		Help: "Build information; always 1.",
+	}, []string{"version", "revision", "goversion"}).WithLabelValues(version.Version, version.Commit(), runtime.Version()).Set(1)
+	return reg
+}
+
+// Handler serves a registry in the Prometheus exposition format.
+func Handler(reg *prometheus.Registry) http.Handler {
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
+}
+
+// MethodClass groups HTTP methods so label values stay few.
+func MethodClass(m string) string {
+	switch m {
+	case http.MethodGet, http.MethodHead:
+		return "read"
+	case http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete:
+		return "write"
+	}
+	return "other"
+}
+
+// Code is an HTTP status as a label value.
+func Code(status int) string { return strconv.Itoa(status) }
+
+// Relay holds ferry-relay's metrics.
+type Relay struct {
+	Registry         *prometheus.Registry
+	AgentConnections *prometheus.GaugeVec   // tunnel
+	AgentConnects    *prometheus.CounterVec // tunnel, result
+	AuthFailures     *prometheus.CounterVec // endpoint
+	RateLimited      *prometheus.CounterVec // endpoint
+	StreamsInFlight  *prometheus.GaugeVec   // tunnel
+	Requests         *prometheus.CounterVec // tunnel, upstream, method_class, code
+	RequestDuration  *prometheus.HistogramVec
+	Bytes            *prometheus.CounterVec // tunnel, direction
+}
+
+// NewRelay registers the relay's metrics on a new registry.
+func NewRelay() *Relay {
+	reg := newRegistry("relay")
+	f := promauto.With(reg)
+	return &Relay{
+		Registry: reg,
+		AgentConnections: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_relay_agent_connections", Help: "Agent connections registered now, by tunnel.",
+		}, []string{"tunnel"}),
+		AgentConnects: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_agent_connects_total", Help: "Agent connection attempts by tunnel and result (accepted, handshake_failed).",
+		}, []string{"tunnel", "result"}),
+		AuthFailures: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_auth_failures_total", Help: "Failed authentications by endpoint (agent, scanner).",
+		}, []string{"endpoint"}),
+		RateLimited: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_rate_limited_total", Help: "Requests refused with 429 after repeated failed authentication, by endpoint.",
+		}, []string{"endpoint"}),
+		StreamsInFlight: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_relay_streams_in_flight", Help: "Scanner requests being carried through the tunnel now, by tunnel.",
+		}, []string{"tunnel"}),
+		Requests: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_requests_total", Help: "Scanner requests by tunnel, upstream, method class and status code.",
+		}, []string{"tunnel", "upstream", "method_class", "code"}),
+		RequestDuration: f.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ferry_relay_request_duration_seconds", Help: "Scanner request duration, first byte in to last byte out.", Buckets: latencyBuckets,
+		}, []string{"tunnel"}),
+		Bytes: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_bytes_total", Help: "Body bytes carried, by tunnel and direction (to_agent, to_scanner).",
+		}, []string{"tunnel", "direction"}),
+	}
+}
+
+// Agent holds ferry-agent's metrics.
+type Agent struct {
+	Registry         *prometheus.Registry
+	RelayConnections prometheus.Gauge
+	Reconnects       prometheus.Counter
+	StreamsInFlight  prometheus.Gauge
+	Requests         *prometheus.CounterVec // upstream, method_class, code, decision
+	PolicyDenials    *prometheus.CounterVec // upstream, rule
+	RequestDuration  *prometheus.HistogramVec
+	Bytes            *prometheus.CounterVec // upstream, direction
+	CredentialExpiry *prometheus.GaugeVec   // upstream
+	CredentialValid  *prometheus.GaugeVec   // upstream
+}
+
+// NewAgent registers the agent's metrics on a new registry.
+func NewAgent() *Agent {
+	reg := newRegistry("agent")
+	f := promauto.With(reg)
+	return &Agent{
+		Registry: reg,
+		RelayConnections: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_agent_relay_connections", Help: "Relay connections up now.",
+		}),
+		Reconnects: f.NewCounter(prometheus.CounterOpts{
+			Name: "ferry_agent_reconnects_total", Help: "Relay connections lost or refused and retried.",
+		}),
+		StreamsInFlight: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_agent_streams_in_flight", Help: "Requests from the tunnel being served now.",
+		}),
+		Requests: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_agent_requests_total", Help: "Requests from the tunnel by upstream, method class, status code and policy decision.",
+		}, []string{"upstream", "method_class", "code", "decision"}),
+		PolicyDenials: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_agent_policy_denials_total", Help: "Requests the policy refused, by upstream and rule family.",
+		}, []string{"upstream", "rule"}),
+		RequestDuration: f.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ferry_agent_request_duration_seconds", Help: "Request duration at the agent, including the upstream.", Buckets: latencyBuckets,
+		}, []string{"upstream", "decision"}),
+		Bytes: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_agent_bytes_total", Help: "Body bytes served, by upstream and direction (to_upstream, to_relay).",
+		}, []string{"upstream", "direction"}),
+		CredentialExpiry: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_agent_credential_expiry_timestamp_seconds", Help: "When the upstream credential expires (Unix time), where the upstream reports it.",
+		}, []string{"upstream"}),
+		CredentialValid: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_agent_credential_valid", Help: "1 if the upstream accepted the credential at the last check, else 0.",
+		}, []string{"upstream"}),
+	}
+}
