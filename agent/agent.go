@@ -39,13 +39,16 @@ type Agent struct {
 	conns         []*connState
 	stats         stats
 	metrics       *metrics.Agent
-	diagLn        net.Listener
-	started       time.Time
+
+	credMu  sync.Mutex
+	creds   map[string]CredentialReport // by upstream, from the last check
+	diagLn  net.Listener
+	started time.Time
 }
 
 // New builds an agent from a validated config.
 func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
-	a := &Agent{cfg: cfg, log: log, upstreams: map[string]*upstream{}, streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent()}
+	a := &Agent{cfg: cfg, log: log, upstreams: map[string]*upstream{}, streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}}
 	pool := httpx.NewBufferPool()
 	for i := range cfg.Upstreams {
 		u, err := newUpstream(&cfg.Upstreams[i], log, pool)
@@ -119,6 +122,11 @@ func (a *Agent) Serve(ctx context.Context) error {
 	connCtx, stopConns := context.WithCancel(context.Background())
 	defer stopConns()
 	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		a.watchCredentials(connCtx)
+	}()
 	for i := range a.conns {
 		wg.Add(1)
 		go func() {
@@ -192,15 +200,16 @@ func (a *Agent) diagHandler() http.Handler {
 
 // Status is the agent's /v1/status document.
 type Status struct {
-	AgentID     string       `json:"agent_id"`
-	Version     string       `json:"version"`
-	Relay       string       `json:"relay"`
-	Connected   int          `json:"connected"`
-	Connections []ConnStatus `json:"connections"`
-	Upstreams   []string     `json:"upstreams"`
-	StartedAt   time.Time    `json:"started_at"`
-	UptimeSec   int64        `json:"uptime_seconds"`
-	Requests    RequestStats `json:"requests"`
+	AgentID     string             `json:"agent_id"`
+	Version     string             `json:"version"`
+	Relay       string             `json:"relay"`
+	Connected   int                `json:"connected"`
+	Connections []ConnStatus       `json:"connections"`
+	Upstreams   []string           `json:"upstreams"`
+	StartedAt   time.Time          `json:"started_at"`
+	UptimeSec   int64              `json:"uptime_seconds"`
+	Requests    RequestStats       `json:"requests"`
+	Credentials []CredentialReport `json:"credentials"`
 }
 
 // Status reports the agent's state.
@@ -216,6 +225,13 @@ func (a *Agent) Status() Status {
 		}
 		s.Connections = append(s.Connections, cs)
 	}
+	a.credMu.Lock()
+	for _, name := range a.upstreamNames {
+		if rep, ok := a.creds[name]; ok {
+			s.Credentials = append(s.Credentials, rep)
+		}
+	}
+	a.credMu.Unlock()
 	return s
 }
 

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -70,5 +71,39 @@ func TestMetricsAfterRealTraffic(t *testing.T) {
 	}
 	if strings.Contains(string(body), "no-such-tunnel") {
 		t.Error("a scanner-chosen path segment became a label value")
+	}
+}
+
+func TestCredentialCheck(t *testing.T) {
+	e := newEnv(t)
+	waitFor(t, "credential checked", func() bool { return len(e.agent.Status().Credentials) == 1 })
+	rep := e.agent.Status().Credentials[0]
+	if !rep.Valid || rep.User != "svc-ferry" {
+		t.Fatalf("credential report: %+v", rep)
+	}
+	if d := time.Until(rep.Expiry); d < 59*24*time.Hour || d > 61*24*time.Hour {
+		t.Fatalf("expiry %v is not 60 days ahead", rep.Expiry)
+	}
+	am := e.agent.Metrics()
+	if v := testutil.ToFloat64(am.CredentialValid.WithLabelValues("bitbucket")); v != 1 {
+		t.Fatalf("credential_valid = %v", v)
+	}
+	if v := testutil.ToFloat64(am.CredentialExpiry.WithLabelValues("bitbucket")); int64(v) != rep.Expiry.Unix() {
+		t.Fatalf("expiry gauge %v, want %d", v, rep.Expiry.Unix())
+	}
+
+	// A wrong PAT is reported as such.
+	w := newWorld(t)
+	w.write("pat", "not-the-pat")
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	a, arun := w.startAgent(r.AgentAddr(), "")
+	defer arun.shutdown(t)
+	waitFor(t, "credential checked", func() bool { return len(a.Status().Credentials) == 1 })
+	if rep := a.Status().Credentials[0]; rep.Valid || !strings.Contains(rep.Problem, "401") {
+		t.Fatalf("wrong PAT report: %+v", rep)
+	}
+	if v := testutil.ToFloat64(a.Metrics().CredentialValid.WithLabelValues("bitbucket")); v != 0 {
+		t.Fatalf("credential_valid = %v for a wrong PAT", v)
 	}
 }

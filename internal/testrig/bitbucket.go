@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Bitbucket is a stand-in for a Bitbucket Data Center instance: git smart
@@ -31,6 +32,9 @@ type Bitbucket struct {
 	GitRoot string // bare repositories at GitRoot/{project}/{slug}.git
 	Token   string // the PAT it accepts
 	User    string // the PAT's user, reported in X-AUSERNAME
+
+	// TokenExpiryDays is what the token list reports for the PAT in use.
+	TokenExpiryDays int
 
 	// Redirects answers GET on a path with 302 to a Location (tests of
 	// what ferry does with redirects).
@@ -117,6 +121,8 @@ func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		b.serveLFSBatch(w, r)
 	case strings.HasPrefix(r.URL.Path, "/rest/git-lfs/storage/"):
 		b.serveLFSObject(w, r)
+	case r.URL.Path == "/rest/access-tokens/1.0/users/"+b.User:
+		b.serveTokens(w, r)
 	case strings.HasPrefix(r.URL.Path, "/scm/"):
 		b.serveGit(w, r)
 	case strings.HasPrefix(r.URL.Path, "/rest/api/1.0/") || strings.HasPrefix(r.URL.Path, "/rest/api/latest/"):
@@ -214,6 +220,27 @@ func (b *Bitbucket) serveLFSBatch(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/vnd.git-lfs+json")
 	json.NewEncoder(w).Encode(map[string]any{"transfer": "basic", "objects": objs})
+}
+
+// serveTokens lists the user's HTTP access tokens as Bitbucket does; the
+// PAT in use was created 30 days ago with a 90-day expiry unless
+// TokenExpiryDays says otherwise (negative: no expiry).
+func (b *Bitbucket) serveTokens(w http.ResponseWriter, r *http.Request) {
+	days := b.TokenExpiryDays
+	if days == 0 {
+		days = 90
+	}
+	created := time.Now().Add(-30 * 24 * time.Hour)
+	tok := map[string]any{
+		"id": "123456789012", "name": "ferry", "createdDate": created.UnixMilli(),
+		"lastAuthenticated": time.Now().UnixMilli(), "permissions": []string{"PROJECT_READ", "REPO_READ"},
+		"user": users()[2],
+	}
+	if days > 0 {
+		tok["expiryDays"] = days
+	}
+	old := map[string]any{"id": "999", "name": "old", "createdDate": created.Add(-time.Hour).UnixMilli(), "lastAuthenticated": created.UnixMilli(), "expiryDays": 1}
+	writePage(w, r, []any{old, tok})
 }
 
 func (b *Bitbucket) serveLFSObject(w http.ResponseWriter, r *http.Request) {
