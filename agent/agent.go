@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"sync"
 	"time"
 
@@ -34,6 +35,7 @@ type Agent struct {
 	upstreams     map[string]*upstream
 	upstreamNames []string
 	relayClient   *http.Client
+	proxy         func(*url.URL) (*url.URL, error) // egress proxy for the relay
 	streams       *streamListener
 	audit         *audit.Log
 	conns         []*connState
@@ -58,11 +60,15 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 		a.upstreams[u.cfg.Name] = u
 		a.upstreamNames = append(a.upstreamNames, u.cfg.Name)
 	}
-	rc, err := newRelayClient(&cfg.Relay)
+	proxy, err := relayProxy(&cfg.Relay)
 	if err != nil {
 		return nil, err
 	}
-	a.relayClient = rc
+	rc, err := newRelayClient(&cfg.Relay, proxy)
+	if err != nil {
+		return nil, err
+	}
+	a.relayClient, a.proxy = rc, proxy
 	for i := 0; i < cfg.Relay.Connections; i++ {
 		a.conns = append(a.conns, &connState{slot: i})
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/hashicorp/yamux"
+	"golang.org/x/net/http/httpproxy"
 
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
@@ -36,19 +37,58 @@ const (
 	stableAfter = 5 * time.Second
 )
 
-// newRelayClient builds the HTTP client used for the WebSocket upgrade:
-// TLS 1.2+, the configured CA (or system roots), and the egress proxy.
-func newRelayClient(rc *config.RelayClient) (*http.Client, error) {
-	proxy := http.ProxyFromEnvironment
+// relayProxy returns the egress proxy for the relay connection: proxy_url
+// if set, else HTTPS_PROXY/HTTP_PROXY and NO_PROXY as the environment had
+// them at start. (The proxy URL may carry user:password for basic auth.)
+func relayProxy(rc *config.RelayClient) (func(*url.URL) (*url.URL, error), error) {
 	if rc.ProxyURL != "" {
 		u, err := url.Parse(rc.ProxyURL)
 		if err != nil {
 			return nil, fmt.Errorf("relay.proxy_url: %w", err)
 		}
-		proxy = http.ProxyURL(u)
+		return func(*url.URL) (*url.URL, error) { return u, nil }, nil
 	}
+	return httpproxy.FromEnvironment().ProxyFunc(), nil
+}
+
+// proxyFor is the proxy (nil: none) used to reach the relay URL. The
+// WebSocket URL is mapped to http(s) for NO_PROXY and scheme matching.
+func (a *Agent) proxyFor(relayURL string) (*url.URL, error) {
+	u, err := url.Parse(relayURL)
+	if err != nil {
+		return nil, err
+	}
+	hu := *u
+	switch u.Scheme {
+	case "wss":
+		hu.Scheme = "https"
+	case "ws":
+		hu.Scheme = "http"
+	}
+	return a.proxy(&hu)
+}
+
+// ProxyRefusal explains an egress proxy's refusal of CONNECT to target.
+func ProxyRefusal(proxyURL *url.URL, target string, code int, status string) error {
+	hint := "check the proxy's log"
+	switch code {
+	case http.StatusProxyAuthRequired:
+		hint = "the proxy wants credentials: put user:password in relay.proxy_url (or HTTPS_PROXY)"
+	case http.StatusUnauthorized:
+		hint = "the proxy did not accept the user:password in relay.proxy_url"
+	case http.StatusForbidden:
+		hint = "the proxy does not allow CONNECT to " + target + ": ask for a rule allowing the relay (and port)"
+	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout, http.StatusInternalServerError:
+		hint = "the proxy could not reach " + target + " itself: check the relay is up and the proxy's outbound network"
+	}
+	return fmt.Errorf("egress proxy %s refused CONNECT to %s: %s; %s", proxyURL.Redacted(), target, status, hint)
+}
+
+// newRelayClient builds the HTTP client used for the WebSocket upgrade:
+// TLS 1.2+, the configured CA (or system roots), and the egress proxy.
+func newRelayClient(rc *config.RelayClient, proxy func(*url.URL) (*url.URL, error)) (*http.Client, error) {
 	tr := &http.Transport{
-		Proxy:                 proxy,
+		Proxy:                 func(r *http.Request) (*url.URL, error) { return proxy(r.URL) },
 		DialContext:           (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:       &tls.Config{RootCAs: rc.CA, MinVersion: tls.VersionTLS12},
 		TLSHandshakeTimeout:   tlsTimeout,
@@ -56,6 +96,12 @@ func newRelayClient(rc *config.RelayClient) (*http.Client, error) {
 		DisableCompression:    true,
 		MaxIdleConns:          1,
 		IdleConnTimeout:       time.Second,
+		OnProxyConnectResponse: func(_ context.Context, proxyURL *url.URL, req *http.Request, resp *http.Response) error {
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			return ProxyRefusal(proxyURL, req.URL.Host, resp.StatusCode, resp.Status)
+		},
 	}
 	return &http.Client{Transport: tr}, nil
 }

@@ -230,6 +230,8 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
+func newClient() *http.Client { return &http.Client{Transport: &http.Transport{}} }
+
 // waitFor polls cond every 20 ms for at most 15 s.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()

@@ -3,6 +3,7 @@ package config
 import (
 	"crypto/x509"
 	"fmt"
+	"net/url"
 	"os"
 	"regexp"
 	"strings"
@@ -156,7 +157,11 @@ func (c *Agent) validate(v *validator) {
 		v.failf("relay.connections", "%d is out of range 1-16", r.Connections)
 	}
 	if r.ProxyURL != "" {
-		checkURL(v, "relay.proxy_url", r.ProxyURL, "http", "https")
+		// user:password for the proxy's basic auth may ride in the URL, as
+		// with HTTPS_PROXY; it is redacted wherever the URL is printed.
+		if u, err := url.Parse(r.ProxyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			v.failf("relay.proxy_url", "want http://[user:password@]host:port")
+		}
 	}
 	if len(c.Upstreams) == 0 {
 		v.failf("upstreams", "at least one upstream is required")
