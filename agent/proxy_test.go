@@ -15,7 +15,7 @@ func TestRelayProxyHonoursEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	cases := map[string]string{
-		"https://relay.example.com/v1/connect": "http://user:pw@proxy.corp.example:3128",
+		"https://relay.example.com/v1/connect":  "http://user:pw@proxy.corp.example:3128",
 		"https://relay.corp.example/v1/connect": "",
 		"https://10.1.2.3/v1/connect":           "",
 	}
