@@ -145,6 +145,15 @@ diagnostics: {listen: "127.0.0.1:0"}
 audit: {path: %s}
 `, agentAddr, filepath.Join(dir, "relay-token"), pki.CAFile, bbURL, pki.CAFile, filepath.Join(dir, "bitbucket-pat"), filepath.Join(dir, "audit.jsonl")))
 
+	step("Private network: `ferry-agent doctor` checks everything before the agent starts")
+	out, err := exec.Command(agentBin, "doctor", "--config", agentCfg).CombinedOutput()
+	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		show("%s", l)
+	}
+	if err != nil {
+		return fmt.Errorf("doctor found problems: %v", err)
+	}
+
 	step("Private network: start ferry-agent (it dials out; nothing dials in)")
 	agent, err := startDaemon(agentBin, agentCfg, filepath.Join(dir, "agent.log"))
 	if err != nil {
@@ -159,7 +168,7 @@ audit: {path: %s}
 	if err := waitReady(diag); err != nil {
 		return err
 	}
-	out, _ := exec.Command(agentBin, "status", "--addr", diag).CombinedOutput()
+	out, _ = exec.Command(agentBin, "status", "--addr", diag).CombinedOutput()
 	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
 		show("%s", l)
 	}

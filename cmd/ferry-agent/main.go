@@ -17,6 +17,7 @@ import (
 
 const usage = `usage:
   ferry-agent --config FILE                 run the agent
+  ferry-agent doctor --config FILE          check config, network, TLS, token, upstreams
   ferry-agent status [--addr HOST:PORT]     summarise the running agent
   ferry-agent version                       print the version`
 
@@ -27,6 +28,17 @@ func run(args []string, stdout, stderr io.Writer) error {
 		switch args[0] {
 		case "status":
 			return status(args[1:], stdout, stderr)
+		case "doctor":
+			path, err := cli.ConfigFlag("ferry-agent doctor", args[1:], stderr)
+			if err != nil {
+				return err
+			}
+			ctx, stop := cli.SignalContext()
+			defer stop()
+			if !agent.Doctor(ctx, path, stdout) {
+				return cli.ErrChecksFailed
+			}
+			return nil
 		case "version":
 			fmt.Fprintf(stdout, "ferry-agent %s (%s)\n", version.Version, version.Commit())
 			return nil

@@ -19,6 +19,10 @@ import (
 // ErrUsage marks a command-line mistake (exit 2).
 var ErrUsage = errors.New("usage")
 
+// ErrChecksFailed ends a command whose report already said what failed
+// (exit 1, no further message).
+var ErrChecksFailed = errors.New("checks failed")
+
 // Usagef returns a usage error with a message.
 func Usagef(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrUsage}, args...)...)
@@ -50,6 +54,9 @@ func SignalContext() (context.Context, context.CancelFunc) {
 func Exit(prog string, err error) {
 	if err == nil {
 		os.Exit(0)
+	}
+	if errors.Is(err, ErrChecksFailed) {
+		os.Exit(1)
 	}
 	fmt.Fprintf(os.Stderr, "%s: %v\n", prog, err)
 	if errors.Is(err, ErrUsage) || config.IsConfigError(err) {

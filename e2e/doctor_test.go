@@ -1,0 +1,121 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ferry-tunnel/ferry/agent"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+func runDoctor(t *testing.T, w *world, yaml string) (bool, string) {
+	t.Helper()
+	path := w.write("doctor.yaml", yaml)
+	var out bytes.Buffer
+	ok := agent.Doctor(context.Background(), path, &out)
+	return ok, out.String()
+}
+
+// line returns the doctor output line for a check.
+func line(out, check string) string {
+	for _, l := range strings.Split(out, "\n") {
+		if len(l) > 2 && strings.HasPrefix(strings.TrimSpace(l[len("✓ "):]), check+" ") {
+			return l
+		}
+	}
+	return ""
+}
+
+func TestDoctorPassesOnAHealthySetup(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	ok, out := runDoctor(t, w, w.agentYAML(r.AgentAddr(), ""))
+	if !ok {
+		t.Fatalf("doctor failed on a healthy setup:\n%s", out)
+	}
+	for _, check := range []string{"config", "dns", "tcp", "tls", "relay", "upstream bitbucket", "credential bitbucket"} {
+		if l := line(out, check); !strings.HasPrefix(l, "✓") {
+			t.Errorf("check %s: %q\n%s", check, l, out)
+		}
+	}
+	if !strings.Contains(line(out, "relay"), "tunnel "+tunnelID) || !strings.Contains(line(out, "credential bitbucket"), "svc-ferry") ||
+		!strings.Contains(line(out, "credential bitbucket"), "days") || !strings.Contains(out, "all 7 checks passed") {
+		t.Errorf("doctor output lacks detail:\n%s", out)
+	}
+}
+
+func TestDoctorDiagnoses(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	good := w.agentYAML(r.AgentAddr(), "")
+	otherPKI, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := listenLocal(t)
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	refusing, err := testrig.StartTinyproxy(w.dir, testrig.TinyproxyOptions{ConnectPorts: []int{relayPort(t, r.AgentAddr()) + 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer refusing.Stop()
+
+	cases := []struct {
+		name, yaml, check string
+		want              []string
+		setup             func()
+	}{
+		{"wrong token", good, "relay", []string{"401", "relay-token"}, func() { w.write("relay-token", "fry_wrong") }},
+		{"bad CA", strings.Replace(good, "ca_file: "+w.pki.CAFile+"\n  connections", "ca_file: "+otherPKI.CAFile+"\n  connections", 1), "tls", []string{"unknown authority", "relay.ca_file"}, nil},
+		{"relay unreachable", strings.Replace(good, r.AgentAddr(), deadAddr, 1), "tcp", []string{"connection refused", "firewall"}, nil},
+		{"proxy refusing", strings.Replace(good, "  connections: 2\n", "  connections: 2\n  proxy_url: http://"+refusing.Addr+"\n", 1), "tcp", []string{"403", "does not allow CONNECT"}, nil},
+		{"bad PAT", good, "credential bitbucket", []string{"401", "not accepted", filepath.Join(w.dir, "pat")}, func() { w.write("pat", "expired-pat") }},
+		{"upstream unreachable", strings.Replace(good, w.bbURL, "https://"+deadAddr, 1), "upstream bitbucket", []string{"cannot connect"}, nil},
+		{"bad config", strings.Replace(good, "profile:", "profle:", 1), "config", []string{"profle", "unknown field"}, nil},
+	}
+	for _, c := range cases {
+		w.write("relay-token", agentToken)
+		w.write("pat", bitbucketPAT)
+		if c.setup != nil {
+			c.setup()
+		}
+		ok, out := runDoctor(t, w, c.yaml)
+		l := line(out, c.check)
+		if ok || !strings.HasPrefix(l, "✗") {
+			t.Errorf("%s: check %s not failed:\n%s", c.name, c.check, out)
+			continue
+		}
+		// The hint is on the next line; judge the failure and its hint together.
+		after := out[strings.Index(out, l):]
+		for _, want := range c.want {
+			if !strings.Contains(after, want) {
+				t.Errorf("%s: %q missing from:\n%s", c.name, want, after)
+			}
+		}
+	}
+}
+
+func TestDoctorExitCode(t *testing.T) {
+	_, agentBin := binaries(t)
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	cfg := w.write("agent.yaml", w.agentYAML(r.AgentAddr(), ""))
+	if out, err := exec.Command(agentBin, "doctor", "--config", cfg).CombinedOutput(); err != nil {
+		t.Fatalf("healthy: %v\n%s", err, out)
+	}
+	w.write("relay-token", "fry_wrong")
+	out, err := exec.Command(agentBin, "doctor", "--config", cfg).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "✗ relay") {
+		t.Fatalf("wrong token: %v\n%s", err, out)
+	}
+}
