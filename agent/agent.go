@@ -13,7 +13,10 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/hashicorp/yamux"
 
 	"github.com/ferry-tunnel/ferry/internal/audit"
 	"github.com/ferry-tunnel/ferry/internal/config"
@@ -30,17 +33,20 @@ const DrainTimeout = 30 * time.Second
 // Agent is one agent process. Create with New, bind with Listen, run with
 // Serve (or all with Run).
 type Agent struct {
-	cfg           *config.Agent
-	log           *slog.Logger
-	upstreams     map[string]*upstream
-	upstreamNames []string
-	relayClient   *http.Client
-	proxy         func(*url.URL) (*url.URL, error) // egress proxy for the relay
-	streams       *streamListener
-	audit         *audit.Log
-	conns         []*connState
-	stats         stats
-	metrics       *metrics.Agent
+	cfg         atomic.Pointer[config.Agent] // swapped whole by Reload
+	log         *slog.Logger
+	level       *slog.LevelVar // nil: level not reloadable
+	ups         atomic.Pointer[upstreamSet]
+	pool        *httpx.BufferPool
+	reloadMu    sync.Mutex
+	relayClient *http.Client
+	proxy       func(*url.URL) (*url.URL, error) // egress proxy for the relay
+	streams     *streamListener
+	audit       *audit.Log
+	conns       []*connState
+	stats       stats
+	metrics     *metrics.Agent
+	recheck     chan struct{} // asks watchCredentials to check now
 
 	credMu  sync.Mutex
 	creds   map[string]CredentialReport // by upstream, from the last check
@@ -50,16 +56,13 @@ type Agent struct {
 
 // New builds an agent from a validated config.
 func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
-	a := &Agent{cfg: cfg, log: log, upstreams: map[string]*upstream{}, streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}}
-	pool := httpx.NewBufferPool()
-	for i := range cfg.Upstreams {
-		u, err := newUpstream(&cfg.Upstreams[i], log, pool)
-		if err != nil {
-			return nil, err
-		}
-		a.upstreams[u.cfg.Name] = u
-		a.upstreamNames = append(a.upstreamNames, u.cfg.Name)
+	a := &Agent{log: log, pool: httpx.NewBufferPool(), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1)}
+	a.cfg.Store(cfg)
+	ups, err := newUpstreamSet(cfg.Upstreams, log, a.pool)
+	if err != nil {
+		return nil, err
 	}
+	a.ups.Store(ups)
 	proxy, err := relayProxy(&cfg.Relay)
 	if err != nil {
 		return nil, err
@@ -75,13 +78,23 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 	return a, nil
 }
 
+// config is the configuration in force.
+func (a *Agent) config() *config.Agent { return a.cfg.Load() }
+
+// upstreams is the upstream set in force.
+func (a *Agent) upstreams() *upstreamSet { return a.ups.Load() }
+
+// SetLevelVar lets Reload change the log level the logger was built with.
+func (a *Agent) SetLevelVar(v *slog.LevelVar) { a.level = v }
+
 // Listen binds the diagnostics listener and opens the audit log.
 func (a *Agent) Listen() error {
-	ln, err := net.Listen("tcp", a.cfg.Diagnostics.Listen)
+	cfg := a.config()
+	ln, err := net.Listen("tcp", cfg.Diagnostics.Listen)
 	if err != nil {
-		return fmt.Errorf("diagnostics.listen %s: %w", a.cfg.Diagnostics.Listen, err)
+		return fmt.Errorf("diagnostics.listen %s: %w", cfg.Diagnostics.Listen, err)
 	}
-	al, err := audit.Open(audit.Options{Path: a.cfg.Audit.Path, MaxBytes: int64(a.cfg.Audit.MaxSizeMB) << 20, Keep: a.cfg.Audit.MaxFiles})
+	al, err := audit.Open(audit.Options{Path: cfg.Audit.Path, MaxBytes: int64(cfg.Audit.MaxSizeMB) << 20, Keep: cfg.Audit.MaxFiles})
 	if err != nil {
 		ln.Close()
 		return err
@@ -140,8 +153,8 @@ func (a *Agent) Serve(ctx context.Context) error {
 			a.keepConnected(connCtx, i)
 		}()
 	}
-	a.log.Info("agent started", "version", version.Version, "agent_id", a.cfg.AgentID, "relay", a.cfg.Relay.URL,
-		"connections", len(a.conns), "upstreams", a.upstreamNames, "diagnostics", a.DiagAddr())
+	a.log.Info("agent started", "version", version.Version, "agent_id", a.config().AgentID, "relay", a.config().Relay.URL,
+		"connections", len(a.conns), "upstreams", a.upstreams().names, "diagnostics", a.DiagAddr())
 
 	var runErr error
 	select {
@@ -158,9 +171,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	stopConns()
 	wg.Wait()
 	diagSrv.Close()
-	for _, u := range a.upstreams {
-		u.transport.CloseIdleConnections()
-	}
+	a.upstreams().closeIdle()
 	a.relayClient.CloseIdleConnections()
 	for range 2 {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
@@ -220,8 +231,9 @@ type Status struct {
 
 // Status reports the agent's state.
 func (a *Agent) Status() Status {
+	cfg, ups := a.config(), a.upstreams()
 	s := Status{
-		AgentID: a.cfg.AgentID, Version: version.Version, Relay: a.cfg.Relay.URL, Upstreams: a.upstreamNames,
+		AgentID: cfg.AgentID, Version: version.Version, Relay: cfg.Relay.URL, Upstreams: ups.names,
 		StartedAt: a.started, UptimeSec: int64(time.Since(a.started).Seconds()), Requests: a.stats.snapshot(),
 	}
 	for _, c := range a.conns {
@@ -232,7 +244,7 @@ func (a *Agent) Status() Status {
 		s.Connections = append(s.Connections, cs)
 	}
 	a.credMu.Lock()
-	for _, name := range a.upstreamNames {
+	for _, name := range ups.names {
 		if rep, ok := a.creds[name]; ok {
 			s.Credentials = append(s.Credentials, rep)
 		}
@@ -247,6 +259,15 @@ type connState struct {
 
 	mu sync.Mutex
 	st ConnStatus
+
+	ctrlMu sync.Mutex
+	ctrl   *yamux.Stream // the live connection's control stream, or nil
+}
+
+func (c *connState) setCtrl(s *yamux.Stream) {
+	c.ctrlMu.Lock()
+	c.ctrl = s
+	c.ctrlMu.Unlock()
 }
 
 // ConnStatus describes one relay connection slot.

@@ -153,9 +153,11 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	}
 	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
 	st.connected(welcome)
+	st.setCtrl(ctrl)
+	defer st.setCtrl(nil)
 	a.metrics.RelayConnections.Inc()
 	defer a.metrics.RelayConnections.Dec()
-	log.Info("connected to relay", "relay", a.cfg.Relay.URL, "tunnel", welcome.Tunnel)
+	log.Info("connected to relay", "relay", a.config().Relay.URL, "tunnel", welcome.Tunnel)
 
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -215,7 +217,7 @@ func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, log *slog.Logger)
 
 // dial opens the WebSocket to the relay and explains refusals.
 func (a *Agent) dial(ctx context.Context) (*websocket.Conn, error) {
-	tok, err := a.cfg.Relay.Token.Value()
+	tok, err := a.config().Relay.Token.Value()
 	if err != nil {
 		return nil, fmt.Errorf("relay token: %w", err)
 	}
@@ -224,17 +226,17 @@ func (a *Agent) dial(ctx context.Context) (*websocket.Conn, error) {
 	hdr.Set("User-Agent", "ferry-agent/"+version.Version)
 	// ctx (not a timeout context) because it outlives the handshake as the
 	// connection's context; the transport's timeouts bound the handshake.
-	ws, resp, err := websocket.Dial(ctx, a.cfg.Relay.URL, &websocket.DialOptions{
+	ws, resp, err := websocket.Dial(ctx, a.config().Relay.URL, &websocket.DialOptions{
 		HTTPClient:   a.relayClient,
 		HTTPHeader:   hdr,
 		Subprotocols: []string{proto.Subprotocol},
 	})
 	if err != nil {
-		return nil, describeDialError(a.cfg.Relay.URL, resp, err)
+		return nil, describeDialError(a.config().Relay.URL, resp, err)
 	}
 	if ws.Subprotocol() != proto.Subprotocol {
 		ws.CloseNow()
-		return nil, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", a.cfg.Relay.URL, proto.Subprotocol)
+		return nil, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", a.config().Relay.URL, proto.Subprotocol)
 	}
 	return ws, nil
 }
@@ -272,7 +274,7 @@ func (a *Agent) hello(sess *yamux.Session) (*yamux.Stream, proto.Message, error)
 	if err := proto.WriteHeader(ctrl, proto.Header{Kind: proto.KindControl}); err != nil {
 		return nil, proto.Message{}, err
 	}
-	hello := proto.Message{Type: proto.MsgHello, AgentID: a.cfg.AgentID, Version: version.Version, Upstreams: a.upstreamNames}
+	hello := proto.Message{Type: proto.MsgHello, AgentID: a.config().AgentID, Version: version.Version, Upstreams: a.upstreams().names}
 	if err := proto.WriteMessage(ctrl, hello); err != nil {
 		return nil, proto.Message{}, err
 	}

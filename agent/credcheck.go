@@ -111,13 +111,15 @@ func (a *Agent) watchCredentials(ctx context.Context) {
 	t := time.NewTicker(credentialCheckEvery)
 	defer t.Stop()
 	for {
-		for _, name := range a.upstreamNames {
-			a.checkOneCredential(ctx, a.upstreams[name])
+		ups := a.upstreams()
+		for _, name := range ups.names {
+			a.checkOneCredential(ctx, ups.byName[name])
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-a.recheck:
 		}
 	}
 }

@@ -70,8 +70,9 @@ func Doctor(ctx context.Context, path string, out io.Writer) bool {
 	}
 	defer a.relayClient.CloseIdleConnections()
 	a.doctorRelay(ctx, d)
-	for _, name := range a.upstreamNames {
-		a.doctorUpstream(ctx, d, a.upstreams[name])
+	ups := a.upstreams()
+	for _, name := range ups.names {
+		a.doctorUpstream(ctx, d, ups.byName[name])
 	}
 	if d.failed == 0 {
 		fmt.Fprintf(out, "\nall %d checks passed\n", d.passed)
@@ -82,7 +83,7 @@ func Doctor(ctx context.Context, path string, out io.Writer) bool {
 }
 
 func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
-	u, _ := url.Parse(a.cfg.Relay.URL)
+	u, _ := url.Parse(a.config().Relay.URL)
 	host, port := u.Hostname(), u.Port()
 	if port == "" {
 		port = "443"
@@ -97,7 +98,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 			d.skip(n, why)
 		}
 	}
-	proxy, err := a.proxyFor(a.cfg.Relay.URL)
+	proxy, err := a.proxyFor(a.config().Relay.URL)
 	if err != nil {
 		d.fail("dns", "proxy settings: "+err.Error(), "check relay.proxy_url or HTTPS_PROXY")
 		skipRest(0, "no usable proxy setting")
@@ -150,13 +151,13 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 
 	// TLS, on that connection, as the agent would verify it.
 	if u.Scheme == "wss" {
-		tc := tls.Client(conn, &tls.Config{ServerName: host, RootCAs: a.cfg.Relay.CA, MinVersion: tls.VersionTLS12})
+		tc := tls.Client(conn, &tls.Config{ServerName: host, RootCAs: a.config().Relay.CA, MinVersion: tls.VersionTLS12})
 		hctx, cancel := context.WithTimeout(ctx, doctorStepTimeout)
 		err := tc.HandshakeContext(hctx)
 		cancel()
 		if err != nil {
 			conn.Close()
-			detail, hint := explainTLS(err, a.cfg.Relay.CAFile)
+			detail, hint := explainTLS(err, a.config().Relay.CAFile)
 			d.fail("tls", detail, hint)
 			skipRest(2, "TLS failed")
 			return
@@ -182,7 +183,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 	if err != nil {
 		hint := ""
 		if strings.Contains(err.Error(), "401") {
-			hint = "the token in " + a.cfg.Relay.Token.String() + " matches no agent_tokens entry on the relay; `ferry-relay token` prints a token and its sha256 line, and the relay config needs that line"
+			hint = "the token in " + a.config().Relay.Token.String() + " matches no agent_tokens entry on the relay; `ferry-relay token` prints a token and its sha256 line, and the relay config needs that line"
 		}
 		d.fail("relay", err.Error(), hint)
 		return
@@ -199,7 +200,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 		d.fail("relay", err.Error(), "agent and relay versions may be incompatible")
 		return
 	}
-	d.pass("relay", "agent token (%s) accepted for tunnel %s by relay %s", a.cfg.Relay.Token.String(), welcome.Tunnel, welcome.RelayID)
+	d.pass("relay", "agent token (%s) accepted for tunnel %s by relay %s", a.config().Relay.Token.String(), welcome.Tunnel, welcome.RelayID)
 }
 
 // proxyError is a CONNECT the proxy refused.

@@ -34,6 +34,31 @@ type upstream struct {
 	log       *slog.Logger
 }
 
+// upstreamSet is the configured upstreams, replaced whole on reload.
+type upstreamSet struct {
+	byName map[string]*upstream
+	names  []string
+}
+
+func newUpstreamSet(cfgs []config.Upstream, log *slog.Logger, pool *httpx.BufferPool) (*upstreamSet, error) {
+	s := &upstreamSet{byName: map[string]*upstream{}}
+	for i := range cfgs {
+		u, err := newUpstream(&cfgs[i], log, pool)
+		if err != nil {
+			return nil, err
+		}
+		s.byName[u.cfg.Name] = u
+		s.names = append(s.names, u.cfg.Name)
+	}
+	return s, nil
+}
+
+func (s *upstreamSet) closeIdle() {
+	for _, u := range s.byName {
+		u.transport.CloseIdleConnections()
+	}
+}
+
 // forward is what ServeHTTP decided, carried to the proxy's Rewrite.
 type forward struct {
 	path       string // canonical, checked path
@@ -181,7 +206,7 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	rawPath, rawQuery, _ := strings.Cut(r.RequestURI, "?")
 	entry.Path = rawPath
-	u := a.upstreams[hdr.Upstream]
+	u := a.upstreams().byName[hdr.Upstream]
 	switch {
 	case u == nil:
 		entry.Rule = "unknown-upstream"
@@ -271,7 +296,7 @@ func writeRefusal(w http.ResponseWriter, r *http.Request, status int, reason str
 
 func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
 	up := "-" // the relay names the upstream: only configured names become labels
-	if a.upstreams[e.Upstream] != nil {
+	if a.upstreams().byName[e.Upstream] != nil {
 		up = e.Upstream
 	}
 	m := a.metrics

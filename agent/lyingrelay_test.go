@@ -136,6 +136,14 @@ diagnostics: {listen: "127.0.0.1:0"}
 	go func() { done <- a.Serve(ctx) }()
 	defer func() { cancel(); <-done }()
 	sess := <-relay.sessions
+	// The agent's own credential check talks to Bitbucket once at start;
+	// count what arrives after it.
+	for deadline := time.Now().Add(10 * time.Second); len(a.Status().Credentials) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("credential check did not finish")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 
 	lies := []struct {
 		name   string

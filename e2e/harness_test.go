@@ -185,9 +185,11 @@ func (w *world) startAgent(relayAddr, extra string) (*agent.Agent, *running) {
 	return w.startAgentYAML(w.agentYAML(relayAddr, extra))
 }
 
+// startAgentYAML runs an agent on yaml. Its config file name is the
+// world's agent.yaml, which Reload re-reads.
 func (w *world) startAgentYAML(yaml string) (*agent.Agent, *running) {
 	w.t.Helper()
-	cfg, err := config.ParseAgent("agent.yaml", []byte(yaml))
+	cfg, err := config.ParseAgent(filepath.Join(w.dir, "agent.yaml"), []byte(yaml))
 	if err != nil {
 		w.t.Fatal(err)
 	}

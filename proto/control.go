@@ -13,6 +13,9 @@ const (
 	MsgWelcome = "welcome" // relay → agent, the connection is registered
 	MsgReject  = "reject"  // relay → agent, the hello was refused; the relay closes
 	MsgGoAway  = "goaway"  // relay → agent, stop using this connection and reconnect
+	// MsgUpstreams (agent → relay) replaces the upstream list the hello
+	// gave, after the agent reloaded its config.
+	MsgUpstreams = "upstreams"
 )
 
 // MaxControlMessage bounds one control message.

@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/http"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -105,7 +103,7 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 	log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
 	t.add(ac)
 	defer t.remove(ac)
-	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(slices.Sorted(maps.Keys(ac.upstreams)), ","))
+	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(ac.upstreamNames(), ","))
 
 	// The control stream stays open; read it so that the agent's messages
 	// (and its closing) are noticed. Owned here: it ends with the session.
@@ -117,7 +115,18 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 			if err != nil {
 				return
 			}
-			log.Debug("control message from agent", "type", m.Type)
+			switch m.Type {
+			case proto.MsgUpstreams:
+				ups, err := upstreamSet(m.Upstreams)
+				if err != nil {
+					log.Warn("agent announced invalid upstreams; keeping the previous list", "err", err)
+					continue
+				}
+				ac.upstreams.Store(&ups)
+				log.Info("agent announced new upstreams", "upstreams", strings.Join(ac.upstreamNames(), ","))
+			default:
+				log.Debug("control message from agent", "type", m.Type)
+			}
 		}
 	}()
 	// Agents may open streams (webhook deliveries); none are served yet.
@@ -164,35 +173,44 @@ func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, r
 	if !agentIDRE.MatchString(hello.AgentID) {
 		return nil, reject("agent_id must be 1-128 letters, digits or ._@:-")
 	}
-	if len(hello.Upstreams) == 0 || len(hello.Upstreams) > 64 {
-		return nil, reject("hello must list 1-64 upstreams")
+	ups, err := upstreamSet(hello.Upstreams)
+	if err != nil {
+		return nil, reject(err.Error())
 	}
 	if len(hello.Version) > 64 || !agentIDRE.MatchString("v"+hello.Version) {
 		return nil, reject("version must be up to 64 letters, digits or ._@:-")
-	}
-	ups := map[string]bool{}
-	for _, u := range hello.Upstreams {
-		if !nameRE.MatchString(u) {
-			return nil, reject(fmt.Sprintf("upstream name %q is invalid", u))
-		}
-		ups[u] = true
 	}
 	ac := &agentConn{
 		id:          httperr.NewRequestID(),
 		tunnel:      t,
 		agentID:     hello.AgentID,
 		version:     hello.Version,
-		upstreams:   ups,
 		remote:      remote,
 		connectedAt: time.Now(),
 		sess:        sess,
 		ctrl:        ctrl,
 	}
+	ac.upstreams.Store(&ups)
 	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: r.id, Tunnel: t.id, ConnectionID: ac.id}); err != nil {
 		return nil, err
 	}
 	ctrl.SetDeadline(time.Time{})
 	return ac, nil
+}
+
+// upstreamSet validates the upstream names an agent announces.
+func upstreamSet(names []string) (map[string]bool, error) {
+	if len(names) == 0 || len(names) > 64 {
+		return nil, errors.New("an agent must announce 1-64 upstreams")
+	}
+	ups := map[string]bool{}
+	for _, u := range names {
+		if !nameRE.MatchString(u) {
+			return nil, fmt.Errorf("upstream name %q is invalid", u)
+		}
+		ups[u] = true
+	}
+	return ups, nil
 }
 
 func (r *Relay) tunnelForAgent(h token.Hash) *tunnel {

@@ -288,11 +288,7 @@ func (r *Relay) tunnelStatus() []TunnelStatus {
 	for _, t := range r.tunnels {
 		ts := TunnelStatus{ID: t.id, Connections: []ConnectionStatus{}}
 		for _, c := range t.snapshot() {
-			ups := make([]string, 0, len(c.upstreams))
-			for u := range c.upstreams {
-				ups = append(ups, u)
-			}
-			sort.Strings(ups)
+			ups := c.upstreamNames()
 			ts.Connections = append(ts.Connections, ConnectionStatus{
 				ID: c.id, AgentID: c.agentID, Version: c.version, Remote: c.remote, ConnectedAt: c.connectedAt,
 				Upstreams: ups, InFlight: c.inflight.Load(), Served: c.served.Load(), Draining: c.draining.Load(),

@@ -238,7 +238,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, fmt.Sprintf("no agent is connected for tunnel %q", tunnelID))
 		return
 	}
-	if !c.upstreams[upstream] {
+	if !c.serves(upstream) {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("the agent of tunnel %q has no upstream %q", tunnelID, upstream))
 		return
 	}

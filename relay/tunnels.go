@@ -1,6 +1,8 @@
 package relay
 
 import (
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,7 +27,7 @@ type agentConn struct {
 	tunnel      *tunnel
 	agentID     string
 	version     string
-	upstreams   map[string]bool
+	upstreams   atomic.Pointer[map[string]bool] // replaced when the agent reloads
 	remote      string
 	connectedAt time.Time
 	sess        *yamux.Session
@@ -77,6 +79,14 @@ func (t *tunnel) snapshot() []*agentConn {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return append([]*agentConn(nil), t.conns...)
+}
+
+// serves reports whether the agent announced this upstream.
+func (c *agentConn) serves(upstream string) bool { return (*c.upstreams.Load())[upstream] }
+
+// upstreamNames lists the announced upstreams, sorted.
+func (c *agentConn) upstreamNames() []string {
+	return slices.Sorted(maps.Keys(*c.upstreams.Load()))
 }
 
 // goAway tells the agent to move off this connection, then closes it.

@@ -47,6 +47,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return nil
 		}
 	}
+	hup := cli.NotifyHangup()
 	path, err := cli.ConfigFlag("ferry-agent", args, stderr)
 	if err != nil {
 		return fmt.Errorf("%w\n%s", err, usage)
@@ -57,5 +58,16 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
-	return agent.Run(ctx, cfg, logging.New(stderr, cfg.Log))
+	log, level := logging.NewLeveled(stderr, cfg.Log)
+	a, err := agent.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	a.SetLevelVar(level)
+	if err := a.Listen(); err != nil {
+		return err
+	}
+	// SIGHUP reloads; the goroutine ends with ctx, as Serve does.
+	go cli.OnHangup(ctx, hup, func() { a.Reload() })
+	return a.Serve(ctx)
 }

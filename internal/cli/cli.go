@@ -50,6 +50,28 @@ func SignalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
+// NotifyHangup starts catching SIGHUP, whose default action would end
+// the process: call it before anything slow, then hand the channel to
+// OnHangup.
+func NotifyHangup() chan os.Signal {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	return hup
+}
+
+// OnHangup calls reload on every SIGHUP until ctx ends.
+func OnHangup(ctx context.Context, hup chan os.Signal, reload func()) {
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			reload()
+		}
+	}
+}
+
 // Exit prints err as one line and exits with the contract's code.
 func Exit(prog string, err error) {
 	if err == nil {

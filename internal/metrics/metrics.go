@@ -107,6 +107,10 @@ type Agent struct {
 	Bytes            *prometheus.CounterVec // upstream, direction
 	CredentialExpiry *prometheus.GaugeVec   // upstream
 	CredentialValid  *prometheus.GaugeVec   // upstream
+
+	ConfigReloads        *prometheus.CounterVec // result
+	ConfigLastReloadOK   prometheus.Gauge
+	ConfigLastReloadTime prometheus.Gauge
 }
 
 // NewAgent registers the agent's metrics on a new registry.
@@ -142,5 +146,14 @@ func NewAgent() *Agent {
 		CredentialValid: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ferry_agent_credential_valid", Help: "1 if the upstream accepted the credential at the last check, else 0.",
 		}, []string{"upstream"}),
+		ConfigReloads: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_agent_config_reloads_total", Help: "Config reloads (SIGHUP) by result (success, failure).",
+		}, []string{"result"}),
+		ConfigLastReloadOK: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_agent_config_last_reload_successful", Help: "1 if the last config reload succeeded (or none was tried), 0 if it failed and the previous config is running.",
+		}),
+		ConfigLastReloadTime: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_agent_config_last_reload_success_timestamp_seconds", Help: "When the config was last loaded successfully (Unix time).",
+		}),
 	}
 }

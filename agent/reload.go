@@ -1,0 +1,100 @@
+package agent
+
+import (
+	"log/slog"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// Reload re-reads the config file (SIGHUP). A file that fails validation
+// leaves the running config in force, with the error logged and returned.
+// Upstreams, policies, credentials, the relay token and the log level
+// change at once; settings that need a restart (relay url, ca_file,
+// connections, proxy, diagnostics, audit, agent_id) keep their running
+// values, with a warning naming them.
+func (a *Agent) Reload() error {
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
+	old := a.config()
+	next, err := config.LoadAgent(old.File)
+	if err == nil {
+		var ups *upstreamSet
+		if ups, err = newUpstreamSet(next.Upstreams, a.log, a.pool); err == nil {
+			if kept := keepRestartOnly(old, next); len(kept) > 0 {
+				a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
+			}
+			prev := a.ups.Swap(ups)
+			a.cfg.Store(next)
+			if a.level != nil {
+				var l slog.Level
+				l.UnmarshalText([]byte(next.Log.Level))
+				a.level.Set(l)
+			}
+			// Requests in flight keep the transport they started with;
+			// only its idle connections go.
+			prev.closeIdle()
+			if !slices.Equal(prev.names, ups.names) {
+				a.announceUpstreams(ups.names)
+			}
+			select {
+			case a.recheck <- struct{}{}:
+			default:
+			}
+			a.metrics.ConfigReloads.WithLabelValues("success").Inc()
+			a.metrics.ConfigLastReloadOK.Set(1)
+			a.metrics.ConfigLastReloadTime.SetToCurrentTime()
+			a.log.Info("config reloaded", "file", next.File, "upstreams", ups.names)
+			return nil
+		}
+	}
+	a.metrics.ConfigReloads.WithLabelValues("failure").Inc()
+	a.metrics.ConfigLastReloadOK.Set(0)
+	a.log.Error("config reload failed; the running config stays in force", "err", err)
+	return err
+}
+
+// keepRestartOnly copies into next the running values of settings that
+// cannot change without a restart, and names those that differed.
+func keepRestartOnly(old, next *config.Agent) []string {
+	var kept []string
+	keep := func(name string, differ bool, restore func()) {
+		if differ {
+			kept = append(kept, name)
+			restore()
+		}
+	}
+	keep("agent_id", old.AgentID != next.AgentID, func() { next.AgentID = old.AgentID })
+	keep("relay.url", old.Relay.URL != next.Relay.URL, func() { next.Relay.URL = old.Relay.URL })
+	keep("relay.ca_file", old.Relay.CAFile != next.Relay.CAFile, func() { next.Relay.CAFile, next.Relay.CA = old.Relay.CAFile, old.Relay.CA })
+	next.Relay.CA = old.Relay.CA // the client was built with the running pool
+	keep("relay.connections", old.Relay.Connections != next.Relay.Connections, func() { next.Relay.Connections = old.Relay.Connections })
+	keep("relay.proxy_url", old.Relay.ProxyURL != next.Relay.ProxyURL, func() { next.Relay.ProxyURL = old.Relay.ProxyURL })
+	keep("diagnostics.listen", old.Diagnostics != next.Diagnostics, func() { next.Diagnostics = old.Diagnostics })
+	keep("audit", old.Audit != next.Audit, func() { next.Audit = old.Audit })
+	keep("log.format", old.Log.Format != next.Log.Format, func() { next.Log.Format = old.Log.Format })
+	return kept
+}
+
+// announceUpstreams tells the relay, on every live connection, which
+// upstreams this agent now serves.
+func (a *Agent) announceUpstreams(names []string) {
+	for _, c := range a.conns {
+		c.send(proto.Message{Type: proto.MsgUpstreams, Upstreams: names})
+	}
+}
+
+// send writes a control message on the slot's live connection, if any.
+func (c *connState) send(m proto.Message) {
+	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
+	if c.ctrl == nil {
+		return
+	}
+	c.ctrl.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	proto.WriteMessage(c.ctrl, m)
+	c.ctrl.SetWriteDeadline(time.Time{})
+}

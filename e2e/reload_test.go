@@ -1,0 +1,138 @@
+package e2e
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func TestReloadPolicyAndKeepRunningConfigOnError(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	base := w.agentYAML(r.AgentAddr(), "")
+	w.write("agent.yaml", base)
+	a, arun := w.startAgentYAML(base)
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	e := &env{world: w, client: newClient()}
+	defer e.client.CloseIdleConnections()
+	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+	if s, _, b := e.do("GET", url, scannerToken, nil, nil); s != 200 {
+		t.Fatalf("before: %d %s", s, b)
+	}
+
+	// A deny rule and a second upstream arrive by reload, no reconnect.
+	w.write("agent.yaml", strings.Replace(base, "    response_timeout: 5s\n",
+		"    response_timeout: 5s\n    rules: [{methods: [GET], path: \"/rest/api/*/projects/PROJ/**\", action: deny}]\n"+
+			"  - name: mirror\n    url: "+w.bbURL+"\n    ca_file: "+w.pki.CAFile+"\n    auth: {type: bearer, token_file: "+w.dir+"/pat}\n    profile: bitbucket-dc-read\n", 1))
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if s, _, b := e.do("GET", url, scannerToken, nil, nil); s != 403 || !strings.Contains(b, "rules[0]") {
+		t.Fatalf("after reload: %d %s", s, b)
+	}
+	mirror := strings.Replace(url, "/bitbucket/", "/mirror/", 1)
+	waitFor(t, "relay to learn the new upstream", func() bool {
+		s, _, _ := e.do("GET", mirror, scannerToken, nil, nil)
+		return s == 200
+	})
+
+	// A broken file leaves the reloaded config running.
+	w.write("agent.yaml", strings.Replace(base, "profile:", "profle:", 1))
+	if err := a.Reload(); err == nil {
+		t.Fatal("a broken config reloaded")
+	}
+	if s, _, _ := e.do("GET", url, scannerToken, nil, nil); s != 403 {
+		t.Fatalf("after a failed reload the deny rule is gone: %d", s)
+	}
+	m := a.Metrics()
+	if testutil.ToFloat64(m.ConfigReloads.WithLabelValues("failure")) != 1 || testutil.ToFloat64(m.ConfigLastReloadOK) != 0 ||
+		testutil.ToFloat64(m.ConfigReloads.WithLabelValues("success")) != 1 {
+		t.Fatal("reload metrics wrong")
+	}
+}
+
+func TestReloadUnderLoad(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	base := w.agentYAML(r.AgentAddr(), "")
+	w.write("agent.yaml", base)
+	a, arun := w.startAgentYAML(base)
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	client := newClient()
+	defer client.CloseIdleConnections()
+	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app/branches"
+
+	var ok, bad atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 400; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				req, _ := http.NewRequest("GET", url, nil)
+				req.Header.Set("Authorization", "Bearer "+scannerToken)
+				resp, err := client.Do(req)
+				if err != nil || resp.StatusCode != 200 {
+					bad.Add(1)
+				} else {
+					ok.Add(1)
+				}
+				if resp != nil {
+					resp.Body.Close()
+				}
+			}
+		}()
+	}
+	for i := 0; i < 10; i++ {
+		// Alternate between two valid configs that both allow the request.
+		extra := fmt.Sprintf("    rules: [{methods: [GET], path: \"/rest/foo/%d/**\"}]\n", i)
+		w.write("agent.yaml", strings.Replace(base, "    response_timeout: 5s\n", "    response_timeout: 5s\n"+extra, 1))
+		if err := a.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(30 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	if bad.Load() != 0 || ok.Load() == 0 {
+		t.Fatalf("under reloads: %d ok, %d failed", ok.Load(), bad.Load())
+	}
+	t.Logf("%d requests succeeded across 10 reloads", ok.Load())
+}
+
+func TestBinaryReloadsOnSIGHUP(t *testing.T) {
+	relayBin, agentBin := binaries(t)
+	w := newWorld(t)
+	relayProc := startProc(t, "relay", relayBin, "--config", w.write("relay.yaml", w.relayYAML("127.0.0.1:0")))
+	addr := relayProc.waitLog("relay started")["agent_listen"].(string)
+	cfg := w.agentYAML(addr, "")
+	agentProc := startProc(t, "agent", agentBin, "--config", w.write("agent.yaml", cfg))
+	agentProc.waitLog("connected to relay")
+	w.write("agent.yaml", strings.Replace(cfg, "profile:", "profle:", 1))
+	agentProc.cmd.Process.Signal(syscall.SIGHUP)
+	agentProc.waitLog("config reload failed; the running config stays in force")
+	w.write("agent.yaml", cfg)
+	agentProc.cmd.Process.Signal(syscall.SIGHUP)
+	agentProc.waitLog("config reloaded")
+	if code := agentProc.signal(syscall.SIGTERM); code != 0 {
+		t.Fatalf("agent exit %d", code)
+	}
+	relayProc.signal(syscall.SIGTERM)
+}
