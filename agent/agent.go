@@ -141,10 +141,16 @@ func (a *Agent) Serve(ctx context.Context) error {
 	connCtx, stopConns := context.WithCancel(context.Background())
 	defer stopConns()
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		a.watchCredentials(connCtx)
+	}()
+	notifyCtx, stopNotify := context.WithCancel(context.Background())
+	defer stopNotify()
+	go func() {
+		defer wg.Done()
+		a.notifySystemd(notifyCtx)
 	}()
 	for i := range a.conns {
 		wg.Add(1)
@@ -161,6 +167,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case <-ctx.Done():
 	case runErr = <-errc:
 	}
+	stopNotify() // STOPPING=1 before the drain
 	a.log.Info("agent draining", "timeout", DrainTimeout.String())
 	dctx, cancel := context.WithTimeout(context.Background(), DrainTimeout)
 	defer cancel()
