@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/statuspage"
 	"github.com/ferry-tunnel/ferry/internal/version"
 	"github.com/ferry-tunnel/ferry/proto"
 )
@@ -47,6 +48,8 @@ type Agent struct {
 	stats       stats
 	metrics     *metrics.Agent
 	recheck     chan struct{} // asks watchCredentials to check now
+	denials     *statuspage.Recent[audit.Entry]
+	page        *statuspage.Page
 
 	credMu  sync.Mutex
 	creds   map[string]CredentialReport // by upstream, from the last check
@@ -56,7 +59,8 @@ type Agent struct {
 
 // New builds an agent from a validated config.
 func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
-	a := &Agent{log: log, pool: httpx.NewBufferPool(), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1)}
+	a := &Agent{log: log, pool: httpx.NewBufferPool(), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1),
+		denials: statuspage.NewRecent[audit.Entry](25), page: statuspage.New("ferry agent", "/v1/status", agentPage)}
 	a.cfg.Store(cfg)
 	ups, err := newUpstreamSet(cfg.Upstreams, log, a.pool)
 	if err != nil {
@@ -202,6 +206,7 @@ func (a *Agent) Connected() int {
 
 func (a *Agent) diagHandler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) { a.page.Serve(w, a.Status()) })
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
@@ -224,16 +229,17 @@ func (a *Agent) diagHandler() http.Handler {
 
 // Status is the agent's /v1/status document.
 type Status struct {
-	AgentID     string             `json:"agent_id"`
-	Version     string             `json:"version"`
-	Relay       string             `json:"relay"`
-	Connected   int                `json:"connected"`
-	Connections []ConnStatus       `json:"connections"`
-	Upstreams   []string           `json:"upstreams"`
-	StartedAt   time.Time          `json:"started_at"`
-	UptimeSec   int64              `json:"uptime_seconds"`
-	Requests    RequestStats       `json:"requests"`
-	Credentials []CredentialReport `json:"credentials"`
+	AgentID       string             `json:"agent_id"`
+	Version       string             `json:"version"`
+	Relay         string             `json:"relay"`
+	Connected     int                `json:"connected"`
+	Connections   []ConnStatus       `json:"connections"`
+	Upstreams     []string           `json:"upstreams"`
+	StartedAt     time.Time          `json:"started_at"`
+	UptimeSec     int64              `json:"uptime_seconds"`
+	Requests      RequestStats       `json:"requests"`
+	Credentials   []CredentialReport `json:"credentials"`
+	RecentDenials []audit.Entry      `json:"recent_denials"`
 }
 
 // Status reports the agent's state.
@@ -257,6 +263,7 @@ func (a *Agent) Status() Status {
 		}
 	}
 	a.credMu.Unlock()
+	s.RecentDenials = a.denials.List()
 	return s
 }
 
@@ -352,3 +359,18 @@ func (s *stats) snapshot() RequestStats {
 
 // Metrics exposes the agent's metrics (tests, embedding).
 func (a *Agent) Metrics() *metrics.Agent { return a.metrics }
+
+const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
+<div class="sub">version {{.Version}} · relay <code>{{.Relay}}</code> · up since {{ts .StartedAt}} ({{ago .StartedAt}})</div>
+<h2>Relay connections: {{if .Connected}}<span class="ok">{{.Connected}} of {{len .Connections}} up</span>{{else}}<span class="bad">none up</span>{{end}}</h2>
+<table><tr><th>#</th><th>state</th><th>since</th><th>relay</th><th class="num">reconnects</th><th>last error</th></tr>
+{{range .Connections}}<tr><td>{{.Slot}}</td>{{if .Connected}}<td class="ok">up</td>{{else}}<td class="bad">down</td>{{end}}<td>{{ago .Since}}</td><td>{{.RelayID}}</td><td class="num">{{.Reconnects}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr>
+{{end}}</table>
+<h2>Upstreams</h2>
+<table><tr><th>upstream</th><th>credential</th><th>user</th><th>expires</th><th>checked</th></tr>
+{{range .Credentials}}<tr><td><code>{{.Upstream}}</code></td>{{if .Valid}}<td class="ok">accepted</td>{{else}}<td class="bad">{{.Problem}}</td>{{end}}<td>{{.User}}</td><td>{{ts .Expiry}}</td><td>{{ago .Checked}}</td></tr>
+{{else}}<tr><td colspan="5" class="empty">{{range $.Upstreams}}<code>{{.}}</code> {{end}}— credentials not checked yet</td></tr>{{end}}</table>
+<h2>Requests: {{.Requests.Total}} ({{.Requests.Allowed}} allowed, {{.Requests.Denied}} denied)</h2>
+{{if .RecentDenials}}<table><tr><th>time</th><th>scanner</th><th>request</th><th>rule</th><th>status</th><th>request id</th></tr>
+{{range .RecentDenials}}<tr><td>{{ts .Time}}</td><td>{{.Scanner}}</td><td><code>{{.Method}} {{.Path}}</code></td><td><code>{{.Rule}}</code></td><td class="warn">{{.Status}}</td><td><code>{{.RequestID}}</code></td></tr>
+{{end}}</table>{{else}}<p class="empty">no denials since start</p>{{end}}`

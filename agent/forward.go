@@ -277,6 +277,13 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	u.proxy.ServeHTTP(rec, r.WithContext(ctx))
 }
 
+func truncateForPage(p string) string {
+	if len(p) > 200 {
+		return p[:200] + "…"
+	}
+	return p
+}
+
 // readCloser forwards a checked body while closing the original.
 type readCloser struct {
 	io.Reader
@@ -306,6 +313,8 @@ func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
 	m.Bytes.WithLabelValues(up, "to_relay").Add(float64(e.Bytes))
 	if e.Decision == "deny" {
 		m.PolicyDenials.WithLabelValues(up, e.Rule).Inc()
+		e.Path = truncateForPage(e.Path)
+		a.denials.Add(e)
 	}
 	a.log.Info("request", "request_id", e.RequestID, "scanner", e.Scanner, "upstream", e.Upstream, "method", e.Method,
 		"path", e.Path, "decision", e.Decision, "rule", e.Rule, "status", e.Status, "bytes", e.Bytes, "duration_ms", e.DurationMS)

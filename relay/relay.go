@@ -21,6 +21,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/statuspage"
 	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/internal/version"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -50,6 +51,13 @@ type Relay struct {
 
 	agentLn, scannerLn, adminLn net.Listener
 
+	started  time.Time
+	requests atomic.Int64                   // scanner requests answered
+	refused  atomic.Int64                   // ... with 4xx
+	failed   atomic.Int64                   // ... with 5xx
+	recent   *statuspage.Recent[ErrorEvent] // last scanner errors, for the status page
+	page     *statuspage.Page
+
 	life     context.Context // cancelled when Serve begins shutting down
 	sessMu   sync.Mutex      // guards sessions.Add against the final Wait
 	sessDone bool
@@ -60,7 +68,8 @@ type Relay struct {
 // New builds a relay from a validated config.
 func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	host, _ := os.Hostname()
-	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}, limiter: newAuthLimiter(), metrics: metrics.NewRelay()}
+	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}, limiter: newAuthLimiter(), metrics: metrics.NewRelay(),
+		started: time.Now(), recent: statuspage.NewRecent[ErrorEvent](25), page: statuspage.New("ferry relay", "/v1/tunnels", relayPage)}
 	for _, tc := range cfg.Tunnels {
 		t := &tunnel{id: tc.ID}
 		r.tunnels[tc.ID] = t
@@ -243,6 +252,7 @@ func (r *Relay) newServer(h http.Handler, maxHeader int) *http.Server {
 // adminHandler serves health, readiness and the tunnel list.
 func (r *Relay) adminHandler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) { r.page.Serve(w, r.pageData()) })
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
@@ -303,3 +313,42 @@ func (r *Relay) tunnelStatus() []TunnelStatus {
 
 // Metrics exposes the relay's metrics (tests, embedding).
 func (r *Relay) Metrics() *metrics.Relay { return r.metrics }
+
+// ErrorEvent is a scanner request answered with an error.
+type ErrorEvent struct {
+	Time      time.Time `json:"time"`
+	RequestID string    `json:"request_id"`
+	Tunnel    string    `json:"tunnel"`
+	Scanner   string    `json:"scanner"`
+	Method    string    `json:"method"`
+	Path      string    `json:"path"`
+	Status    int       `json:"status"`
+	Code      string    `json:"code"`
+}
+
+type relayPageData struct {
+	RelayID, Version          string
+	Started                   time.Time
+	Tunnels                   []TunnelStatus
+	Requests, Refused, Failed int64
+	Recent                    []ErrorEvent
+}
+
+func (r *Relay) pageData() relayPageData {
+	return relayPageData{
+		RelayID: r.id, Version: version.Version, Started: r.started, Tunnels: r.tunnelStatus(),
+		Requests: r.requests.Load(), Refused: r.refused.Load(), Failed: r.failed.Load(), Recent: r.recent.List(),
+	}
+}
+
+const relayPage = `<h1>ferry relay <code>{{.RelayID}}</code></h1>
+<div class="sub">version {{.Version}} · up since {{ts .Started}} ({{ago .Started}}) · {{.Requests}} scanner requests, {{.Refused}} refused (4xx), {{.Failed}} failed (5xx)</div>
+<h2>Tunnels</h2>
+<table><tr><th>tunnel</th><th>state</th><th>agent</th><th>version</th><th>from</th><th>connected</th><th>upstreams</th><th class="num">in flight</th><th class="num">served</th></tr>
+{{range .Tunnels}}{{$t := .}}{{if .Connections}}{{range .Connections}}<tr><td><code>{{$t.ID}}</code></td><td class="ok">online</td><td>{{.AgentID}}</td><td>{{.Version}}</td><td>{{.Remote}}</td><td>{{ago .ConnectedAt}}</td><td>{{range .Upstreams}}<code>{{.}}</code> {{end}}</td><td class="num">{{.InFlight}}</td><td class="num">{{.Served}}</td></tr>
+{{end}}{{else}}<tr><td><code>{{.ID}}</code></td><td class="bad">offline</td><td colspan="7" class="empty">no agent connected: scanners get 503 tunnel_offline</td></tr>
+{{end}}{{end}}</table>
+<h2>Recent scanner errors</h2>
+{{if .Recent}}<table><tr><th>time</th><th>status</th><th>error</th><th>tunnel</th><th>scanner</th><th>request</th><th>request id</th></tr>
+{{range .Recent}}<tr><td>{{ts .Time}}</td><td class="{{if ge .Status 500}}bad{{else}}warn{{end}}">{{.Status}}</td><td>{{.Code}}</td><td>{{.Tunnel}}</td><td>{{.Scanner}}</td><td><code>{{.Method}} {{.Path}}</code></td><td><code>{{.RequestID}}</code></td></tr>
+{{end}}</table>{{else}}<p class="empty">none since start</p>{{end}}`

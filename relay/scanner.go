@@ -174,6 +174,16 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
 			"method", req.Method, "path", pathOnly(req.RequestURI), "status", status, "bytes", rec.Bytes,
 			"duration_ms", took.Milliseconds())
+		r.requests.Add(1)
+		if status >= 400 {
+			if status >= 500 {
+				r.failed.Add(1)
+			} else {
+				r.refused.Add(1)
+			}
+			r.recent.Add(ErrorEvent{Time: start, RequestID: rid, Tunnel: tunnelID, Scanner: scanner, Method: req.Method,
+				Path: truncatePath(pathOnly(req.RequestURI)), Status: status, Code: rec.Header().Get("X-Ferry-Error")})
+		}
 		m := r.metrics
 		m.Requests.WithLabelValues(mTunnel, mUpstream, metrics.MethodClass(req.Method), metrics.Code(status)).Inc()
 		m.RequestDuration.WithLabelValues(mTunnel).Observe(took.Seconds())
@@ -287,6 +297,14 @@ func splitScannerPath(uri string) (tunnel, upstream, rest string, ok bool) {
 		rest += parts[2]
 	}
 	return parts[0], parts[1], rest, true
+}
+
+// truncatePath keeps status pages and logs readable under path floods.
+func truncatePath(p string) string {
+	if len(p) > 200 {
+		return p[:200] + "…"
+	}
+	return p
 }
 
 func pathOnly(uri string) string {

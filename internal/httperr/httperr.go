@@ -40,6 +40,7 @@ type Body struct {
 // headers, where every handler sets it first.
 func Write(w http.ResponseWriter, status int, code, msg string) {
 	h := w.Header()
+	h.Set("X-Ferry-Error", code)
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
 	h.Set("X-Content-Type-Options", "nosniff")
