@@ -7,7 +7,7 @@ LDFLAGS   := -s -w -X github.com/ferry-tunnel/ferry/internal/version.Version=$(V
 FUZZTIME  ?= 30s
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build test demo deps fuzz lint clean
+.PHONY: all build test demo deps fuzz lint deb clean
 
 all: build
 
@@ -46,6 +46,10 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	@$(GO) mod download
+
+# Debian package of the agent (binary, systemd unit, example config).
+deb: build
+	FERRY_VERSION=$$(case "$(VERSION)" in v[0-9]*) echo "$(VERSION)" | sed 's/^v//';; *) echo "0.0.0~git$(VERSION)" | tr -d -;; esac) $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0 pkg --config deploy/nfpm.yaml --packager deb --target bin/
 
 clean:
 	rm -rf bin
