@@ -163,7 +163,7 @@ func testLog(t *testing.T) io.Writer {
 
 func (w *world) startRelay(agentAddr string) (*relay.Relay, *running) {
 	w.t.Helper()
-	cfg, err := config.ParseRelay("relay.yaml", []byte(w.relayYAML(agentAddr)))
+	cfg, err := config.ParseRelay(filepath.Join(w.dir, "relay.yaml"), []byte(w.relayYAML(agentAddr)))
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -231,6 +231,8 @@ func newEnv(t *testing.T) *env {
 	waitFor(t, "agent connected", func() bool { return e.agent.Connected() == 2 })
 	return e
 }
+
+func tokenHash(tok string) string { return token.Of(tok).String() }
 
 func newClient() *http.Client { return &http.Client{Transport: &http.Transport{}} }
 

@@ -136,3 +136,48 @@ func TestBinaryReloadsOnSIGHUP(t *testing.T) {
 	}
 	relayProc.signal(syscall.SIGTERM)
 }
+
+func TestRelayReloadRotatesTokensAndRevokes(t *testing.T) {
+	w := newWorld(t)
+	relayCfg := w.relayYAML("127.0.0.1:0")
+	w.write("relay.yaml", relayCfg)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	a, arun := w.startAgent(r.AgentAddr(), "")
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	e := &env{world: w, client: newClient()}
+	defer e.client.CloseIdleConnections()
+	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ"
+
+	// A new scanner token, added by reload, works at once.
+	newScanner := "fry_new-scanner-token-after-reload"
+	w.write("relay.yaml", strings.Replace(relayCfg, "scanners:\n", "scanners:\n  - name: newcomer\n    token: \""+tokenHash(newScanner)+"\"\n    tunnels: ["+tunnelID+"]\n", 1))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if s, _, b := e.do("GET", url, newScanner, nil, nil); s != 200 {
+		t.Fatalf("new scanner after reload: %d %s", s, b)
+	}
+	// A broken file changes nothing.
+	w.write("relay.yaml", "tunnels: [")
+	if err := r.Reload(); err == nil {
+		t.Fatal("broken relay config reloaded")
+	}
+	if s, _, _ := e.do("GET", url, newScanner, nil, nil); s != 200 {
+		t.Fatal("a failed reload dropped the running config")
+	}
+	// Revoking the agent's token cuts its connections, and it cannot return.
+	w.write("relay.yaml", strings.Replace(relayCfg, tokenHash(agentToken), tokenHash("fry_replacement"), 1))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "revoked connections closed", func() bool { return a.Connected() == 0 })
+	if s, _, _ := e.do("GET", url, scannerToken, nil, nil); s != 503 {
+		t.Fatalf("after revoking the agent token: %d", s)
+	}
+	time.Sleep(700 * time.Millisecond) // a reconnect attempt or two
+	if a.Connected() != 0 {
+		t.Fatal("agent reconnected with a revoked token")
+	}
+}

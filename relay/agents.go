@@ -52,7 +52,8 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 		httperr.Write(w, http.StatusUnauthorized, httperr.Unauthorized, "agent token missing: send Authorization: Bearer <token>")
 		return
 	}
-	t := r.tunnelForAgent(token.Of(tok))
+	th := token.Of(tok)
+	t := r.tunnelForAgent(th)
 	if t == nil {
 		r.limiter.failed(src)
 		r.metrics.AuthFailures.WithLabelValues("agent").Inc()
@@ -75,12 +76,12 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 		log.Warn("agent WebSocket upgrade failed", "err", err)
 		return
 	}
-	if err := r.serveAgent(log.With("tunnel", t.id), t, ws, req.RemoteAddr); err != nil {
+	if err := r.serveAgent(log.With("tunnel", t.id), t, ws, req.RemoteAddr, th); err != nil {
 		log.Info("agent connection ended", "tunnel", t.id, "err", err)
 	}
 }
 
-func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remote string) error {
+func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remote string, th token.Hash) error {
 	ctx, cancel := context.WithCancel(r.life)
 	defer cancel()
 	sess, err := yamux.Server(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(log))
@@ -90,7 +91,7 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 	}
 	defer sess.Close()
 
-	ac, err := r.handshake(ctx, t, sess, remote)
+	ac, err := r.handshake(ctx, t, sess, remote, th)
 	if err != nil {
 		r.metrics.AgentConnects.WithLabelValues(t.id, "handshake_failed").Inc()
 		log.Warn("agent handshake failed", "err", err)
@@ -144,7 +145,7 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 }
 
 // handshake reads the agent's hello on its control stream and answers.
-func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string) (*agentConn, error) {
+func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string, th token.Hash) (*agentConn, error) {
 	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
 	ctrl, err := sess.AcceptStreamWithContext(hctx)
@@ -186,6 +187,7 @@ func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, r
 		agentID:     hello.AgentID,
 		version:     hello.Version,
 		remote:      remote,
+		tokenHash:   th,
 		connectedAt: time.Now(),
 		sess:        sess,
 		ctrl:        ctrl,
@@ -214,8 +216,9 @@ func upstreamSet(names []string) (map[string]bool, error) {
 }
 
 func (r *Relay) tunnelForAgent(h token.Hash) *tunnel {
-	if i := token.Index(r.agentHashes, h); i >= 0 {
-		return r.agentTunnel[i]
+	a := r.auth.Load()
+	if i := token.Index(a.agentHashes, h); i >= 0 {
+		return a.agentTunnel[i]
 	}
 	return nil
 }

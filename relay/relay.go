@@ -22,7 +22,6 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/statuspage"
-	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/internal/version"
 	"github.com/ferry-tunnel/ferry/proto"
 )
@@ -38,11 +37,11 @@ type Relay struct {
 	log *slog.Logger
 	id  string
 
-	tunnels       map[string]*tunnel
-	agentHashes   []token.Hash
-	agentTunnel   []*tunnel // parallel to agentHashes
-	scannerHashes []token.Hash
-	scanners      []*scannerAuth // parallel to scannerHashes
+	auth        atomic.Pointer[authTables] // replaced by Reload
+	reloadMu    sync.Mutex
+	level       *slog.LevelVar // nil: level not reloadable
+	agentCert   *certSource    // nil: plaintext
+	scannerCert *certSource
 
 	proxy     *httputil.ReverseProxy
 	transport *http.Transport
@@ -68,25 +67,12 @@ type Relay struct {
 // New builds a relay from a validated config.
 func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	host, _ := os.Hostname()
-	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], tunnels: map[string]*tunnel{}, limiter: newAuthLimiter(), metrics: metrics.NewRelay(),
+	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], limiter: newAuthLimiter(), metrics: metrics.NewRelay(),
 		started: time.Now(), recent: statuspage.NewRecent[ErrorEvent](25), page: statuspage.New("ferry relay", "/v1/tunnels", relayPage)}
+	r.auth.Store(buildAuth(cfg, nil))
 	for _, tc := range cfg.Tunnels {
-		t := &tunnel{id: tc.ID}
-		r.tunnels[tc.ID] = t
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
-		for _, h := range tc.AgentHashes {
-			r.agentHashes = append(r.agentHashes, h)
-			r.agentTunnel = append(r.agentTunnel, t)
-		}
-	}
-	for _, sc := range cfg.Scanners {
-		sa := &scannerAuth{name: sc.Name, tunnels: map[string]bool{}}
-		for _, t := range sc.Tunnels {
-			sa.tunnels[t] = true
-		}
-		r.scannerHashes = append(r.scannerHashes, sc.Hash)
-		r.scanners = append(r.scanners, sa)
 	}
 	r.proxy, r.transport = r.newProxy()
 	return r, nil
@@ -100,24 +86,22 @@ func (r *Relay) Listen() error {
 		return err
 	}
 	if r.cfg.TLS != nil {
-		cert, err := tls.LoadX509KeyPair(r.cfg.TLS.CertFile, r.cfg.TLS.KeyFile)
-		if err != nil {
+		if r.agentCert, err = newCertSource(r.cfg.TLS); err != nil {
 			r.closeListeners()
-			return fmt.Errorf("load tls certificate: %w", err)
+			return err
 		}
-		r.agentLn = tls.NewListener(r.agentLn, serverTLS(cert))
+		r.agentLn = tls.NewListener(r.agentLn, serverTLS(r.agentCert))
 	}
 	if r.scannerLn, err = listen("scanner_listen", r.cfg.ScannerListen); err != nil {
 		r.closeListeners()
 		return err
 	}
 	if r.cfg.ScannerTLS != nil {
-		cert, err := tls.LoadX509KeyPair(r.cfg.ScannerTLS.CertFile, r.cfg.ScannerTLS.KeyFile)
-		if err != nil {
+		if r.scannerCert, err = newCertSource(r.cfg.ScannerTLS); err != nil {
 			r.closeListeners()
-			return fmt.Errorf("load scanner_tls certificate: %w", err)
+			return err
 		}
-		r.scannerLn = tls.NewListener(r.scannerLn, serverTLS(cert))
+		r.scannerLn = tls.NewListener(r.scannerLn, serverTLS(r.scannerCert))
 	}
 	if r.adminLn, err = listen("admin_listen", r.cfg.AdminListen); err != nil {
 		r.closeListeners()
@@ -134,9 +118,14 @@ func listen(what, addr string) (net.Listener, error) {
 	return ln, nil
 }
 
-func serverTLS(cert tls.Certificate) *tls.Config {
-	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+// serverTLS serves the source's current certificate, so a reload
+// rotates it for new connections.
+func serverTLS(c *certSource) *tls.Config {
+	return &tls.Config{GetCertificate: c.get, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
 }
+
+// SetLevelVar lets Reload change the log level the logger was built with.
+func (r *Relay) SetLevelVar(v *slog.LevelVar) { r.level = v }
 
 func (r *Relay) closeListeners() {
 	for _, ln := range []net.Listener{r.agentLn, r.scannerLn, r.adminLn} {
@@ -187,7 +176,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 		go func() { errc <- s.Serve(lns[i]) }()
 	}
 	r.log.Info("relay started", "version", version.Version, "relay_id", r.id, "agent_listen", r.AgentAddr(),
-		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.tunnels))
+		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.auth.Load().tunnels))
 
 	var runErr error
 	select {
@@ -206,7 +195,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 		r.log.Warn("scanner requests cut at end of shutdown grace", "err", err)
 		servers[1].Close()
 	}
-	for _, t := range r.tunnels {
+	for _, t := range r.auth.Load().tunnels {
 		for _, c := range t.snapshot() {
 			c.goAway("relay shutting down")
 		}
@@ -295,7 +284,7 @@ type ConnectionStatus struct {
 
 func (r *Relay) tunnelStatus() []TunnelStatus {
 	out := []TunnelStatus{}
-	for _, t := range r.tunnels {
+	for _, t := range r.auth.Load().tunnels {
 		ts := TunnelStatus{ID: t.id, Connections: []ConnectionStatus{}}
 		for _, c := range t.snapshot() {
 			ups := c.upstreamNames()

@@ -223,7 +223,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	scanner = sc.name
-	t := r.tunnels[tunnelID]
+	t := r.auth.Load().tunnels[tunnelID]
 	if t != nil {
 		mTunnel = tunnelID
 	}
@@ -330,8 +330,9 @@ func (r *Relay) authScanner(req *http.Request) *scannerAuth {
 	if !ok {
 		return nil
 	}
-	if i := token.Index(r.scannerHashes, token.Of(tok)); i >= 0 {
-		return r.scanners[i]
+	a := r.auth.Load()
+	if i := token.Index(a.scannerHashes, token.Of(tok)); i >= 0 {
+		return a.scanners[i]
 	}
 	return nil
 }

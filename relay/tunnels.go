@@ -9,6 +9,7 @@ import (
 
 	"github.com/hashicorp/yamux"
 
+	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
@@ -29,6 +30,7 @@ type agentConn struct {
 	version     string
 	upstreams   atomic.Pointer[map[string]bool] // replaced when the agent reloads
 	remote      string
+	tokenHash   token.Hash // which agent token opened it (revocation on reload)
 	connectedAt time.Time
 	sess        *yamux.Session
 

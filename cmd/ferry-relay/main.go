@@ -41,6 +41,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return nil
 		}
 	}
+	hup := cli.NotifyHangup()
 	path, err := cli.ConfigFlag("ferry-relay", args, stderr)
 	if err != nil {
 		return fmt.Errorf("%w\n%s", err, usage)
@@ -51,5 +52,16 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
-	return relay.Run(ctx, cfg, logging.New(stderr, cfg.Log))
+	log, level := logging.NewLeveled(stderr, cfg.Log)
+	r, err := relay.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	r.SetLevelVar(level)
+	if err := r.Listen(); err != nil {
+		return err
+	}
+	// SIGHUP reloads; the goroutine ends with ctx, as Serve does.
+	go cli.OnHangup(ctx, hup, func() { r.Reload() })
+	return r.Serve(ctx)
 }

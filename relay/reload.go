@@ -1,0 +1,145 @@
+package relay
+
+import (
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/token"
+)
+
+// authTables is everything the relay derives from tunnels: and scanners:,
+// replaced whole on reload. Tunnel objects (and their live connections)
+// carry over for ids that stay.
+type authTables struct {
+	tunnels       map[string]*tunnel
+	agentHashes   []token.Hash
+	agentTunnel   []*tunnel // parallel to agentHashes
+	scannerHashes []token.Hash
+	scanners      []*scannerAuth // parallel to scannerHashes
+}
+
+func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
+	a := &authTables{tunnels: map[string]*tunnel{}}
+	for _, tc := range cfg.Tunnels {
+		t := (*tunnel)(nil)
+		if prev != nil {
+			t = prev.tunnels[tc.ID]
+		}
+		if t == nil {
+			t = &tunnel{id: tc.ID}
+		}
+		a.tunnels[tc.ID] = t
+		for _, h := range tc.AgentHashes {
+			a.agentHashes = append(a.agentHashes, h)
+			a.agentTunnel = append(a.agentTunnel, t)
+		}
+	}
+	for _, sc := range cfg.Scanners {
+		sa := &scannerAuth{name: sc.Name, tunnels: map[string]bool{}}
+		for _, t := range sc.Tunnels {
+			sa.tunnels[t] = true
+		}
+		a.scannerHashes = append(a.scannerHashes, sc.Hash)
+		a.scanners = append(a.scanners, sa)
+	}
+	return a
+}
+
+// certSource serves a certificate that Reload can replace.
+type certSource struct {
+	files *config.TLSFiles
+	cert  atomic.Pointer[tls.Certificate]
+}
+
+func newCertSource(files *config.TLSFiles) (*certSource, error) {
+	c := &certSource{files: files}
+	return c, c.load()
+}
+
+func (c *certSource) load() error {
+	cert, err := tls.LoadX509KeyPair(c.files.CertFile, c.files.KeyFile)
+	if err != nil {
+		return fmt.Errorf("load certificate %s: %w", c.files.CertFile, err)
+	}
+	c.cert.Store(&cert)
+	return nil
+}
+
+func (c *certSource) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }
+
+// Reload re-reads the config file (SIGHUP): tunnels, agent tokens,
+// scanners, the log level and the TLS certificates change at once.
+// Connections whose token is no longer listed for their tunnel, or whose
+// tunnel is gone, are told to go away. A file that fails validation
+// leaves everything as it was. Listeners and the registry need a restart.
+func (r *Relay) Reload() error {
+	r.reloadMu.Lock()
+	defer r.reloadMu.Unlock()
+	next, err := config.LoadRelay(r.cfg.File)
+	if err != nil {
+		r.log.Error("config reload failed; the running config stays in force", "err", err)
+		return err
+	}
+	for _, cs := range []*certSource{r.agentCert, r.scannerCert} {
+		if cs == nil {
+			continue
+		}
+		if err := cs.load(); err != nil {
+			r.log.Error("config reload: certificate not reloaded; the running one stays", "err", err)
+		}
+	}
+	var kept []string
+	if next.AgentListen != r.cfg.AgentListen || next.ScannerListen != r.cfg.ScannerListen || next.AdminListen != r.cfg.AdminListen {
+		kept = append(kept, "listen addresses")
+	}
+	if (next.TLS == nil) != (r.cfg.TLS == nil) || (next.ScannerTLS == nil) != (r.cfg.ScannerTLS == nil) || next.InsecurePlaintext != r.cfg.InsecurePlaintext {
+		kept = append(kept, "tls on/off")
+	}
+	if next.Registry != r.cfg.Registry {
+		kept = append(kept, "registry")
+	}
+	if len(kept) > 0 {
+		r.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
+	}
+	prev := r.auth.Load()
+	cur := buildAuth(next, prev)
+	r.auth.Store(cur)
+	if r.level != nil {
+		var l slog.Level
+		l.UnmarshalText([]byte(next.Log.Level))
+		r.level.Set(l)
+	}
+	// Cut what the new config no longer allows.
+	allowed := map[*tunnel]map[token.Hash]bool{}
+	for i, h := range cur.agentHashes {
+		t := cur.agentTunnel[i]
+		if allowed[t] == nil {
+			allowed[t] = map[token.Hash]bool{}
+		}
+		allowed[t][h] = true
+	}
+	for id, t := range prev.tunnels {
+		for _, c := range t.snapshot() {
+			switch {
+			case cur.tunnels[id] == nil:
+				r.log.Info("tunnel removed from config; closing its agent connection", "tunnel", id, "connection_id", c.id)
+				c.goAway("tunnel removed from the relay's config")
+				c.sess.Close()
+			case !allowed[t][c.tokenHash]:
+				r.log.Info("agent token removed from config; closing the connection that used it", "tunnel", id, "connection_id", c.id)
+				c.goAway("agent token revoked")
+				c.sess.Close()
+			}
+		}
+	}
+	for id := range cur.tunnels {
+		r.metrics.AgentConnections.WithLabelValues(id).Add(0)
+		r.metrics.StreamsInFlight.WithLabelValues(id).Add(0)
+	}
+	r.log.Info("config reloaded", "file", next.File, "tunnels", len(cur.tunnels), "scanners", len(cur.scanners))
+	return nil
+}
