@@ -201,7 +201,7 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		took := time.Since(start)
 		entry.Time, entry.Status, entry.Bytes = start.UTC(), rec.StatusCode(), rec.Bytes
 		entry.DurationMS = took.Milliseconds()
-		a.record(entry, took, in.N)
+		a.record(entry, took, in.N())
 	}()
 
 	rawPath, rawQuery, _ := strings.Cut(r.RequestURI, "?")

@@ -232,6 +232,13 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
+// waitCredentialCheck waits for the agent's start-up credential check,
+// whose requests to Bitbucket would otherwise mix with a test's.
+func waitCredentialCheck(t *testing.T, a *agent.Agent) {
+	t.Helper()
+	waitFor(t, "credential check", func() bool { return len(a.Status().Credentials) > 0 })
+}
+
 func tokenHash(tok string) string { return token.Of(tok).String() }
 
 func newClient() *http.Client { return &http.Client{Transport: &http.Transport{}} }

@@ -90,6 +90,7 @@ func TestHostileRequestsNeverReachBitbucket(t *testing.T) {
 	a, arun := w.startAgentYAML(cfg)
 	defer arun.shutdown(t)
 	waitFor(t, "agent connected", func() bool { return a.Connected() > 0 })
+	waitCredentialCheck(t, a)
 
 	const (
 		p    = "/t/" + tunnelID + "/bitbucket"

@@ -17,10 +17,8 @@ import (
 func TestResponsesNeverPointInside(t *testing.T) {
 	e := newEnv(t)
 	repoPath := "/rest/api/1.0/projects/PROJ/repos/app"
-	e.bb.Redirects = map[string]string{
-		repoPath + "/browse/moved": e.bbURL + repoPath + "/browse/README.md?at=main",
-		repoPath + "/browse/sso":   "https://idp.corp.internal/login?service=bitbucket",
-	}
+	e.bb.AddRedirect(repoPath+"/browse/moved", e.bbURL+repoPath+"/browse/README.md?at=main")
+	e.bb.AddRedirect(repoPath+"/browse/sso", "https://idp.corp.internal/login?service=bitbucket")
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	defer client.CloseIdleConnections()
 	get := func(path string) *http.Response {

@@ -59,10 +59,11 @@ func TestCloneAndRESTThroughTunnel(t *testing.T) {
 		t.Fatalf("repos page: %s (%v)", body, err)
 	}
 	// The request id the scanner saw is the one in the agent's audit log.
+	// (The agent records after the response is complete, so wait for it.)
 	rid := hdr.Get(httperr.RequestIDHeader)
-	if !auditHas(t, e.dir, func(a audit.Entry) bool { return a.RequestID == rid && a.Decision == "allow" && a.Scanner == "appsec" }) {
-		t.Fatalf("audit log has no allow entry for request %s", rid)
-	}
+	waitFor(t, "audit entry for "+rid, func() bool {
+		return auditHas(t, e.dir, func(a audit.Entry) bool { return a.RequestID == rid && a.Decision == "allow" && a.Scanner == "appsec" })
+	})
 }
 
 func auditHas(t *testing.T, dir string, match func(audit.Entry) bool) bool {
@@ -183,6 +184,7 @@ func errorBody(t *testing.T, body string) httperr.Body {
 
 func TestScannerErrors(t *testing.T) {
 	e := newEnv(t)
+	waitCredentialCheck(t, e.agent)
 	base := "http://" + e.relay.ScannerAddr()
 	before := len(e.bb.Seen())
 	cases := []struct {
@@ -227,9 +229,9 @@ func TestScannerErrors(t *testing.T) {
 	if b := errorBody(t, body); !strings.Contains(b.Message, "bitbucket-dc-read") {
 		t.Errorf("denial message does not name the profile: %q", b.Message)
 	}
-	if !auditHas(t, e.dir, func(a audit.Entry) bool { return a.Decision == "deny" && a.Status == 403 && a.Rule == "default-deny" }) {
-		t.Error("denial missing from the audit log")
-	}
+	waitFor(t, "denial in the audit log", func() bool {
+		return auditHas(t, e.dir, func(a audit.Entry) bool { return a.Decision == "deny" && a.Status == 403 && a.Rule == "default-deny" })
+	})
 }
 
 func TestBasicAuthTokenForGit(t *testing.T) {

@@ -187,7 +187,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		m := r.metrics
 		m.Requests.WithLabelValues(mTunnel, mUpstream, metrics.MethodClass(req.Method), metrics.Code(status)).Inc()
 		m.RequestDuration.WithLabelValues(mTunnel).Observe(took.Seconds())
-		m.Bytes.WithLabelValues(mTunnel, "to_agent").Add(float64(in.N))
+		m.Bytes.WithLabelValues(mTunnel, "to_agent").Add(float64(in.N()))
 		m.Bytes.WithLabelValues(mTunnel, "to_scanner").Add(float64(rec.Bytes))
 	}()
 

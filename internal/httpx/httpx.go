@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Recorder notes the status and bytes of a response for access and audit
@@ -85,14 +86,19 @@ func IsTimeout(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "timeout awaiting response headers")
 }
 
-// CountingBody counts the bytes read through it.
+// CountingBody counts the bytes read through it. The count is atomic:
+// http.Transport may still be reading a request body in its write loop
+// after the handler that owns the counter has returned.
 type CountingBody struct {
 	io.ReadCloser
-	N int64
+	n atomic.Int64
 }
 
 func (c *CountingBody) Read(p []byte) (int, error) {
 	n, err := c.ReadCloser.Read(p)
-	c.N += int64(n)
+	c.n.Add(int64(n))
 	return n, err
 }
+
+// N is the number of bytes read so far.
+func (c *CountingBody) N() int64 { return c.n.Load() }

@@ -36,14 +36,21 @@ type Bitbucket struct {
 	// TokenExpiryDays is what the token list reports for the PAT in use.
 	TokenExpiryDays int
 
-	// Redirects answers GET on a path with 302 to a Location (tests of
-	// what ferry does with redirects).
-	Redirects map[string]string
-
 	mu        sync.Mutex
+	redirects map[string]string // path -> Location, answered with 302
 	seen      []SeenRequest
 	synthetic map[string]Synthetic // "PROJ/slug/path" -> generated file
 	lfs       map[string][]byte    // oid -> object
+}
+
+// AddRedirect answers requests for path with 302 to location.
+func (b *Bitbucket) AddRedirect(path, location string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.redirects == nil {
+		b.redirects = map[string]string{}
+	}
+	b.redirects[path] = location
 }
 
 // AddLFSObject stores an LFS object and returns its oid (sha256).
@@ -110,7 +117,10 @@ func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("X-AUSERNAME", b.User)
 	w.Header().Set("X-AREQUESTID", "@"+strconv.Itoa(rand.IntN(1<<30))+"x1")
-	if loc, ok := b.Redirects[r.URL.Path]; ok {
+	b.mu.Lock()
+	loc, redirect := b.redirects[r.URL.Path]
+	b.mu.Unlock()
+	if redirect {
 		http.Redirect(w, r, loc, http.StatusFound)
 		return
 	}
