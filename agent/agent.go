@@ -27,10 +27,6 @@ import (
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// DrainTimeout is how long requests in flight may finish after the agent
-// is told to stop.
-const DrainTimeout = 30 * time.Second
-
 // Agent is one agent process. Create with New, bind with Listen, run with
 // Serve (or all with Run).
 type Agent struct {
@@ -47,7 +43,10 @@ type Agent struct {
 	conns       []*connState
 	stats       stats
 	metrics     *metrics.Agent
-	recheck     chan struct{} // asks watchCredentials to check now
+	recheck     chan struct{}  // asks watchCredentials to check now
+	draining    atomic.Bool    // set at shutdown: no new connections, no new streams
+	inflight    atomic.Int64   // requests being served
+	bg          sync.WaitGroup // sessions draining after a goaway
 	denials     *statuspage.Recent[audit.Entry]
 	page        *statuspage.Page
 
@@ -62,7 +61,7 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 	a := &Agent{log: log, pool: httpx.NewBufferPool(), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1),
 		denials: statuspage.NewRecent[audit.Entry](25), page: statuspage.New("ferry agent", "/v1/status", agentPage)}
 	a.cfg.Store(cfg)
-	ups, err := newUpstreamSet(cfg.Upstreams, log, a.pool)
+	ups, err := newUpstreamSet(cfg, log, a.pool)
 	if err != nil {
 		return nil, err
 	}
@@ -71,7 +70,7 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	rc, err := newRelayClient(&cfg.Relay, proxy)
+	rc, err := newRelayClient(cfg, proxy)
 	if err != nil {
 		return nil, err
 	}
@@ -124,7 +123,7 @@ func Run(ctx context.Context, cfg *config.Agent, log *slog.Logger) error {
 
 // Serve keeps the relay connections up and serves requests until ctx is
 // done; then it stops taking requests, lets those in flight finish (up to
-// DrainTimeout), closes the connections and waits for every goroutine.
+// timeouts.drain), closes the connections and waits for every goroutine.
 func (a *Agent) Serve(ctx context.Context) error {
 	defer a.audit.Close()
 	tunnelSrv := &http.Server{
@@ -172,15 +171,15 @@ func (a *Agent) Serve(ctx context.Context) error {
 	case runErr = <-errc:
 	}
 	stopNotify() // STOPPING=1 before the drain
-	a.log.Info("agent draining", "timeout", DrainTimeout.String())
-	dctx, cancel := context.WithTimeout(context.Background(), DrainTimeout)
+	a.drain()
+	sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if err := tunnelSrv.Shutdown(dctx); err != nil {
-		a.log.Warn("requests still in flight at end of drain; cutting them", "err", err)
+	if err := tunnelSrv.Shutdown(sctx); err != nil {
 		tunnelSrv.Close()
 	}
 	stopConns()
 	wg.Wait()
+	a.bg.Wait()
 	diagSrv.Close()
 	a.upstreams().closeIdle()
 	a.relayClient.CloseIdleConnections()
@@ -191,6 +190,42 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 	a.log.Info("agent stopped")
 	return runErr
+}
+
+func (a *Agent) drainTimeout() time.Duration { return a.config().Timeouts.Drain }
+
+// drain stops new work and waits for requests in flight: it tells the
+// relay on every connection to send no more streams, waits for the acks
+// (so nothing is on its way), then for the requests to finish, up to the
+// drain timeout.
+func (a *Agent) drain() {
+	a.draining.Store(true)
+	timeout := a.drainTimeout()
+	a.log.Info("agent draining: no new requests; waiting for those in flight", "in_flight", a.inflight.Load(), "timeout", timeout.String())
+	deadline := time.Now().Add(timeout)
+	var acks []chan struct{}
+	for _, c := range a.conns {
+		if ch := c.startDrain(); ch != nil {
+			acks = append(acks, ch)
+		}
+	}
+	ackWait := time.NewTimer(2 * time.Second)
+	defer ackWait.Stop()
+	for _, ch := range acks {
+		select {
+		case <-ch:
+		case <-ackWait.C:
+			a.log.Warn("relay did not acknowledge draining in 2s; continuing")
+		}
+	}
+	for a.inflight.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := a.inflight.Load(); n > 0 {
+		a.log.Warn("drain timeout: cutting requests still in flight", "in_flight", n)
+	} else {
+		a.log.Info("drained: no requests in flight")
+	}
 }
 
 // Connected is how many relay connections are up now.
@@ -276,12 +311,41 @@ type connState struct {
 
 	ctrlMu sync.Mutex
 	ctrl   *yamux.Stream // the live connection's control stream, or nil
+	ack    chan struct{} // closed when the relay acknowledges draining
 }
 
 func (c *connState) setCtrl(s *yamux.Stream) {
 	c.ctrlMu.Lock()
 	c.ctrl = s
+	c.ack = nil
 	c.ctrlMu.Unlock()
+}
+
+// startDrain asks the relay to stop sending streams on the live
+// connection, returning a channel closed on its ack (nil: no connection).
+func (c *connState) startDrain() chan struct{} {
+	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
+	if c.ctrl == nil {
+		return nil
+	}
+	c.ack = make(chan struct{})
+	c.ctrl.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	if err := proto.WriteMessage(c.ctrl, proto.Message{Type: proto.MsgDraining}); err != nil {
+		c.ack = nil
+		return nil
+	}
+	return c.ack
+}
+
+// drainAcked records the relay's ack of draining.
+func (c *connState) drainAcked() {
+	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
+	if c.ack != nil {
+		close(c.ack)
+		c.ack = nil
+	}
 }
 
 // ConnStatus describes one relay connection slot.

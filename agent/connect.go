@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -25,14 +26,7 @@ import (
 )
 
 const (
-	dialTimeout      = 10 * time.Second
-	tlsTimeout       = 10 * time.Second
-	upgradeTimeout   = 15 * time.Second
 	handshakeTimeout = 10 * time.Second
-	// streamHeaderTimeout bounds how long a new stream may take to send
-	// its header; a relay that opens streams and says nothing costs us a
-	// goroutine for at most this long.
-	streamHeaderTimeout = 10 * time.Second
 	// stableAfter: a connection that lived this long resets the backoff.
 	stableAfter = 5 * time.Second
 )
@@ -86,13 +80,17 @@ func ProxyRefusal(proxyURL *url.URL, target string, code int, status string) err
 
 // newRelayClient builds the HTTP client used for the WebSocket upgrade:
 // TLS 1.2+, the configured CA (or system roots), and the egress proxy.
-func newRelayClient(rc *config.RelayClient, proxy func(*url.URL) (*url.URL, error)) (*http.Client, error) {
+func newRelayClient(cfg *config.Agent, proxy func(*url.URL) (*url.URL, error)) (*http.Client, error) {
+	rc := struct {
+		*config.RelayClient
+		timeouts config.AgentTimeouts
+	}{&cfg.Relay, cfg.Timeouts}
 	tr := &http.Transport{
 		Proxy:                 func(r *http.Request) (*url.URL, error) { return proxy(r.URL) },
-		DialContext:           (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:           (&net.Dialer{Timeout: rc.timeouts.Dial, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:       &tls.Config{RootCAs: rc.CA, MinVersion: tls.VersionTLS12},
-		TLSHandshakeTimeout:   tlsTimeout,
-		ResponseHeaderTimeout: upgradeTimeout,
+		TLSHandshakeTimeout:   rc.timeouts.TLSHandshake,
+		ResponseHeaderTimeout: rc.timeouts.Upgrade,
 		DisableCompression:    true,
 		MaxIdleConns:          1,
 		IdleConnTimeout:       time.Second,
@@ -106,23 +104,36 @@ func newRelayClient(rc *config.RelayClient, proxy func(*url.URL) (*url.URL, erro
 	return &http.Client{Transport: tr}, nil
 }
 
+// errGoAway: the relay asked this connection to move. The slot
+// reconnects at once while the old session finishes its streams.
+var errGoAway = errors.New("relay asked this connection to go away")
+
 // keepConnected holds relay connection number slot up until ctx ends,
-// reconnecting with backoff.
+// reconnecting with backoff. Once the agent drains it stops dialling.
 func (a *Agent) keepConnected(ctx context.Context, slot int) {
 	st := a.conns[slot]
 	b := newBackoff()
 	for {
+		if a.draining.Load() {
+			<-ctx.Done()
+			return
+		}
 		started := time.Now()
 		up, err := a.runConnection(ctx, st)
 		if ctx.Err() != nil {
 			return
 		}
+		st.failed(err)
+		a.metrics.Reconnects.Inc()
+		if errors.Is(err, errGoAway) {
+			b.reset()
+			a.log.Info("reconnecting after goaway", "slot", slot, "reason", err)
+			continue
+		}
 		if up && time.Since(started) >= stableAfter {
 			b.reset()
 		}
 		delay := b.next()
-		st.failed(err)
-		a.metrics.Reconnects.Inc()
 		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
 		t := time.NewTimer(delay)
 		select {
@@ -135,32 +146,33 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 }
 
 // runConnection dials, handshakes and serves one relay connection until it
-// ends. up reports whether the handshake succeeded.
+// ends or the relay sends goaway. up reports whether the handshake
+// succeeded.
 func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err error) {
 	ws, err := a.dial(ctx)
 	if err != nil {
 		return false, err
 	}
-	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(a.log))
+	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive))
 	if err != nil {
 		ws.CloseNow()
 		return false, fmt.Errorf("start session: %w", err)
 	}
-	defer sess.Close()
 	ctrl, welcome, err := a.hello(sess)
 	if err != nil {
+		sess.Close()
 		return false, err
 	}
 	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
 	st.connected(welcome)
 	st.setCtrl(ctrl)
-	defer st.setCtrl(nil)
 	a.metrics.RelayConnections.Inc()
-	defer a.metrics.RelayConnections.Dec()
 	log.Info("connected to relay", "relay", a.config().Relay.URL, "tunnel", welcome.Tunnel)
 
+	var inflight atomic.Int64 // streams of this session being served
+	goaway := make(chan string, 1)
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() { // control stream reader; ends with the session
 		defer wg.Done()
 		for {
@@ -170,33 +182,78 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 			}
 			switch m.Type {
 			case proto.MsgGoAway:
-				log.Info("relay asked this connection to go away; reconnecting", "reason", m.Reason)
-				sess.Close()
-				return
+				select {
+				case goaway <- m.Reason:
+				default:
+				}
+			case proto.MsgDraining:
+				st.drainAcked()
 			default:
 				log.Debug("control message from relay", "type", m.Type)
 			}
 		}
 	}()
-	for {
-		s, err := sess.AcceptStream()
-		if err != nil {
-			break
+	go func() { // stream acceptor; ends with the session
+		defer wg.Done()
+		for {
+			s, err := sess.AcceptStream()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				a.dispatch(ctx, s, &inflight, log)
+			}()
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			a.dispatch(ctx, s, log)
-		}()
+	}()
+	finish := func() {
+		sess.Close()
+		wg.Wait()
+		a.metrics.RelayConnections.Dec()
 	}
-	sess.Close()
-	wg.Wait()
-	return true, errors.New("relay connection closed")
+	select {
+	case <-sess.CloseChan():
+		st.setCtrl(nil)
+		finish()
+		return true, errors.New("relay connection closed")
+	case <-ctx.Done():
+		st.setCtrl(nil)
+		finish()
+		return true, ctx.Err()
+	case reason := <-goaway:
+		st.setCtrl(nil)
+		log.Info("relay asked this connection to go away; reconnecting while its streams finish", "reason", reason)
+		// The old session finishes its streams on its own; this slot dials
+		// again at once. The drainer belongs to the agent's bg group.
+		a.bg.Add(1)
+		go func() {
+			defer a.bg.Done()
+			deadline := time.NewTimer(a.drainTimeout())
+			defer deadline.Stop()
+			tick := time.NewTicker(20 * time.Millisecond)
+			defer tick.Stop()
+			for inflight.Load() > 0 {
+				select {
+				case <-sess.CloseChan():
+				case <-deadline.C:
+				case <-tick.C:
+					continue
+				}
+				break
+			}
+			finish()
+		}()
+		return true, fmt.Errorf("%w: %s", errGoAway, reason)
+	}
 }
 
 // dispatch reads a stream's header and hands it to whoever serves its kind.
-func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, log *slog.Logger) {
-	s.SetReadDeadline(time.Now().Add(streamHeaderTimeout))
+// inflight counts the session's streams until the server closes them.
+func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, inflight *atomic.Int64, log *slog.Logger) {
+	// A relay that opens streams and says nothing costs a goroutine for
+	// at most this long.
+	s.SetReadDeadline(time.Now().Add(a.config().Timeouts.StreamHeader))
 	h, err := proto.ReadHeader(s)
 	if err != nil {
 		log.Warn("bad stream from relay", "err", err)
@@ -206,8 +263,10 @@ func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, log *slog.Logger)
 	s.SetReadDeadline(time.Time{})
 	switch h.Kind {
 	case proto.KindHTTP:
-		if !a.streams.offer(ctx, &tunnelConn{Stream: s, header: h}) {
-			s.Close()
+		inflight.Add(1)
+		tc := &tunnelConn{Stream: s, header: h, release: func() { inflight.Add(-1) }}
+		if !a.streams.offer(ctx, tc) {
+			tc.Close()
 		}
 	default:
 		log.Warn("relay opened a stream of an unsupported kind", "kind", h.Kind.String())

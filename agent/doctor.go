@@ -188,7 +188,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 		d.fail("relay", err.Error(), hint)
 		return
 	}
-	sess, err := yamux.Client(proto.WebSocketConn(hctx, ws), proto.YamuxConfig(logging.Discard()))
+	sess, err := yamux.Client(proto.WebSocketConn(hctx, ws), proto.YamuxConfig(logging.Discard(), a.config().Timeouts.Keepalive))
 	if err != nil {
 		ws.CloseNow()
 		d.fail("relay", err.Error(), "")

@@ -40,10 +40,10 @@ type upstreamSet struct {
 	names  []string
 }
 
-func newUpstreamSet(cfgs []config.Upstream, log *slog.Logger, pool *httpx.BufferPool) (*upstreamSet, error) {
+func newUpstreamSet(cfg *config.Agent, log *slog.Logger, pool *httpx.BufferPool) (*upstreamSet, error) {
 	s := &upstreamSet{byName: map[string]*upstream{}}
-	for i := range cfgs {
-		u, err := newUpstream(&cfgs[i], log, pool)
+	for i := range cfg.Upstreams {
+		u, err := newUpstream(&cfg.Upstreams[i], cfg.Timeouts, log, pool)
 		if err != nil {
 			return nil, err
 		}
@@ -68,7 +68,7 @@ type forward struct {
 
 type forwardKey struct{}
 
-func newUpstream(cfg *config.Upstream, log *slog.Logger, pool *httpx.BufferPool) (*upstream, error) {
+func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger, pool *httpx.BufferPool) (*upstream, error) {
 	base, err := url.Parse(cfg.URL)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", cfg.Name, err)
@@ -83,9 +83,9 @@ func newUpstream(cfg *config.Upstream, log *slog.Logger, pool *httpx.BufferPool)
 	}
 	u.transport = &http.Transport{
 		Proxy:                  nil, // upstreams are internal; HTTPS_PROXY is for the relay only
-		DialContext:            (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:            httpx.IdleDialer(&net.Dialer{Timeout: t.Dial, KeepAlive: 30 * time.Second}, max(t.Idle, cfg.ResponseTimeout)),
 		TLSClientConfig:        &tls.Config{RootCAs: cfg.CA, MinVersion: tls.VersionTLS12},
-		TLSHandshakeTimeout:    tlsTimeout,
+		TLSHandshakeTimeout:    t.TLSHandshake,
 		ResponseHeaderTimeout:  cfg.ResponseTimeout,
 		ExpectContinueTimeout:  time.Second,
 		MaxIdleConns:           64,
@@ -195,7 +195,11 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	in := &httpx.CountingBody{ReadCloser: r.Body}
 	r.Body = in
 	a.metrics.StreamsInFlight.Inc()
-	defer a.metrics.StreamsInFlight.Dec()
+	a.inflight.Add(1)
+	defer func() {
+		a.inflight.Add(-1)
+		a.metrics.StreamsInFlight.Dec()
+	}()
 	entry := audit.Entry{RequestID: rid, Scanner: hdr.Scanner, Upstream: hdr.Upstream, Method: r.Method, Decision: "deny"}
 	defer func() {
 		took := time.Since(start)

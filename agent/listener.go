@@ -58,9 +58,17 @@ func (tunnelAddr) Network() string { return "ferry" }
 func (tunnelAddr) String() string  { return "tunnel" }
 
 // tunnelConn is a request stream with the header the relay sent on it.
+// release runs once, when the stream is closed.
 type tunnelConn struct {
 	*yamux.Stream
-	header proto.Header
+	header  proto.Header
+	once    sync.Once
+	release func()
+}
+
+func (c *tunnelConn) Close() error {
+	c.once.Do(c.release)
+	return c.Stream.Close()
 }
 
 type headerKey struct{}

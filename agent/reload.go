@@ -27,7 +27,7 @@ func (a *Agent) Reload() error {
 	next, err := config.LoadAgent(old.File)
 	if err == nil {
 		var ups *upstreamSet
-		if ups, err = newUpstreamSet(next.Upstreams, a.log, a.pool); err == nil {
+		if ups, err = newUpstreamSet(next, a.log, a.pool); err == nil {
 			if kept := keepRestartOnly(old, next); len(kept) > 0 {
 				a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
 			}

@@ -16,6 +16,9 @@ const (
 	// MsgUpstreams (agent → relay) replaces the upstream list the hello
 	// gave, after the agent reloaded its config.
 	MsgUpstreams = "upstreams"
+	// MsgDraining (agent → relay): send no new streams on this connection;
+	// the relay answers with the same type once it has stopped.
+	MsgDraining = "draining"
 )
 
 // MaxControlMessage bounds one control message.

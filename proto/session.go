@@ -16,9 +16,6 @@ import (
 // Tunables shared by both ends. yamux wants the same AcceptBacklog on both
 // sides, so they live here and not in either program's config.
 const (
-	// KeepAliveInterval stays well below the 60 s idle timeout common on
-	// cloud load balancers, so a quiet tunnel is never cut.
-	KeepAliveInterval = 15 * time.Second
 	// StreamWindow is the per-stream receive window: one stream moves at
 	// most StreamWindow/RTT, and each stream may buffer up to this much.
 	StreamWindow   = 1 << 20
@@ -27,12 +24,15 @@ const (
 	streamOpenWait = 30 * time.Second
 )
 
-// YamuxConfig is the session configuration both ends use.
-func YamuxConfig(log *slog.Logger) *yamux.Config {
+// YamuxConfig is the session configuration both ends use. keepalive is
+// the ping interval (default 15 s, well below the 60 s idle timeout common
+// on cloud load balancers, so a quiet tunnel is never cut); a session
+// whose ping goes unanswered for ConnectionWriteTimeout is closed.
+func YamuxConfig(log *slog.Logger, keepalive time.Duration) *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.AcceptBacklog = acceptBacklog
 	c.EnableKeepAlive = true
-	c.KeepAliveInterval = KeepAliveInterval
+	c.KeepAliveInterval = keepalive
 	c.ConnectionWriteTimeout = writeTimeout
 	c.MaxStreamWindowSize = StreamWindow
 	c.StreamOpenTimeout = streamOpenWait

@@ -19,10 +19,6 @@ import (
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// handshakeTimeout bounds how long an agent may take, after the WebSocket
-// upgrade, to open its control stream and say hello.
-const handshakeTimeout = 10 * time.Second
-
 var (
 	nameRE    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 	agentIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$`)
@@ -84,7 +80,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remote string, th token.Hash) error {
 	ctx, cancel := context.WithCancel(r.life)
 	defer cancel()
-	sess, err := yamux.Server(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(log))
+	sess, err := yamux.Server(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(log, r.cfg.Timeouts.Keepalive))
 	if err != nil {
 		ws.CloseNow()
 		return fmt.Errorf("start session: %w", err)
@@ -117,6 +113,10 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 				return
 			}
 			switch m.Type {
+			case proto.MsgDraining:
+				ac.draining.Store(true)
+				ac.send(proto.Message{Type: proto.MsgDraining})
+				log.Info("agent is draining; no new requests go to this connection", "in_flight", ac.inflight.Load())
 			case proto.MsgUpstreams:
 				ups, err := upstreamSet(m.Upstreams)
 				if err != nil {
@@ -146,13 +146,13 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 
 // handshake reads the agent's hello on its control stream and answers.
 func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string, th token.Hash) (*agentConn, error) {
-	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+	hctx, cancel := context.WithTimeout(ctx, r.cfg.Timeouts.AgentHandshake)
 	defer cancel()
 	ctrl, err := sess.AcceptStreamWithContext(hctx)
 	if err != nil {
 		return nil, fmt.Errorf("wait for control stream: %w", err)
 	}
-	ctrl.SetDeadline(time.Now().Add(handshakeTimeout))
+	ctrl.SetDeadline(time.Now().Add(r.cfg.Timeouts.AgentHandshake))
 	hdr, err := proto.ReadHeader(ctrl)
 	if err != nil {
 		return nil, err

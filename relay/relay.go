@@ -26,10 +26,6 @@ import (
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// ShutdownGrace is how long in-flight scanner requests may run on after
-// the relay is told to stop.
-const ShutdownGrace = 30 * time.Second
-
 // Relay is one relay process. Create with New, bind with Listen, run with
 // Serve (or both with Run).
 type Relay struct {
@@ -153,7 +149,7 @@ func Run(ctx context.Context, cfg *config.Relay, log *slog.Logger) error {
 }
 
 // Serve runs the listeners bound by Listen until ctx is done, then shuts
-// down: scanner requests in flight get ShutdownGrace to finish, agents are
+// down: scanner requests in flight get timeouts.shutdown_grace to finish, agents are
 // told to go away, and every goroutine is waited for.
 func (r *Relay) Serve(ctx context.Context) error {
 	life, stopLife := context.WithCancel(context.Background())
@@ -185,20 +181,22 @@ func (r *Relay) Serve(ctx context.Context) error {
 		runErr = fmt.Errorf("listener failed: %w", runErr)
 	}
 	r.stopping.Store(true)
-	r.log.Info("relay shutting down", "grace", ShutdownGrace.String())
+	r.log.Info("relay shutting down", "grace", r.cfg.Timeouts.ShutdownGrace.String())
 
-	// Stop taking agents, then let scanner requests finish on live tunnels.
+	// Stop taking agents and tell those connected to reconnect (to another
+	// replica, or to this address once it is back); scanner requests in
+	// flight finish on the old connections, which the agents keep serving.
 	servers[0].Close()
-	sctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
-	defer cancel()
-	if err := servers[1].Shutdown(sctx); err != nil {
-		r.log.Warn("scanner requests cut at end of shutdown grace", "err", err)
-		servers[1].Close()
-	}
 	for _, t := range r.auth.Load().tunnels {
 		for _, c := range t.snapshot() {
 			c.goAway("relay shutting down")
 		}
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeouts.ShutdownGrace)
+	defer cancel()
+	if err := servers[1].Shutdown(sctx); err != nil {
+		r.log.Warn("scanner requests cut at end of shutdown grace", "err", err)
+		servers[1].Close()
 	}
 	stopLife()
 	r.sessMu.Lock()
@@ -231,7 +229,7 @@ func (r *Relay) trackSession() bool {
 func (r *Relay) newServer(h http.Handler, maxHeader int) *http.Server {
 	return &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: r.cfg.Timeouts.HeaderRead,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    maxHeader,
 		ErrorLog:          slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),

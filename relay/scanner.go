@@ -25,10 +25,6 @@ import (
 )
 
 const (
-	// agentResponseTimeout bounds the wait for the agent's response
-	// headers; the agent's own upstream timeout is shorter, so a slow
-	// Bitbucket shows as the agent's 504 rather than this one.
-	agentResponseTimeout = 150 * time.Second
 	// maxRequestDuration is sent to the agent as the request's deadline.
 	maxRequestDuration = 2 * time.Hour
 	streamHeaderWrite  = 10 * time.Second
@@ -63,10 +59,12 @@ func routeFrom(ctx context.Context) *route {
 // tunnel: one yamux stream per request, HTTP/1.1 on it, streamed.
 func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
 	tr := &http.Transport{
-		DialContext:            r.dialAgent,
-		DisableKeepAlives:      true, // one stream per request: the stream header is per request
-		DisableCompression:     true,
-		ResponseHeaderTimeout:  agentResponseTimeout,
+		DialContext:        r.dialAgent,
+		DisableKeepAlives:  true, // one stream per request: the stream header is per request
+		DisableCompression: true,
+		// Longer than the agent's own upstream timeout, so a slow Bitbucket
+		// shows as the agent's 504 rather than this one.
+		ResponseHeaderTimeout:  r.cfg.Timeouts.AgentResponse,
 		ExpectContinueTimeout:  time.Second,
 		MaxResponseHeaderBytes: 64 << 10,
 		Proxy:                  nil,
@@ -141,14 +139,21 @@ func (r *Relay) startStream(c *agentConn, s *yamux.Stream, h proto.Header) (net.
 	c.served.Add(1)
 	g := r.metrics.StreamsInFlight.WithLabelValues(c.tunnel.id)
 	g.Inc()
-	return &trackedStream{Stream: s, done: func() { c.inflight.Add(-1); g.Dec() }}, nil
+	return &trackedStream{Stream: s, idle: max(r.cfg.Timeouts.Idle, r.cfg.Timeouts.AgentResponse), done: func() { c.inflight.Add(-1); g.Dec() }}, nil
 }
 
-// trackedStream counts a stream as in flight until it is closed.
+// trackedStream counts a stream as in flight until it is closed, and cuts
+// it when the agent sends nothing for idle.
 type trackedStream struct {
 	*yamux.Stream
+	idle time.Duration
 	once sync.Once
 	done func()
+}
+
+func (t *trackedStream) Read(p []byte) (int, error) {
+	t.Stream.SetReadDeadline(time.Now().Add(t.idle))
+	return t.Stream.Read(p)
 }
 
 func (t *trackedStream) Close() error {
@@ -161,9 +166,16 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 	start := time.Now()
 	rid := httperr.NewRequestID()
 	w.Header().Set(httperr.RequestIDHeader, rid)
-	rec := &httpx.Recorder{ResponseWriter: w}
+	// A scanner that stops reading the response, or stops sending its
+	// body, for timeouts.idle is cut. The deadlines are cleared when the
+	// handler returns, before the connection serves its next request.
+	rc := http.NewResponseController(w)
+	idle := r.cfg.Timeouts.Idle
+	defer rc.SetWriteDeadline(time.Time{})
+	defer rc.SetReadDeadline(time.Time{})
+	rec := &httpx.Recorder{ResponseWriter: &httpx.IdleWriter{ResponseWriter: w, RC: rc, Idle: idle}}
 	w = rec
-	in := &httpx.CountingBody{ReadCloser: req.Body}
+	in := &httpx.CountingBody{ReadCloser: &httpx.IdleBody{ReadCloser: req.Body, RC: rc, Idle: idle}}
 	req.Body = in
 	var tunnelID, upstream, scanner string
 	// Metric labels take only configured tunnels and upstreams the agent

@@ -91,13 +91,20 @@ func (c *agentConn) upstreamNames() []string {
 	return slices.Sorted(maps.Keys(*c.upstreams.Load()))
 }
 
-// goAway tells the agent to move off this connection, then closes it.
+// goAway tells the agent to reconnect elsewhere; this connection gets no
+// new streams, and those in flight finish on it.
 func (c *agentConn) goAway(reason string) {
 	c.draining.Store(true)
+	c.send(proto.Message{Type: proto.MsgGoAway, Reason: reason})
+}
+
+// send writes a control message to the agent.
+func (c *agentConn) send(m proto.Message) {
 	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
 	if c.ctrl != nil {
 		c.ctrl.SetWriteDeadline(time.Now().Add(2 * time.Second))
-		proto.WriteMessage(c.ctrl, proto.Message{Type: proto.MsgGoAway, Reason: reason})
+		proto.WriteMessage(c.ctrl, m)
+		c.ctrl.SetWriteDeadline(time.Time{})
 	}
-	c.ctrlMu.Unlock()
 }

@@ -16,14 +16,26 @@ import (
 
 // Agent is ferry-agent's configuration.
 type Agent struct {
-	AgentID     string      `yaml:"agent_id"` // default: host name
-	Relay       RelayClient `yaml:"relay"`
-	Upstreams   []Upstream  `yaml:"upstreams"`
-	Diagnostics Diagnostics `yaml:"diagnostics"`
-	Audit       Audit       `yaml:"audit"`
-	Log         Log         `yaml:"log"`
+	AgentID     string        `yaml:"agent_id"` // default: host name
+	Relay       RelayClient   `yaml:"relay"`
+	Upstreams   []Upstream    `yaml:"upstreams"`
+	Diagnostics Diagnostics   `yaml:"diagnostics"`
+	Audit       Audit         `yaml:"audit"`
+	Timeouts    AgentTimeouts `yaml:"timeouts"`
+	Log         Log           `yaml:"log"`
 
 	File string `yaml:"-"`
+}
+
+// AgentTimeouts bound every wait on a peer that may go silent.
+type AgentTimeouts struct {
+	Dial         time.Duration `yaml:"dial"`          // TCP connect to the relay or proxy
+	TLSHandshake time.Duration `yaml:"tls_handshake"` // with the relay
+	Upgrade      time.Duration `yaml:"upgrade"`       // the relay's answer to the WebSocket upgrade
+	StreamHeader time.Duration `yaml:"stream_header"` // a new stream's ferry header
+	Keepalive    time.Duration `yaml:"keepalive"`     // tunnel pings; keep below load-balancer idle timeouts
+	Idle         time.Duration `yaml:"idle"`          // an upstream body that moves no byte this long is cut
+	Drain        time.Duration `yaml:"drain"`         // requests in flight after SIGTERM
 }
 
 // RelayClient says how the agent reaches the relay.
@@ -192,6 +204,14 @@ func (c *Agent) validate(v *validator) {
 	case c.Audit.MaxFiles < 0 || c.Audit.MaxFiles > 1000:
 		v.failf("audit.max_files", "%d is out of range 1-1000", c.Audit.MaxFiles)
 	}
+	t := &c.Timeouts
+	v.duration("timeouts.dial", &t.Dial, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.tls_handshake", &t.TLSHandshake, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.upgrade", &t.Upgrade, 15*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.stream_header", &t.StreamHeader, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.keepalive", &t.Keepalive, 15*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.idle", &t.Idle, 5*time.Minute, time.Second, 24*time.Hour)
+	v.duration("timeouts.drain", &t.Drain, 30*time.Second, 0, time.Hour)
 	v.checkLog(&c.Log)
 }
 

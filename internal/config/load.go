@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 )
@@ -220,5 +221,15 @@ func (v *validator) checkLog(l *Log) {
 	case "json", "text":
 	default:
 		v.failf("log.format", "%q is not one of json, text", l.Format)
+	}
+}
+
+// duration applies a default and bounds to a duration field.
+func (v *validator) duration(field string, d *time.Duration, def, lo, hi time.Duration) {
+	switch {
+	case *d == 0:
+		*d = def
+	case *d < lo || *d > hi:
+		v.failf(field, "%s is out of range %s-%s", *d, lo, hi)
 	}
 }

@@ -6,25 +6,45 @@ import (
 	"net"
 	"net/url"
 	"regexp"
+	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/token"
 )
 
 // Relay is ferry-relay's configuration.
 type Relay struct {
-	AgentListen       string    `yaml:"agent_listen"`
-	TLS               *TLSFiles `yaml:"tls"`
-	InsecurePlaintext bool      `yaml:"insecure_plaintext"`
-	ScannerListen     string    `yaml:"scanner_listen"`
-	ScannerTLS        *TLSFiles `yaml:"scanner_tls"`
-	AdminListen       string    `yaml:"admin_listen"`
-	Tunnels           []Tunnel  `yaml:"tunnels"`
-	Scanners          []Scanner `yaml:"scanners"`
-	Registry          Registry  `yaml:"registry"`
-	Log               Log       `yaml:"log"`
+	AgentListen       string        `yaml:"agent_listen"`
+	TLS               *TLSFiles     `yaml:"tls"`
+	InsecurePlaintext bool          `yaml:"insecure_plaintext"`
+	ScannerListen     string        `yaml:"scanner_listen"`
+	ScannerTLS        *TLSFiles     `yaml:"scanner_tls"`
+	AdminListen       string        `yaml:"admin_listen"`
+	Tunnels           []Tunnel      `yaml:"tunnels"`
+	Scanners          []Scanner     `yaml:"scanners"`
+	Registry          Registry      `yaml:"registry"`
+	Timeouts          RelayTimeouts `yaml:"timeouts"`
+	Limits            Limits        `yaml:"limits"`
+	Log               Log           `yaml:"log"`
 
 	// File is where this config was read from, for messages.
 	File string `yaml:"-"`
+}
+
+// RelayTimeouts bound every wait on a peer that may go silent.
+type RelayTimeouts struct {
+	AgentHandshake time.Duration `yaml:"agent_handshake"` // agent's hello after the upgrade
+	AgentResponse  time.Duration `yaml:"agent_response"`  // the agent's response headers
+	Keepalive      time.Duration `yaml:"keepalive"`       // tunnel pings; keep below load-balancer idle timeouts
+	Idle           time.Duration `yaml:"idle"`            // a scanner body that moves no byte this long is cut
+	HeaderRead     time.Duration `yaml:"header_read"`     // request headers on every listener (slowloris)
+	ShutdownGrace  time.Duration `yaml:"shutdown_grace"`  // scanner requests in flight after SIGTERM
+}
+
+// Limits bound what one tunnel may take.
+type Limits struct {
+	// MaxStreamsPerTunnel: requests in flight on one tunnel; past it
+	// scanners get 503 tunnel_busy.
+	MaxStreamsPerTunnel int `yaml:"max_streams_per_tunnel"`
 }
 
 // TLSFiles names a certificate and key in PEM files.
@@ -188,6 +208,19 @@ func (c *Relay) validate(v *validator) {
 		v.failf("registry.backend", "redis is not available in this build yet; use memory (one replica)")
 	default:
 		v.failf("registry.backend", "%q is not memory or redis", c.Registry.Backend)
+	}
+	t := &c.Timeouts
+	v.duration("timeouts.agent_handshake", &t.AgentHandshake, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.agent_response", &t.AgentResponse, 150*time.Second, time.Second, time.Hour)
+	v.duration("timeouts.keepalive", &t.Keepalive, 15*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.idle", &t.Idle, 5*time.Minute, time.Second, 24*time.Hour)
+	v.duration("timeouts.header_read", &t.HeaderRead, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
+	v.duration("timeouts.shutdown_grace", &t.ShutdownGrace, 30*time.Second, 0, time.Hour)
+	switch {
+	case c.Limits.MaxStreamsPerTunnel == 0:
+		c.Limits.MaxStreamsPerTunnel = 1024
+	case c.Limits.MaxStreamsPerTunnel < 1 || c.Limits.MaxStreamsPerTunnel > 100000:
+		v.failf("limits.max_streams_per_tunnel", "%d is out of range 1-100000", c.Limits.MaxStreamsPerTunnel)
 	}
 	v.checkLog(&c.Log)
 }
