@@ -211,11 +211,13 @@ func (a *Agent) drain() {
 	}
 	ackWait := time.NewTimer(2 * time.Second)
 	defer ackWait.Stop()
+acks:
 	for _, ch := range acks {
 		select {
 		case <-ch:
 		case <-ackWait.C:
 			a.log.Warn("relay did not acknowledge draining in 2s; continuing")
+			break acks
 		}
 	}
 	for a.inflight.Load() > 0 && time.Now().Before(deadline) {
@@ -317,7 +319,10 @@ type connState struct {
 func (c *connState) setCtrl(s *yamux.Stream) {
 	c.ctrlMu.Lock()
 	c.ctrl = s
-	c.ack = nil
+	if c.ack != nil {
+		close(c.ack) // a connection that is gone sends no more streams
+		c.ack = nil
+	}
 	c.ctrlMu.Unlock()
 }
 
