@@ -186,6 +186,15 @@ func classify(err error) string {
 func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	hdr, _ := headerFrom(r.Context())
+	// The relay closes its end when the scanner goes away; the server sees
+	// EOF and cancels the request. yamux has no reset, and a write blocked
+	// on a full window would wait forever for a reader that left: closing
+	// the stream wakes it. Deregistered before a normal return, so a
+	// finished response is never cut.
+	if tc := connFrom(r.Context()); tc != nil {
+		stop := context.AfterFunc(r.Context(), func() { tc.Stream.Close() })
+		defer stop()
+	}
 	rid := hdr.RequestID
 	if !httperr.ValidRequestID(rid) {
 		rid = httperr.NewRequestID()

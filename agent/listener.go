@@ -71,17 +71,24 @@ func (c *tunnelConn) Close() error {
 	return c.Stream.Close()
 }
 
-type headerKey struct{}
+type connKey struct{}
 
-// connContext gives each request its stream header (http.Server.ConnContext).
+// connContext gives each request its stream (http.Server.ConnContext).
 func connContext(ctx context.Context, c net.Conn) context.Context {
 	if tc, ok := c.(*tunnelConn); ok {
-		return context.WithValue(ctx, headerKey{}, tc.header)
+		return context.WithValue(ctx, connKey{}, tc)
 	}
 	return ctx
 }
 
+func connFrom(ctx context.Context) *tunnelConn {
+	tc, _ := ctx.Value(connKey{}).(*tunnelConn)
+	return tc
+}
+
 func headerFrom(ctx context.Context) (proto.Header, bool) {
-	h, ok := ctx.Value(headerKey{}).(proto.Header)
-	return h, ok
+	if tc := connFrom(ctx); tc != nil {
+		return tc.header, true
+	}
+	return proto.Header{}, false
 }

@@ -94,9 +94,14 @@ func (w *world) write(name, body string) string {
 
 // relayYAML is a relay config listening on agentAddr (":0" style allowed).
 func (w *world) relayYAML(agentAddr string) string {
-	return fmt.Sprintf(`agent_listen: %q
+	return w.relayYAMLWith(agentAddr, "127.0.0.1:0", "")
+}
+
+// relayYAMLWith also fixes the scanner address and adds top-level YAML.
+func (w *world) relayYAMLWith(agentAddr, scannerAddr, extra string) string {
+	return extra + fmt.Sprintf(`agent_listen: %q
 tls: {cert_file: %s, key_file: %s}
-scanner_listen: "127.0.0.1:0"
+scanner_listen: %q
 admin_listen: "127.0.0.1:0"
 log: {level: debug}
 tunnels:
@@ -111,7 +116,7 @@ scanners:
   - name: elsewhere
     token: %q
     tunnels: [other]
-`, agentAddr, w.pki.CertFile, w.pki.KeyFile, tunnelID, token.Of("rotated-out").String(), token.Of(agentToken).String(),
+`, agentAddr, w.pki.CertFile, w.pki.KeyFile, scannerAddr, tunnelID, token.Of("rotated-out").String(), token.Of(agentToken).String(),
 		token.Of("other-agent").String(), token.Of(scannerToken).String(), tunnelID, token.Of(otherScanner).String())
 }
 
@@ -163,7 +168,12 @@ func testLog(t *testing.T) io.Writer {
 
 func (w *world) startRelay(agentAddr string) (*relay.Relay, *running) {
 	w.t.Helper()
-	cfg, err := config.ParseRelay(filepath.Join(w.dir, "relay.yaml"), []byte(w.relayYAML(agentAddr)))
+	return w.startRelayYAML(w.relayYAML(agentAddr))
+}
+
+func (w *world) startRelayYAML(yaml string) (*relay.Relay, *running) {
+	w.t.Helper()
+	cfg, err := config.ParseRelay(filepath.Join(w.dir, "relay.yaml"), []byte(yaml))
 	if err != nil {
 		w.t.Fatal(err)
 	}

@@ -255,6 +255,15 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		httperr.Respond(w, req, http.StatusBadRequest, httperr.BadRequest, "protocol upgrades are not supported through ferry")
 		return
 	}
+	// Reserve a slot first: check and count are one atomic step.
+	if n := t.requests.Add(1); n > int64(r.cfg.Limits.MaxStreamsPerTunnel) {
+		t.requests.Add(-1)
+		w.Header().Set("Retry-After", "1")
+		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelBusy,
+			fmt.Sprintf("tunnel %q has %d requests in flight, its limit; retry shortly", tunnelID, r.cfg.Limits.MaxStreamsPerTunnel))
+		return
+	}
+	defer t.requests.Add(-1)
 	c := t.pick(nil)
 	if c == nil {
 		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, fmt.Sprintf("no agent is connected for tunnel %q", tunnelID))

@@ -15,7 +15,8 @@ import (
 
 // tunnel is one configured tunnel and the agent connections serving it.
 type tunnel struct {
-	id string
+	id       string
+	requests atomic.Int64 // scanner requests in flight, for limits.max_streams_per_tunnel
 
 	mu    sync.Mutex
 	conns []*agentConn

@@ -22,6 +22,7 @@ const (
 	UnknownTunnel   = "unknown_tunnel"
 	UnknownUpstream = "unknown_upstream"
 	TunnelOffline   = "tunnel_offline"
+	TunnelBusy      = "tunnel_busy"
 	UpstreamError   = "upstream_error"
 	UpstreamTimeout = "upstream_timeout"
 	BadRequest      = "bad_request"

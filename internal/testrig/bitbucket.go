@@ -74,15 +74,36 @@ type SeenRequest struct {
 }
 
 // Synthetic is a large generated file served by the raw endpoint without
-// being stored anywhere: Size bytes from a ChaCha8 stream seeded by Seed.
+// being stored anywhere: Size bytes from a ChaCha8 stream seeded by Seed,
+// served at BytesPerSec if set (a slow upstream).
 type Synthetic struct {
-	Size int64
-	Seed [32]byte
+	Size        int64
+	Seed        [32]byte
+	BytesPerSec int64
 }
 
 // Reader returns the synthetic file's content.
 func (s Synthetic) Reader() io.Reader {
 	return io.LimitReader(rand.NewChaCha8(s.Seed), s.Size)
+}
+
+// serve writes the content, paced when BytesPerSec is set.
+func (s Synthetic) serve(w http.ResponseWriter) {
+	src := s.Reader()
+	if s.BytesPerSec <= 0 {
+		io.Copy(w, src)
+		return
+	}
+	chunk := max(s.BytesPerSec/20, 1) // 20 writes a second
+	rc := http.NewResponseController(w)
+	for {
+		n, err := io.CopyN(w, src, chunk)
+		rc.Flush()
+		if n < chunk || err != nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // AddSynthetic serves a generated file at
@@ -367,7 +388,7 @@ func (b *Bitbucket) serveRaw(w http.ResponseWriter, r *http.Request, key, slug, 
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.Header().Set("Content-Length", strconv.FormatInt(syn.Size, 10))
 		if r.Method == http.MethodGet {
-			io.Copy(w, syn.Reader())
+			syn.serve(w)
 		}
 		return
 	}
