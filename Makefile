@@ -7,7 +7,7 @@ LDFLAGS   := -s -w -X github.com/ferry-tunnel/ferry/internal/version.Version=$(V
 FUZZTIME  ?= 30s
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build test demo deps fuzz lint deb clean
+.PHONY: all build test demo bench deps fuzz lint deb clean
 
 all: build
 
@@ -21,6 +21,10 @@ test: deps
 # A complete local setup: Bitbucket stand-in, relay, agent, git clone.
 demo: deps build
 	$(GO) run ./demo -bin bin
+
+# ferry side by side with a direct connection; table + bench/results.json.
+bench: deps build
+	$(GO) run ./bench -bin bin -out bench/results.json
 
 # Longer fuzzing of every decoder and the path normaliser.
 fuzz:

@@ -1,0 +1,597 @@
+// Command bench measures ferry side by side with a direct connection, on
+// loopback, in one run: the same workloads go straight to the upstream and
+// through relay and agent (real binaries, TLS on as in production). It
+// prints a table and writes bench/results.json. `make bench` runs it.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+	"github.com/ferry-tunnel/ferry/internal/token"
+)
+
+// Result is one line of the table.
+type Result struct {
+	Workload string  `json:"workload"`
+	Unit     string  `json:"unit"`
+	Direct   float64 `json:"direct,omitempty"`
+	Ferry    float64 `json:"ferry"`
+	Ratio    float64 `json:"ratio,omitempty"` // ferry ÷ direct
+	Target   string  `json:"target"`
+	Met      bool    `json:"met"`
+	Note     string  `json:"note,omitempty"`
+}
+
+type setup struct {
+	dir                 string
+	pki                 *testrig.PKI
+	upstream            string // https://127.0.0.1:port
+	pat                 string
+	scannerTok          string
+	agentTok            string
+	relayCfg, agentCfg  string
+	relayBin, agentBin  string
+	relay, agent        *exec.Cmd
+	agentAddr, scanAddr string
+	direct, viaFerry    *http.Client
+}
+
+func main() {
+	bin := flag.String("bin", "bin", "directory with ferry-relay and ferry-agent")
+	out := flag.String("out", "bench/results.json", "where to write the results")
+	size := flag.Int64("size", 1<<30, "bytes for the download and upload workloads")
+	agents := flag.Int("agents", 5000, "idle agent connections for the relay memory figure")
+	clones := flag.Int("clones", 32, "parallel git clones")
+	repoMiB := flag.Int("repo-mib", 50, "size of the cloned repository, MiB")
+	flag.Parse()
+	raiseFileLimit()
+	s, err := start(*bin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+	defer s.stop()
+	var results []Result
+	add := func(r Result, err error) {
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench: %s: %v\n", r.Workload, err)
+			r.Note = "error: " + err.Error()
+		}
+		results = append(results, r)
+		fmt.Fprintf(os.Stderr, "  done: %s\n", r.Workload)
+	}
+	fmt.Fprintf(os.Stderr, "bench: relay and agent up; running workloads\n")
+	add(s.download(*size))
+	add(s.upload(*size))
+	add(s.smallGETs(64, 5*time.Second))
+	lat50, lat99, err := s.latency(2000)
+	add(lat50, err)
+	add(lat99, err)
+	add(s.cloneBench(*clones, *repoMiB))
+	add(s.agentPeakRSS())
+	add(s.relayMemoryPerAgent(*agents))
+	add(s.restartToFirstRequest())
+	printTable(results)
+	if err := writeJSON(*out, results); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("\nwritten to %s\n", *out)
+}
+
+func raiseFileLimit() {
+	var l syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l) == nil && l.Cur < l.Max {
+		l.Cur = l.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
+	}
+}
+
+// blob is 1 MiB of random bytes served (and sent) repeatedly: the
+// workloads measure the tunnel, not a data generator.
+var blob = func() []byte { b := make([]byte, 1<<20); rand.Read(b); return b }()
+
+type repeatReader struct{ left int64 }
+
+func (r *repeatReader) Read(p []byte) (int, error) {
+	if r.left <= 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, blob[:min(int64(len(blob)), r.left)])
+	r.left -= int64(n)
+	return n, nil
+}
+
+func start(bin string) (*setup, error) {
+	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent")}
+	for _, b := range []string{s.relayBin, s.agentBin} {
+		if _, err := os.Stat(b); err != nil {
+			return nil, fmt.Errorf("%s missing: run make build", b)
+		}
+	}
+	var err error
+	if s.dir, err = os.MkdirTemp("", "ferry-bench-"); err != nil {
+		return nil, err
+	}
+	if s.pki, err = testrig.NewPKI(s.dir); err != nil {
+		return nil, err
+	}
+	s.pat = "bench-pat"
+	bb := &testrig.Bitbucket{GitRoot: filepath.Join(s.dir, "git"), Token: s.pat, User: "svc-bench"}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /bench/blob", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+		io.CopyBuffer(w, &repeatReader{left: n}, make([]byte, 256<<10))
+	})
+	mux.HandleFunc("POST /bench/sink", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.CopyBuffer(io.Discard, r.Body, make([]byte, 256<<10))
+		fmt.Fprintf(w, "%d\n", n)
+	})
+	small := []byte(strings.Repeat("x", 100))
+	mux.HandleFunc("GET /bench/small", func(w http.ResponseWriter, r *http.Request) { w.Write(small) })
+	mux.Handle("/", bb)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	srv := &http.Server{Handler: mux, TLSConfig: s.pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second}
+	go srv.ServeTLS(ln, "", "")
+	s.upstream = "https://" + ln.Addr().String()
+
+	s.agentTok, _ = token.Generate()
+	s.scannerTok, _ = token.Generate()
+	write := func(name, body string) string {
+		p := filepath.Join(s.dir, name)
+		os.WriteFile(p, []byte(body), 0o600)
+		return p
+	}
+	write("relay-token", s.agentTok)
+	write("pat", s.pat)
+	s.relayCfg = write("relay.yaml", fmt.Sprintf(`agent_listen: "127.0.0.1:0"
+tls: {cert_file: %s, key_file: %s}
+scanner_listen: "127.0.0.1:0"
+admin_listen: "127.0.0.1:0"
+tunnels: [{id: bench, agent_tokens: [%q]}]
+scanners: [{name: bench, token: %q, tunnels: [bench]}]
+limits: {max_streams_per_tunnel: 100000}
+`, s.pki.CertFile, s.pki.KeyFile, token.Of(s.agentTok).String(), token.Of(s.scannerTok).String()))
+	if err := s.startRelay(s.relayCfg); err != nil {
+		return nil, err
+	}
+	s.agentCfg = write("agent.yaml", fmt.Sprintf(`relay: {url: "wss://%s/v1/connect", token_file: %s, ca_file: %s, connections: 2}
+upstreams:
+  - name: bitbucket
+    url: %s
+    ca_file: %s
+    auth: {type: bearer, token_file: %s}
+    profile: bitbucket-dc-read
+    rules: [{methods: [GET, POST], path: "/bench/**"}]
+diagnostics: {listen: "127.0.0.1:0"}
+`, s.agentAddr, filepath.Join(s.dir, "relay-token"), s.pki.CAFile, s.upstream, s.pki.CAFile, filepath.Join(s.dir, "pat")))
+	// Logs at the default level (info, a line per request: part of the
+	// cost being measured) go to files, not the terminal.
+	agentLog, err := os.Create(filepath.Join(s.dir, "agent.log"))
+	if err != nil {
+		return nil, err
+	}
+	s.agent = exec.Command(s.agentBin, "--config", s.agentCfg)
+	s.agent.Stderr = agentLog
+	if err := s.agent.Start(); err != nil {
+		return nil, err
+	}
+	tr := func() *http.Transport {
+		return &http.Transport{TLSClientConfig: s.pki.ClientTLS(), MaxIdleConnsPerHost: 256, DisableCompression: true,
+			WriteBufferSize: 256 << 10, ReadBufferSize: 256 << 10}
+	}
+	s.direct = &http.Client{Transport: tr()}
+	s.viaFerry = &http.Client{Transport: tr()}
+	if err := s.waitThrough(15 * time.Second); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// startRelay runs the relay and learns its addresses from its log.
+func (s *setup) startRelay(cfg string) error {
+	s.relay = exec.Command(s.relayBin, "--config", cfg)
+	pipe, err := s.relay.StderrPipe()
+	if err != nil {
+		return err
+	}
+	if err := s.relay.Start(); err != nil {
+		return err
+	}
+	sc := bufio.NewScanner(pipe)
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == "relay started" {
+			s.agentAddr, s.scanAddr = m["agent_listen"].(string), m["scanner_listen"].(string)
+			f, err := os.OpenFile(filepath.Join(s.dir, "relay.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+			if err != nil {
+				return err
+			}
+			go func() { io.Copy(f, pipe); f.Close() }()
+			return nil
+		}
+		fmt.Fprintln(os.Stderr, sc.Text())
+	}
+	return fmt.Errorf("relay exited before it started")
+}
+
+func (s *setup) stop() {
+	for _, c := range []*exec.Cmd{s.agent, s.relay} {
+		if c != nil && c.Process != nil {
+			c.Process.Signal(syscall.SIGTERM)
+			c.Wait()
+		}
+	}
+	os.RemoveAll(s.dir)
+}
+
+func (s *setup) waitThrough(limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		if resp, err := s.do(s.viaFerry, "GET", s.ferryURL("/bench/small"), nil, -1); err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("no request got through ferry in %v", limit)
+}
+
+func (s *setup) ferryURL(p string) string  { return "http://" + s.scanAddr + "/t/bench/bitbucket" + p }
+func (s *setup) directURL(p string) string { return s.upstream + p }
+
+func (s *setup) do(c *http.Client, method, url string, body io.Reader, length int64) (*http.Response, error) {
+	req, err := http.NewRequest(method, url, body)
+	if err != nil {
+		return nil, err
+	}
+	if length >= 0 {
+		req.ContentLength = length
+	}
+	tok := s.pat
+	if c == s.viaFerry {
+		tok = s.scannerTok
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	return c.Do(req)
+}
+
+// both runs a measurement direct and through ferry.
+func (s *setup) both(f func(c *http.Client, url func(string) string) (float64, error)) (float64, float64, error) {
+	d, err := f(s.direct, s.directURL)
+	if err != nil {
+		return 0, 0, fmt.Errorf("direct: %w", err)
+	}
+	v, err := f(s.viaFerry, s.ferryURL)
+	if err != nil {
+		return d, 0, fmt.Errorf("ferry: %w", err)
+	}
+	return d, v, nil
+}
+
+func ratio(name, unit string, d, f, target float64) Result {
+	r := Result{Workload: name, Unit: unit, Direct: d, Ferry: f, Target: fmt.Sprintf("ratio ≥ %.2f", target)}
+	if d > 0 {
+		r.Ratio = f / d
+	}
+	r.Met = r.Ratio >= target
+	return r
+}
+
+func (s *setup) download(size int64) (Result, error) {
+	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
+		start := time.Now()
+		resp, err := s.do(c, "GET", url("/bench/blob?size="+strconv.FormatInt(size, 10)), nil, -1)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		n, err := io.CopyBuffer(io.Discard, resp.Body, make([]byte, 256<<10))
+		if err != nil || n != size {
+			return 0, fmt.Errorf("read %d of %d: %v", n, size, err)
+		}
+		return float64(n) / 1e6 / time.Since(start).Seconds(), nil
+	})
+	return ratio(fmt.Sprintf("download %d MiB", size>>20), "MB/s", d, f, 0.40), err
+}
+
+func (s *setup) upload(size int64) (Result, error) {
+	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
+		start := time.Now()
+		resp, err := s.do(c, "POST", url("/bench/sink"), &repeatReader{left: size}, size)
+		if err != nil {
+			return 0, err
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if strings.TrimSpace(string(b)) != strconv.FormatInt(size, 10) {
+			return 0, fmt.Errorf("sink got %q of %d (status %d)", b, size, resp.StatusCode)
+		}
+		return float64(size) / 1e6 / time.Since(start).Seconds(), nil
+	})
+	return ratio(fmt.Sprintf("upload %d MiB", size>>20), "MB/s", d, f, 0.35), err
+}
+
+func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
+	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
+		var n, bad atomic.Int64
+		stop := time.Now().Add(dur)
+		var wg sync.WaitGroup
+		for i := 0; i < workers; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for time.Now().Before(stop) {
+					resp, err := s.do(c, "GET", url("/bench/small"), nil, -1)
+					if err != nil {
+						bad.Add(1)
+						continue
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode == 200 {
+						n.Add(1)
+					} else {
+						bad.Add(1)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		if bad.Load() > 0 {
+			return 0, fmt.Errorf("%d requests failed", bad.Load())
+		}
+		return float64(n.Load()) / dur.Seconds(), nil
+	})
+	return ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35), err
+}
+
+func (s *setup) latency(n int) (Result, Result, error) {
+	measure := func(c *http.Client, url func(string) string) ([]time.Duration, error) {
+		out := make([]time.Duration, 0, n)
+		for i := 0; i < n+50; i++ {
+			start := time.Now()
+			resp, err := s.do(c, "GET", url("/bench/small"), nil, -1)
+			if err != nil {
+				return nil, err
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if i >= 50 { // warm-up
+				out = append(out, time.Since(start))
+			}
+		}
+		sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+		return out, nil
+	}
+	d, err := measure(s.direct, s.directURL)
+	if err != nil {
+		return Result{Workload: "latency p50"}, Result{Workload: "latency p99"}, err
+	}
+	f, err := measure(s.viaFerry, s.ferryURL)
+	if err != nil {
+		return Result{Workload: "latency p50"}, Result{Workload: "latency p99"}, err
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	p := func(xs []time.Duration, q float64) time.Duration { return xs[int(q*float64(len(xs)-1))] }
+	mk := func(name string, q, target float64) Result {
+		dd, ff := ms(p(d, q)), ms(p(f, q))
+		return Result{Workload: name, Unit: "ms", Direct: dd, Ferry: ff, Ratio: 0,
+			Target: fmt.Sprintf("added ≤ %.1f ms", target), Met: ff-dd <= target, Note: fmt.Sprintf("added %.3f ms", ff-dd)}
+	}
+	return mk("small GET latency p50, 1 client", 0.50, 0.3), mk("small GET latency p99, 1 client", 0.99, 2), nil
+}
+
+func (s *setup) cloneBench(n, mib int) (Result, error) {
+	name := fmt.Sprintf("%d parallel git clones, %d MiB repo", n, mib)
+	if err := makeBigRepo(filepath.Join(s.dir, "git"), mib); err != nil {
+		return Result{Workload: name}, err
+	}
+	run := func(url, tok string, extra ...string) (float64, error) {
+		start := time.Now()
+		errs := make(chan error, n)
+		for i := 0; i < n; i++ {
+			go func() {
+				dst := filepath.Join(s.dir, fmt.Sprintf("clone-%d-%d", time.Now().UnixNano(), i))
+				defer os.RemoveAll(dst)
+				args := append(append([]string(nil), extra...), "-c", "http.extraHeader=Authorization: Bearer "+tok, "clone", "-q", url, dst)
+				_, err := testrig.Git("", args...)
+				errs <- err
+			}()
+		}
+		for i := 0; i < n; i++ {
+			if err := <-errs; err != nil {
+				return 0, err
+			}
+		}
+		return float64(n) / time.Since(start).Seconds(), nil
+	}
+	d, err := run(s.directURL("/scm/big/repo.git"), s.pat, "-c", "http.sslCAInfo="+s.pki.CAFile)
+	if err != nil {
+		return Result{Workload: name}, fmt.Errorf("direct: %w", err)
+	}
+	f, err := run(s.ferryURL("/scm/big/repo.git"), s.scannerTok)
+	if err != nil {
+		return Result{Workload: name}, fmt.Errorf("ferry: %w", err)
+	}
+	return ratio(name, "clones/s", d, f, 0.70), nil
+}
+
+// makeBigRepo creates big/repo.git with mib MiB of incompressible files.
+func makeBigRepo(root string, mib int) error {
+	work, err := os.MkdirTemp("", "ferry-bench-repo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	if _, err := testrig.Git(work, "init", "-q", "-b", "main"); err != nil {
+		return err
+	}
+	for i := 0; i < mib; i++ {
+		b := make([]byte, 1<<20)
+		rand.Read(b)
+		if err := os.WriteFile(filepath.Join(work, fmt.Sprintf("asset-%03d.bin", i)), b, 0o644); err != nil {
+			return err
+		}
+	}
+	for _, args := range [][]string{{"add", "-A"}, {"commit", "-q", "-m", "assets"}} {
+		if _, err := testrig.Git(work, args...); err != nil {
+			return err
+		}
+	}
+	bare := filepath.Join(root, "big", "repo.git")
+	os.MkdirAll(filepath.Dir(bare), 0o755)
+	_, err = testrig.Git(work, "clone", "-q", "--bare", work, bare)
+	return err
+}
+
+func procStatus(pid int, field string) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, field+":") {
+			f := strings.Fields(l)
+			kb, err := strconv.ParseFloat(f[1], 64)
+			return kb * 1024, err
+		}
+	}
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
+}
+
+func (s *setup) agentPeakRSS() (Result, error) {
+	hwm, err := procStatus(s.agent.Process.Pid, "VmHWM")
+	r := Result{Workload: "agent peak RSS (download, upload, clones)", Unit: "MiB", Ferry: hwm / (1 << 20), Target: "≤ 64 MiB"}
+	r.Met = err == nil && r.Ferry <= 64
+	return r, err
+}
+
+// relayMemoryPerAgent connects n lightweight in-process agents (the real
+// protocol: TLS, WebSocket, yamux, hello) to the relay and reads how much
+// its RSS grew.
+func (s *setup) relayMemoryPerAgent(n int) (Result, error) {
+	r := Result{Workload: fmt.Sprintf("relay memory per idle agent connection, %d connected", n), Unit: "KiB", Target: "≤ 48 KiB"}
+	time.Sleep(time.Second)
+	before, err := procStatus(s.relay.Process.Pid, "VmRSS")
+	if err != nil {
+		return r, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	conns, err := connectIdleAgents(ctx, s, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	if err != nil {
+		return r, err
+	}
+	time.Sleep(2 * time.Second)
+	after, err := procStatus(s.relay.Process.Pid, "VmRSS")
+	if err != nil {
+		return r, err
+	}
+	r.Ferry = (after - before) / float64(n) / 1024
+	r.Met = r.Ferry <= 48
+	r.Note = fmt.Sprintf("relay RSS %.0f → %.0f MiB", before/(1<<20), after/(1<<20))
+	return r, nil
+}
+
+func (s *setup) restartToFirstRequest() (Result, error) {
+	r := Result{Workload: "relay restart to first successful request", Unit: "s", Target: "≤ 1.5 s"}
+	// Restart on the same addresses, as a deploy would.
+	fixed := strings.Replace(strings.Replace(mustRead(s.relayCfg), `agent_listen: "127.0.0.1:0"`, fmt.Sprintf("agent_listen: %q", s.agentAddr), 1),
+		`scanner_listen: "127.0.0.1:0"`, fmt.Sprintf("scanner_listen: %q", s.scanAddr), 1)
+	cfg := filepath.Join(s.dir, "relay-fixed.yaml")
+	os.WriteFile(cfg, []byte(fixed), 0o600)
+	s.relay.Process.Signal(syscall.SIGTERM)
+	s.relay.Wait()
+	start := time.Now()
+	if err := s.startRelay(cfg); err != nil {
+		return r, err
+	}
+	s.viaFerry.CloseIdleConnections()
+	if err := s.waitThrough(30 * time.Second); err != nil {
+		return r, err
+	}
+	r.Ferry = time.Since(start).Seconds()
+	r.Met = r.Ferry <= 1.5
+	return r, nil
+}
+
+func mustRead(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
+}
+
+func printTable(rs []Result) {
+	fmt.Printf("\n%-58s %12s %12s %8s %-18s %s\n", "workload", "direct", "ferry", "ratio", "target", "")
+	for _, r := range rs {
+		d, ratio := "", ""
+		if r.Direct != 0 {
+			d = fmt.Sprintf("%.2f", r.Direct)
+		}
+		if r.Ratio != 0 {
+			ratio = fmt.Sprintf("%.2f", r.Ratio)
+		}
+		mark := "✓"
+		if !r.Met {
+			mark = "✗"
+		}
+		fmt.Printf("%-58s %12s %12s %8s %-18s %s %s %s\n", r.Workload+" ("+r.Unit+")", d, fmt.Sprintf("%.2f", r.Ferry), ratio, r.Target, mark, r.Note, "")
+	}
+}
+
+func writeJSON(path string, rs []Result) error {
+	commit, _ := exec.Command("git", "rev-parse", "HEAD").Output()
+	cpu := ""
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				cpu = strings.TrimSpace(strings.SplitN(l, ":", 2)[1])
+				break
+			}
+		}
+	}
+	doc := map[string]any{
+		"time":    time.Now().UTC().Format(time.RFC3339),
+		"commit":  strings.TrimSpace(string(commit)),
+		"machine": map[string]any{"cpus": runtime.NumCPU(), "cpu": cpu, "go": runtime.Version(), "os": runtime.GOOS + "/" + runtime.GOARCH},
+		"results": rs,
+	}
+	b, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	os.MkdirAll(filepath.Dir(path), 0o755)
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
