@@ -95,9 +95,10 @@ func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger,
 		DisableCompression:     true, // pass the scanner's Accept-Encoding through as is
 	}
 	u.proxy = &httputil.ReverseProxy{
-		Rewrite:        u.rewrite,
-		Transport:      u.transport,
-		FlushInterval:  -1,
+		Rewrite:   u.rewrite,
+		Transport: u.transport,
+		// 0: see the relay's proxy; streams of unknown length flush at once.
+		FlushInterval:  0,
 		BufferPool:     pool,
 		ErrorHandler:   u.proxyError,
 		ModifyResponse: u.modifyResponse,

@@ -47,14 +47,14 @@ const (
 
 // world is the fixed part of a test setup: PKI, repositories, Bitbucket.
 type world struct {
-	t     *testing.T
+	t     testing.TB
 	dir   string
 	pki   *testrig.PKI
 	bb    *testrig.Bitbucket
 	bbURL string
 }
 
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	t.Helper()
 	dir := t.TempDir()
 	pki, err := testrig.NewPKI(dir)
@@ -146,7 +146,7 @@ type running struct {
 	done chan error
 }
 
-func (r *running) shutdown(t *testing.T) {
+func (r *running) shutdown(t testing.TB) {
 	t.Helper()
 	r.stop()
 	select {
@@ -159,7 +159,7 @@ func (r *running) shutdown(t *testing.T) {
 	}
 }
 
-func testLog(t *testing.T) io.Writer {
+func testLog(t testing.TB) io.Writer {
 	if testing.Verbose() {
 		return os.Stderr
 	}
@@ -227,7 +227,7 @@ type env struct {
 	scannerBase string // http://relay-scanner/t/acme-bbdc/bitbucket
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	w := newWorld(t)
 	e := &env{world: w, client: &http.Client{Transport: &http.Transport{}}}
 	e.relay, e.relayRun = w.startRelay("127.0.0.1:0")
@@ -254,7 +254,7 @@ func tokenHash(tok string) string { return token.Of(tok).String() }
 func newClient() *http.Client { return &http.Client{Transport: &http.Transport{}} }
 
 // waitFor polls cond every 20 ms for at most 15 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for !cond() {
@@ -301,7 +301,7 @@ func gitCmd(t *testing.T, dir, tok string, args ...string) string {
 	return strings.TrimSpace(out)
 }
 
-func listenLocal(t *testing.T) net.Listener {
+func listenLocal(t testing.TB) net.Listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

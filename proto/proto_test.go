@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -96,29 +97,100 @@ func TestControlRoundTripAndLimits(t *testing.T) {
 // recordConn records each Write as one message, like websocket.NetConn.
 type recordConn struct {
 	net.Conn
-	msgs [][]byte
+	mu     sync.Mutex
+	msgs   [][]byte
+	closed bool
 }
 
 func (r *recordConn) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.msgs = append(r.msgs, append([]byte(nil), p...))
 	return len(p), nil
 }
 
-func TestCoalesceJoinsDataHeaderAndBody(t *testing.T) {
+func (r *recordConn) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *recordConn) all() (msgs [][]byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append(msgs, r.msgs...)
+}
+
+func TestCoalesceKeepsOrderAndHeadersWithBodies(t *testing.T) {
 	rec := &recordConn{}
 	c := Coalesce(rec)
-	data := []byte{0, yamuxTypeData, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5}
-	win := []byte{0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0} // window update: no body
-	c.Write(data)
-	c.Write([]byte("hello"))
-	c.Write(win)
-	c.Write(data)
-	c.Write([]byte("world"))
-	if len(rec.msgs) != 3 {
-		t.Fatalf("want 3 messages, got %d: %q", len(rec.msgs), rec.msgs)
+	data := func(body string) []byte {
+		h := []byte{0, yamuxTypeData, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0}
+		binary.BigEndian.PutUint32(h[8:], uint32(len(body)))
+		return h
 	}
-	if !bytes.Equal(rec.msgs[0], append(append([]byte(nil), data...), "hello"...)) || !bytes.Equal(rec.msgs[1], win) ||
-		!bytes.HasSuffix(rec.msgs[2], []byte("world")) {
-		t.Fatalf("messages: %q", rec.msgs)
+	win := []byte{0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0} // window update: no body
+	var want []byte
+	for i := 0; i < 500; i++ {
+		body := strings.Repeat(string(rune('a'+i%26)), 1+i%300)
+		for _, p := range [][]byte{data(body), []byte(body), win} {
+			if _, err := c.Write(p); err != nil {
+				t.Fatal(err)
+			}
+			want = append(want, p...)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var got []byte
+		for _, m := range rec.all() {
+			got = append(got, m...)
+		}
+		if bytes.Equal(got, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("flushed %d of %d bytes, or out of order", len(got), len(want))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// No message may end with a data header whose body went elsewhere.
+	for _, m := range rec.all() {
+		if len(m) >= yamuxHeaderLen {
+			tail := m[len(m)-yamuxHeaderLen:]
+			if tail[1] == yamuxTypeData && binary.BigEndian.Uint32(tail[8:]) > 0 && bytes.HasPrefix(m, tail) && len(m) == yamuxHeaderLen {
+				t.Fatal("a data header was sent without its body")
+			}
+		}
+	}
+	if n := len(rec.all()); n >= 1500 {
+		t.Logf("no batching happened (%d messages for 1500 frames)", n)
+	}
+	c.Close()
+	if _, err := c.Write(win); err == nil {
+		t.Fatal("write after close succeeded")
+	}
+}
+
+type failConn struct{ net.Conn }
+
+func (failConn) Write([]byte) (int, error) { return 0, errors.New("broken pipe") }
+func (failConn) Close() error              { return nil }
+
+func TestCoalesceReportsWriteErrors(t *testing.T) {
+	c := Coalesce(failConn{})
+	defer c.Close()
+	win := []byte{0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0}
+	c.Write(win)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := c.Write(win); err != nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a failed flush was never reported")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

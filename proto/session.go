@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -66,16 +67,36 @@ func (l yamuxLogger) emit(s string) {
 }
 
 // Coalesce wraps a message-oriented conn (websocket.NetConn turns every
-// Write into one WebSocket message) so that a yamux data frame's 12-byte
-// header and its body, which yamux writes separately, go out as one message.
-// yamux writes from a single goroutine (its send loop), which is what makes
-// holding the header until the body arrives safe.
-func Coalesce(c net.Conn) net.Conn { return &coalescingConn{Conn: c} }
+// Write into one WebSocket message, one TLS record and one syscall) so
+// that yamux frames are batched: Write queues the frame and a flusher
+// goroutine writes everything queued as one message. Nothing waits on a
+// timer: an idle tunnel sends a lone frame at once, a busy one sends many
+// frames per message. A data frame's 12-byte header, which yamux writes
+// separately from its body, is held until the body is queued. Queued
+// bytes are bounded: Write blocks past maxQueued (backpressure). A write
+// error is returned by the next Write and closes the conn.
+func Coalesce(c net.Conn) net.Conn {
+	b := &batchConn{Conn: c, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	b.space = sync.NewCond(&b.mu)
+	go b.flushLoop()
+	return b
+}
 
-type coalescingConn struct {
+const maxQueued = 4 << 20
+
+type batchConn struct {
 	net.Conn
-	pending bool
-	buf     []byte // header, then header+body; reused between frames
+	kick chan struct{} // wakes the flusher (never closed: writers send on it)
+	stop chan struct{} // closed by Close
+	done chan struct{} // closed when the flusher has exited
+
+	mu         sync.Mutex
+	space      *sync.Cond // signalled when the queue drains
+	queue      []byte
+	holdHeader bool // the queue ends with a data header awaiting its body
+	err        error
+	closed     bool
+	closeOnce  sync.Once
 }
 
 const (
@@ -83,24 +104,87 @@ const (
 	yamuxTypeData  = 0
 )
 
-func (c *coalescingConn) Write(p []byte) (int, error) {
-	if c.pending {
-		c.pending = false
-		c.buf = append(c.buf[:yamuxHeaderLen], p...)
-		if _, err := c.Conn.Write(c.buf); err != nil {
-			return 0, err
-		}
-		if cap(c.buf) > 2*StreamWindow {
-			c.buf = nil // do not pin a rare huge buffer
-		}
-		return len(p), nil
+func (b *batchConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	for len(b.queue) >= maxQueued && b.err == nil && !b.closed {
+		b.space.Wait()
 	}
-	if len(p) == yamuxHeaderLen && p[1] == yamuxTypeData && binary.BigEndian.Uint32(p[8:12]) > 0 {
-		c.buf = append(c.buf[:0], p...)
-		c.pending = true
-		return len(p), nil
+	if b.err != nil || b.closed {
+		err := b.err
+		b.mu.Unlock()
+		if err == nil {
+			err = net.ErrClosed
+		}
+		return 0, err
 	}
-	return c.Conn.Write(p)
+	b.queue = append(b.queue, p...)
+	// A data header with a body to follow waits for it, so both go out
+	// together; anything else may be sent now.
+	b.holdHeader = len(p) == yamuxHeaderLen && p[1] == yamuxTypeData && binary.BigEndian.Uint32(p[8:12]) > 0
+	kick := !b.holdHeader
+	b.mu.Unlock()
+	if kick {
+		select {
+		case b.kick <- struct{}{}:
+		default:
+		}
+	}
+	return len(p), nil
+}
+
+func (b *batchConn) flushLoop() {
+	defer close(b.done)
+	var out []byte
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-b.kick:
+		}
+		b.mu.Lock()
+		if b.closed {
+			b.mu.Unlock()
+			return
+		}
+		n := len(b.queue)
+		if b.holdHeader {
+			n -= yamuxHeaderLen // its body is not queued yet
+		}
+		out = append(out[:0], b.queue[:n]...)
+		b.queue = append(b.queue[:0], b.queue[n:]...)
+		b.space.Broadcast()
+		b.mu.Unlock()
+		if len(out) == 0 {
+			continue
+		}
+		if _, err := b.Conn.Write(out); err != nil {
+			b.mu.Lock()
+			b.err = err
+			b.space.Broadcast()
+			b.mu.Unlock()
+			b.Conn.Close()
+			return
+		}
+		if cap(out) > 2*maxQueued {
+			out = nil // do not pin a rare huge buffer
+		}
+	}
+}
+
+// Close stops the flusher and closes the conn. Frames still queued are
+// dropped: yamux closes its conn only when the session is over.
+func (b *batchConn) Close() error {
+	var err error
+	b.closeOnce.Do(func() {
+		b.mu.Lock()
+		b.closed = true
+		b.space.Broadcast()
+		b.mu.Unlock()
+		close(b.stop)
+		err = b.Conn.Close()
+		<-b.done
+	})
+	return err
 }
 
 // WebSocketConn adapts an accepted or dialled WebSocket to the net.Conn

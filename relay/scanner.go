@@ -80,8 +80,11 @@ func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
 			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
 			pr.Out.Header.Set("X-Ferry-Public-Base", rt.publicBase)
 		},
-		Transport:     tr,
-		FlushInterval: -1,
+		Transport: tr,
+		// 0: responses of unknown length (git's streams) are flushed at
+		// once by ReverseProxy anyway; known-length ones need no flush per
+		// write, which would cost a frame (and a syscall) each.
+		FlushInterval: 0,
 		BufferPool:    httpx.NewBufferPool(),
 		ErrorHandler:  r.proxyError,
 		ModifyResponse: func(resp *http.Response) error {
