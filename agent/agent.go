@@ -5,7 +5,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -242,26 +241,16 @@ func (a *Agent) Connected() int {
 }
 
 func (a *Agent) diagHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) { a.page.Serve(w, a.Status()) })
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if a.Connected() == 0 {
-			http.Error(w, "no relay connection", http.StatusServiceUnavailable)
-			return
-		}
-		w.Write([]byte("ready\n"))
-	})
-	mux.Handle("GET /metrics", metrics.Handler(a.metrics.Registry))
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		enc.Encode(a.Status())
-	})
-	return mux
+	return statuspage.Admin{
+		Page:     a.page,
+		PageData: func() any { return a.Status() },
+		Ready: func() (bool, string) {
+			return a.Connected() > 0, "no relay connection"
+		},
+		Metrics:  metrics.Handler(a.metrics.Registry),
+		JSONPath: "/v1/status",
+		JSON:     func() any { return a.Status() },
+	}.Handler()
 }
 
 // Status is the agent's /v1/status document.

@@ -422,7 +422,13 @@ func (s *setup) cloneBench(n, mib int) (Result, error) {
 				dst := filepath.Join(s.dir, fmt.Sprintf("clone-%d-%d", time.Now().UnixNano(), i))
 				defer os.RemoveAll(dst)
 				args := append(append([]string(nil), extra...), "-c", "http.extraHeader=Authorization: Bearer "+tok, "clone", "-q", url, dst)
-				_, err := testrig.Git("", args...)
+				cmd := exec.Command("git", args...)
+				// GIT_SSL_CAINFO, if the machine sets it, would override -c.
+				cmd.Env = append(testrig.GitEnv(), "GIT_SSL_CAINFO="+s.pki.CAFile)
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					err = fmt.Errorf("git clone: %v: %s", err, out)
+				}
 				errs <- err
 			}()
 		}
@@ -433,7 +439,7 @@ func (s *setup) cloneBench(n, mib int) (Result, error) {
 		}
 		return float64(n) / time.Since(start).Seconds(), nil
 	}
-	d, err := run(s.directURL("/scm/big/repo.git"), s.pat, "-c", "http.sslCAInfo="+s.pki.CAFile)
+	d, err := run(s.directURL("/scm/big/repo.git"), s.pat)
 	if err != nil {
 		return Result{Workload: name}, fmt.Errorf("direct: %w", err)
 	}

@@ -29,3 +29,22 @@ func BenchmarkSmallGET(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkSmallGETSerial is one client, one request at a time: latency.
+func BenchmarkSmallGETSerial(b *testing.B) {
+	e := newEnv(b)
+	client := &http.Client{Transport: &http.Transport{}}
+	defer client.CloseIdleConnections()
+	url := e.scannerBase + "/rest/api/1.0/application-properties"
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		req, _ := http.NewRequest("GET", url, nil)
+		req.Header.Set("Authorization", "Bearer "+scannerToken)
+		resp, err := client.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+}

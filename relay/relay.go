@@ -5,7 +5,6 @@ package relay
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -238,26 +237,16 @@ func (r *Relay) newServer(h http.Handler, maxHeader int) *http.Server {
 
 // adminHandler serves health, readiness and the tunnel list.
 func (r *Relay) adminHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) { r.page.Serve(w, r.pageData()) })
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if r.stopping.Load() {
-			http.Error(w, "shutting down", http.StatusServiceUnavailable)
-			return
-		}
-		w.Write([]byte("ready\n"))
-	})
-	mux.Handle("GET /metrics", metrics.Handler(r.metrics.Registry))
-	mux.HandleFunc("GET /v1/tunnels", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		enc.Encode(r.tunnelStatus())
-	})
-	return mux
+	return statuspage.Admin{
+		Page:     r.page,
+		PageData: func() any { return r.pageData() },
+		Ready: func() (bool, string) {
+			return !r.stopping.Load(), "shutting down"
+		},
+		Metrics:  metrics.Handler(r.metrics.Registry),
+		JSONPath: "/v1/tunnels",
+		JSON:     func() any { return r.tunnelStatus() },
+	}.Handler()
 }
 
 // TunnelStatus is one entry of /v1/tunnels.

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -106,31 +105,12 @@ type Audit struct {
 	MaxFiles  int    `yaml:"max_files"`   // rotated files kept (default 5)
 }
 
-var upstreamNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-
 // LoadAgent reads and validates an agent config file.
-func LoadAgent(path string) (*Agent, error) {
-	data, err := readFile(path)
-	if err != nil {
-		return nil, err
-	}
-	return ParseAgent(path, data)
-}
+func LoadAgent(path string) (*Agent, error) { return load(path, ParseAgent) }
 
 // ParseAgent validates agent config bytes; file is used in messages.
 func ParseAgent(file string, data []byte) (*Agent, error) {
-	var c Agent
-	root, err := decodeStrict(file, data, &c)
-	if err != nil {
-		return nil, err
-	}
-	c.File = file
-	v := &validator{file: file, root: root}
-	c.validate(v)
-	if v.failed() {
-		return nil, v.err
-	}
-	return &c, nil
+	return parse(file, data, &Agent{File: file}, (*Agent).validate)
 }
 
 func (c *Agent) validate(v *validator) {
@@ -216,7 +196,7 @@ func (c *Agent) validate(v *validator) {
 }
 
 func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
-	if !upstreamNameRE.MatchString(u.Name) {
+	if !idRE.MatchString(u.Name) {
 		v.failf(f+".name", "%q must be 1-63 lowercase letters, digits, '.', '_' or '-' (it appears in scanner URLs)", u.Name)
 	}
 	if names[u.Name] {

@@ -233,3 +233,26 @@ func (v *validator) duration(field string, d *time.Duration, def, lo, hi time.Du
 		v.failf(field, "%s is out of range %s-%s", *d, lo, hi)
 	}
 }
+
+// parse decodes and validates one config file into out.
+func parse[T any](file string, data []byte, out *T, validate func(*T, *validator)) (*T, error) {
+	root, err := decodeStrict(file, data, out)
+	if err != nil {
+		return nil, err
+	}
+	v := &validator{file: file, root: root}
+	validate(out, v)
+	if v.failed() {
+		return nil, v.err
+	}
+	return out, nil
+}
+
+// load reads a config file and parses it.
+func load[T any](path string, parseFn func(string, []byte) (*T, error)) (*T, error) {
+	data, err := readFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return parseFn(path, data)
+}

@@ -83,28 +83,11 @@ type Registry struct {
 var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 
 // LoadRelay reads and validates a relay config file.
-func LoadRelay(path string) (*Relay, error) {
-	data, err := readFile(path)
-	if err != nil {
-		return nil, err
-	}
-	return ParseRelay(path, data)
-}
+func LoadRelay(path string) (*Relay, error) { return load(path, ParseRelay) }
 
 // ParseRelay validates relay config bytes; file is used in messages.
 func ParseRelay(file string, data []byte) (*Relay, error) {
-	var c Relay
-	root, err := decodeStrict(file, data, &c)
-	if err != nil {
-		return nil, err
-	}
-	c.File = file
-	v := &validator{file: file, root: root}
-	c.validate(v)
-	if v.failed() {
-		return nil, v.err
-	}
-	return &c, nil
+	return parse(file, data, &Relay{File: file}, (*Relay).validate)
 }
 
 func (c *Relay) validate(v *validator) {

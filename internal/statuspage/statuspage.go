@@ -5,6 +5,7 @@
 package statuspage
 
 import (
+	"encoding/json"
 	"html/template"
 	"net/http"
 	"sync"
@@ -106,4 +107,39 @@ func (r *Recent[T]) List() []T {
 		out = append(out, r.items[(r.next-i+len(r.items))%len(r.items)])
 	}
 	return out
+}
+
+// Admin is what an admin listener serves; both daemons fill it in.
+type Admin struct {
+	Page     *Page
+	PageData func() any
+	// Ready reports readiness and, when not ready, why.
+	Ready    func() (bool, string)
+	Metrics  http.Handler
+	JSONPath string
+	JSON     func() any
+}
+
+// Handler serves /, /healthz, /readyz, /metrics and the JSON document.
+func (a Admin) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) { a.Page.Serve(w, a.PageData()) })
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if ok, why := a.Ready(); !ok {
+			http.Error(w, why, http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	mux.Handle("GET /metrics", a.Metrics)
+	mux.HandleFunc("GET "+a.JSONPath, func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(a.JSON())
+	})
+	return mux
 }
