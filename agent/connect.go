@@ -153,9 +153,10 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	if err != nil {
 		return false, err
 	}
-	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive))
+	conn := proto.WebSocketConn(ctx, ws)
+	sess, err := yamux.Client(conn, proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive))
 	if err != nil {
-		ws.CloseNow()
+		conn.Close() // also stops the conn's flusher
 		return false, fmt.Errorf("start session: %w", err)
 	}
 	ctrl, welcome, err := a.hello(sess)

@@ -188,9 +188,10 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 		d.fail("relay", err.Error(), hint)
 		return
 	}
-	sess, err := yamux.Client(proto.WebSocketConn(hctx, ws), proto.YamuxConfig(logging.Discard(), a.config().Timeouts.Keepalive))
+	wsConn := proto.WebSocketConn(hctx, ws)
+	sess, err := yamux.Client(wsConn, proto.YamuxConfig(logging.Discard(), a.config().Timeouts.Keepalive))
 	if err != nil {
-		ws.CloseNow()
+		wsConn.Close()
 		d.fail("relay", err.Error(), "")
 		return
 	}

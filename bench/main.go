@@ -573,7 +573,7 @@ func printTable(rs []Result) {
 		if !r.Met {
 			mark = "✗"
 		}
-		fmt.Printf("%-58s %12s %12s %8s %-18s %s %s %s\n", r.Workload+" ("+r.Unit+")", d, fmt.Sprintf("%.2f", r.Ferry), ratio, r.Target, mark, r.Note, "")
+		fmt.Printf("%-58s %12s %12s %8s %-18s %s %s\n", r.Workload+" ("+r.Unit+")", d, fmt.Sprintf("%.2f", r.Ferry), ratio, r.Target, mark, r.Note)
 	}
 }
 

@@ -332,7 +332,7 @@ func TestTunnelSurvivesIdleCuttingMiddlebox(t *testing.T) {
 			defer rrun.shutdown(t)
 			mb := startMiddlebox(t, r.AgentAddr(), 1500*time.Millisecond)
 			defer mb.close()
-			a, arun := w.startAgentYAML(strings.Replace(w.agentYAML(mb.ln.Addr().String(), ""), "wss://"+mb.ln.Addr().String(), "wss://"+mb.ln.Addr().String(), 1) + timeouts)
+			a, arun := w.startAgentYAML(w.agentYAML(mb.ln.Addr().String(), "") + timeouts)
 			defer arun.shutdown(t)
 			waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
 			time.Sleep(4 * time.Second) // a quiet tunnel, well past the middlebox's idle cut

@@ -80,9 +80,10 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remote string, th token.Hash) error {
 	ctx, cancel := context.WithCancel(r.life)
 	defer cancel()
-	sess, err := yamux.Server(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(log, r.cfg.Timeouts.Keepalive))
+	conn := proto.WebSocketConn(ctx, ws)
+	sess, err := yamux.Server(conn, proto.YamuxConfig(log, r.cfg.Timeouts.Keepalive))
 	if err != nil {
-		ws.CloseNow()
+		conn.Close() // also stops the conn's flusher
 		return fmt.Errorf("start session: %w", err)
 	}
 	defer sess.Close()
