@@ -54,13 +54,16 @@ func compilePattern(src string) (pattern, error) {
 
 // match reports whether the canonical path p (from NormalizePath) matches.
 // A trailing slash is ignored: Bitbucket treats /x and /x/ alike.
-func (p pattern) match(canonical string) bool {
+func (p pattern) match(canonical string) bool { return matchSegs(p.segs, pathSegments(canonical)) }
+
+// pathSegments is what patterns match against: lower case, no leading
+// or trailing slash, split. Decide computes it once per request.
+func pathSegments(canonical string) []string {
 	s := strings.TrimSuffix(strings.TrimPrefix(strings.ToLower(canonical), "/"), "/")
-	var segs []string
-	if s != "" {
-		segs = strings.Split(s, "/")
+	if s == "" {
+		return nil
 	}
-	return matchSegs(p.segs, segs)
+	return strings.Split(s, "/")
 }
 
 func matchSegs(pat []segment, segs []string) bool {

@@ -42,8 +42,8 @@ type Rule struct {
 	Inspect Inspection
 }
 
-func (r *Rule) matches(method, p string, q url.Values) bool {
-	if !r.Methods[method] || !r.Path.match(p) {
+func (r *Rule) matches(method string, segs []string, q url.Values) bool {
+	if !r.Methods[method] || !matchSegs(r.Path.segs, segs) {
 		return false
 	}
 	for k, want := range r.Query {
@@ -170,11 +170,12 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 	if _, ok := q["_method"]; ok {
 		return Decision{Path: canon, Rule: "method-override", Reason: "method override (_method) is not allowed", Status: http.StatusBadRequest}
 	}
+	segs := pathSegments(canon)
 	deny := func(rule, reason string) Decision {
 		return Decision{Path: canon, Rule: rule, Reason: reason, Status: http.StatusForbidden}
 	}
 	for i := range neverAllowed {
-		if r := &neverAllowed[i]; r.matches(method, canon, q) {
+		if r := &neverAllowed[i]; r.matches(method, segs, q) {
 			return deny("never:"+r.Name, "never allowed through ferry ("+r.Name+")")
 		}
 	}
@@ -182,7 +183,7 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 	var inspect Inspection
 	for i := range p.user {
 		r := &p.user[i]
-		if !r.matches(method, canon, q) {
+		if !r.matches(method, segs, q) {
 			continue
 		}
 		if r.Deny {
@@ -193,7 +194,7 @@ func (p *Policy) Decide(method, rawPath, rawQuery string) Decision {
 	}
 	if allowedBy == "" {
 		for i := range p.allow {
-			if r := &p.allow[i]; r.matches(method, canon, q) {
+			if r := &p.allow[i]; r.matches(method, segs, q) {
 				allowedBy, inspect = r.Name, r.Inspect
 				break
 			}
