@@ -165,9 +165,12 @@ func (a *Agent) Serve(ctx context.Context) error {
 		"connections", len(a.conns), "upstreams", a.upstreams().names, "diagnostics", a.DiagAddr())
 
 	var runErr error
+	pending := 2 // Serve results still to collect
 	select {
 	case <-ctx.Done():
 	case runErr = <-errc:
+		pending--
+		runErr = fmt.Errorf("listener failed: %w", runErr)
 	}
 	stopNotify() // STOPPING=1 before the drain
 	a.drain()
@@ -182,7 +185,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	diagSrv.Close()
 	a.upstreams().closeIdle()
 	a.relayClient.CloseIdleConnections()
-	for range 2 {
+	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
 			runErr = err
 		}

@@ -254,9 +254,8 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		var ref *policy.Refusal
 		switch {
 		case errors.As(err, &ref):
-			entry.Decision = "deny"
 			entry.Rule = ref.Rule
-			if ref.Push != nil && isGit(r) && writePushRejection(rec, ref.Push, ref.Reason, u.cfg.Policy.PushRefPrefix()) {
+			if ref.Push != nil && httpx.IsGit(r) && writePushRejection(rec, ref.Push, ref.Reason, u.cfg.Policy.PushRefPrefix()) {
 				return
 			}
 			writeRefusal(rec, r, ref.Status, ref.Reason)
@@ -291,20 +290,11 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	u.proxy.ServeHTTP(rec, r.WithContext(ctx))
 }
 
-func truncateForPage(p string) string {
-	if len(p) > 200 {
-		return p[:200] + "…"
-	}
-	return p
-}
-
 // readCloser forwards a checked body while closing the original.
 type readCloser struct {
 	io.Reader
 	io.Closer
 }
-
-func isGit(r *http.Request) bool { return strings.HasPrefix(r.Header.Get("User-Agent"), "git/") }
 
 // writeRefusal answers a policy refusal.
 func writeRefusal(w http.ResponseWriter, r *http.Request, status int, reason string) {
@@ -327,8 +317,9 @@ func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
 	m.Bytes.WithLabelValues(up, "to_relay").Add(float64(e.Bytes))
 	if e.Decision == "deny" {
 		m.PolicyDenials.WithLabelValues(up, e.Rule).Inc()
-		e.Path = truncateForPage(e.Path)
-		a.denials.Add(e)
+		shown := e // the page's copy is shortened; the audit log keeps the whole path
+		shown.Path = httpx.Truncate(e.Path, 200)
+		a.denials.Add(shown)
 	}
 	a.log.Info("request", "request_id", e.RequestID, "scanner", e.Scanner, "upstream", e.Upstream, "method", e.Method,
 		"path", e.Path, "decision", e.Decision, "rule", e.Rule, "status", e.Status, "bytes", e.Bytes, "duration_ms", e.DurationMS)

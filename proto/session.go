@@ -82,7 +82,11 @@ func Coalesce(c net.Conn) net.Conn {
 	return b
 }
 
-const maxQueued = 4 << 20
+const (
+	maxQueued    = 4 << 20
+	keepBuffer   = 64 << 10 // buffers up to this size are always kept
+	releaseAfter = 5 * time.Second
+)
 
 type batchConn struct {
 	net.Conn
@@ -135,10 +139,24 @@ func (b *batchConn) Write(p []byte) (int, error) {
 func (b *batchConn) flushLoop() {
 	defer close(b.done)
 	var out []byte
+	// Burst-sized buffers are released once the connection has been quiet
+	// for releaseAfter, so thousands of idle tunnels pin no megabytes;
+	// a busy one keeps reusing its own.
+	release := time.NewTimer(releaseAfter)
+	release.Stop()
+	defer release.Stop()
 	for {
 		select {
 		case <-b.stop:
 			return
+		case <-release.C:
+			out = nil
+			b.mu.Lock()
+			if len(b.queue) == 0 {
+				b.queue = nil
+			}
+			b.mu.Unlock()
+			continue
 		case <-b.kick:
 		}
 		b.mu.Lock()
@@ -165,8 +183,8 @@ func (b *batchConn) flushLoop() {
 			b.Conn.Close()
 			return
 		}
-		if cap(out) > 2*maxQueued {
-			out = nil // do not pin a rare huge buffer
+		if cap(out) > keepBuffer {
+			release.Reset(releaseAfter)
 		}
 	}
 }

@@ -174,9 +174,11 @@ func (r *Relay) Serve(ctx context.Context) error {
 		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.auth.Load().tunnels))
 
 	var runErr error
+	pending := len(servers) // Serve results still to collect
 	select {
 	case <-ctx.Done():
 	case runErr = <-errc:
+		pending--
 		runErr = fmt.Errorf("listener failed: %w", runErr)
 	}
 	r.stopping.Store(true)
@@ -204,7 +206,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	r.sessions.Wait()
 	servers[2].Close()
 	r.transport.CloseIdleConnections()
-	for range servers {
+	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
 			runErr = err
 		}

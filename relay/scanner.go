@@ -197,7 +197,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 				r.refused.Add(1)
 			}
 			r.recent.Add(ErrorEvent{Time: start, RequestID: rid, Tunnel: tunnelID, Scanner: scanner, Method: req.Method,
-				Path: truncatePath(pathOnly(req.RequestURI)), Status: status, Code: rec.Header().Get("X-Ferry-Error")})
+				Path: httpx.Truncate(pathOnly(req.RequestURI), 200), Status: status, Code: rec.Header().Get("X-Ferry-Error")})
 		}
 		m := r.metrics
 		m.Requests.WithLabelValues(mTunnel, mUpstream, metrics.MethodClass(req.Method), metrics.Code(status)).Inc()
@@ -321,14 +321,6 @@ func splitScannerPath(uri string) (tunnel, upstream, rest string, ok bool) {
 		rest += parts[2]
 	}
 	return parts[0], parts[1], rest, true
-}
-
-// truncatePath keeps status pages and logs readable under path floods.
-func truncatePath(p string) string {
-	if len(p) > 200 {
-		return p[:200] + "…"
-	}
-	return p
 }
 
 func pathOnly(uri string) string {

@@ -8,7 +8,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"strings"
+
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 )
 
 // RequestIDHeader is on every response ferry gives a scanner.
@@ -55,7 +56,7 @@ func Write(w http.ResponseWriter, status int, code, msg string) {
 // everything else. The code is also in the X-Ferry-Error header.
 func Respond(w http.ResponseWriter, r *http.Request, status int, code, msg string) {
 	w.Header().Set("X-Ferry-Error", code)
-	if strings.HasPrefix(r.Header.Get("User-Agent"), "git/") {
+	if httpx.IsGit(r) {
 		h := w.Header()
 		h.Set("Content-Type", "text/plain; charset=utf-8")
 		h.Set("Cache-Control", "no-store")

@@ -14,6 +14,8 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 )
 
 // Inspection names a body check a rule's allowance depends on.
@@ -184,7 +186,7 @@ func ParseReceivePackCommands(r io.Reader) (*ReceivePack, []byte, error) {
 		line = strings.TrimSuffix(line, "\n")
 		parts := strings.Split(line, " ")
 		if len(parts) != 3 || !isObjectID(parts[0]) || !isObjectID(parts[1]) || len(parts[0]) != len(parts[1]) || !validRef(parts[2]) {
-			return nil, nil, fmt.Errorf("malformed push command %q", truncateForLog(line))
+			return nil, nil, fmt.Errorf("malformed push command %q", httpx.Truncate(line, 120))
 		}
 		cmds = append(cmds, RefUpdate{Old: parts[0], New: parts[1], Ref: parts[2]})
 		if len(cmds) > maxCommands {
@@ -247,13 +249,6 @@ func validRef(ref string) bool {
 		}
 	}
 	return true
-}
-
-func truncateForLog(s string) string {
-	if len(s) > 120 {
-		return s[:120] + "…"
-	}
-	return s
 }
 
 func (p *Policy) checkReceivePack(r io.Reader) ([]byte, error) {

@@ -42,7 +42,9 @@ const maxSecret = 64 << 10
 // NewFile reads path once, so a missing or empty file fails at start-up.
 func NewFile(path string) (*File, error) {
 	f := &File{path: path}
-	if _, err := f.reload(); err != nil {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, err := f.reloadLocked(); err != nil {
 		return nil, err
 	}
 	return f, nil
@@ -57,14 +59,6 @@ func (f *File) Value() (string, error) {
 	if time.Since(f.checked) < checkEvery {
 		return f.val, nil
 	}
-	return f.reloadLocked()
-}
-
-// reload re-reads the file now, whatever the cache says.
-func (f *File) reload() (string, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.mod = time.Time{}
 	return f.reloadLocked()
 }
 
