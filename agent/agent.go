@@ -49,6 +49,9 @@ type Agent struct {
 	denials     *statuspage.Recent[audit.Entry]
 	page        *statuspage.Page
 
+	webhooks *webhooks     // nil: webhooks.listen unset
+	nextSlot atomic.Uint32 // round robin over connections for agent-opened streams
+
 	credMu  sync.Mutex
 	creds   map[string]CredentialReport // by upstream, from the last check
 	diagLn  net.Listener
@@ -101,8 +104,25 @@ func (a *Agent) Listen() error {
 		ln.Close()
 		return err
 	}
+	if cfg.Webhooks.Enabled() {
+		wh, err := openWebhooks(cfg.Webhooks, a.log, a.metrics)
+		if err != nil {
+			ln.Close()
+			al.Close()
+			return err
+		}
+		a.webhooks = wh
+	}
 	a.diagLn, a.audit = ln, al
 	return nil
+}
+
+// WebhookAddr is the bound webhook listener address ("" when off).
+func (a *Agent) WebhookAddr() string {
+	if a.webhooks == nil {
+		return ""
+	}
+	return a.webhooks.Addr()
 }
 
 // DiagAddr is the bound diagnostics address.
@@ -161,6 +181,17 @@ func (a *Agent) Serve(ctx context.Context) error {
 			a.keepConnected(connCtx, i)
 		}()
 	}
+	// Webhook forwarding stops before the connections close: a delivery
+	// cut mid-send stays spooled and goes out after the restart.
+	whCtx, stopWebhooks := context.WithCancel(context.Background())
+	defer stopWebhooks()
+	if a.webhooks != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.webhooks.serve(whCtx, a)
+		}()
+	}
 	a.log.Info("agent started", "version", version.Version, "agent_id", a.config().AgentID, "relay", a.config().Relay.URL,
 		"connections", len(a.conns), "upstreams", a.upstreams().names, "diagnostics", a.DiagAddr())
 
@@ -179,6 +210,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	if err := tunnelSrv.Shutdown(sctx); err != nil {
 		tunnelSrv.Close()
 	}
+	stopWebhooks()
 	stopConns()
 	wg.Wait()
 	a.bg.Wait()
@@ -269,6 +301,7 @@ type Status struct {
 	Requests      RequestStats       `json:"requests"`
 	Credentials   []CredentialReport `json:"credentials"`
 	RecentDenials []audit.Entry      `json:"recent_denials"`
+	Webhooks      *WebhookStatus     `json:"webhooks,omitempty"`
 }
 
 // Status reports the agent's state.
@@ -293,6 +326,9 @@ func (a *Agent) Status() Status {
 	}
 	a.credMu.Unlock()
 	s.RecentDenials = a.denials.List()
+	if a.webhooks != nil {
+		s.Webhooks = a.webhooks.status()
+	}
 	return s
 }
 
@@ -304,18 +340,30 @@ type connState struct {
 	st ConnStatus
 
 	ctrlMu sync.Mutex
-	ctrl   *yamux.Stream // the live connection's control stream, or nil
-	ack    chan struct{} // closed when the relay acknowledges draining
+	ctrl   *yamux.Stream  // the live connection's control stream, or nil
+	sess   *yamux.Session // the live connection, for agent-opened streams (webhooks), or nil
+	ack    chan struct{}  // closed when the relay acknowledges draining
 }
 
-func (c *connState) setCtrl(s *yamux.Stream) {
+// setLive records the slot's live connection (nil, nil: none).
+func (c *connState) setLive(ctrl *yamux.Stream, sess *yamux.Session) {
 	c.ctrlMu.Lock()
-	c.ctrl = s
+	c.ctrl, c.sess = ctrl, sess
 	if c.ack != nil {
 		close(c.ack) // a connection that is gone sends no more streams
 		c.ack = nil
 	}
 	c.ctrlMu.Unlock()
+}
+
+// session is the slot's live session, or nil.
+func (c *connState) session() *yamux.Session {
+	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
+	if c.sess == nil || c.sess.IsClosed() {
+		return nil
+	}
+	return c.sess
 }
 
 // startDrain asks the relay to stop sending streams on the live
@@ -434,4 +482,8 @@ const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 <h2>Requests: {{.Requests.Total}} ({{.Requests.Allowed}} allowed, {{.Requests.Denied}} denied)</h2>
 {{if .RecentDenials}}<table><tr><th>time</th><th>scanner</th><th>request</th><th>rule</th><th>status</th><th>request id</th></tr>
 {{range .RecentDenials}}<tr><td>{{ts .Time}}</td><td>{{.Scanner}}</td><td><code>{{.Method}} {{.Path}}</code></td><td><code>{{.Rule}}</code></td><td class="warn">{{.Status}}</td><td><code>{{.RequestID}}</code></td></tr>
-{{end}}</table>{{else}}<p class="empty">no denials since start</p>{{end}}`
+{{end}}</table>{{else}}<p class="empty">no denials since start</p>{{end}}
+{{with .Webhooks}}<h2>Webhooks: {{.Accepted}} accepted, {{.Forwarded}} delivered since start</h2>
+<table><tr><th>listen</th><th>signature</th><th class="num">spooled</th><th>oldest</th><th class="num">quarantined</th><th>last delivered</th><th>last error</th></tr>
+<tr><td><code>{{.Listen}}</code></td>{{if .Signed}}<td class="ok">required</td>{{else}}<td class="warn">not checked</td>{{end}}<td class="num">{{.Spool.Spooled}}</td><td>{{if .Spool.Spooled}}{{ago .Spool.Oldest}}{{else}}<span class="empty">empty</span>{{end}}</td>{{if .Spool.Quarantined}}<td class="num bad">{{.Spool.Quarantined}}</td>{{else}}<td class="num">0</td>{{end}}<td>{{ago .LastSent}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr></table>
+{{range .Spool.RecentQuarantine}}<p class="bad">quarantined {{ts .At}}: <code>{{.File}}</code> — {{.Reason}}</p>{{end}}{{end}}`

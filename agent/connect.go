@@ -166,7 +166,7 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	}
 	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
 	st.connected(welcome)
-	st.setCtrl(ctrl)
+	st.setLive(ctrl, sess)
 	a.metrics.RelayConnections.Inc()
 	log.Info("connected to relay", "relay", a.config().Relay.URL, "tunnel", welcome.Tunnel)
 
@@ -215,15 +215,15 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	}
 	select {
 	case <-sess.CloseChan():
-		st.setCtrl(nil)
+		st.setLive(nil, nil)
 		finish()
 		return true, errors.New("relay connection closed")
 	case <-ctx.Done():
-		st.setCtrl(nil)
+		st.setLive(nil, nil)
 		finish()
 		return true, ctx.Err()
 	case reason := <-goaway:
-		st.setCtrl(nil)
+		st.setLive(nil, nil)
 		log.Info("relay asked this connection to go away; reconnecting while its streams finish", "reason", reason)
 		// The old session finishes its streams on its own; this slot dials
 		// again at once. The drainer belongs to the agent's bg group.

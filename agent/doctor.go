@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/logging"
+	"github.com/ferry-tunnel/ferry/internal/spool"
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
@@ -73,6 +76,9 @@ func Doctor(ctx context.Context, path string, out io.Writer) bool {
 	ups := a.upstreams()
 	for _, name := range ups.names {
 		a.doctorUpstream(ctx, d, ups.byName[name])
+	}
+	if cfg.Webhooks.Enabled() {
+		doctorWebhooks(d, &cfg.Webhooks)
 	}
 	if d.failed == 0 {
 		fmt.Fprintf(out, "\nall %d checks passed\n", d.passed)
@@ -368,4 +374,45 @@ func (a *Agent) doctorUpstream(ctx context.Context, d *doctor, u *upstream) {
 		}
 	}
 	d.pass(cname, "accepted as %s; %s", rep.User, exp)
+}
+
+// doctorWebhooks checks the webhook secret and spool: readable, writable,
+// and not holding deliveries that have waited long (something downstream
+// is refusing them).
+func doctorWebhooks(d *doctor, w *config.Webhooks) {
+	if w.Secret != nil {
+		if _, err := w.Secret.Value(); err != nil {
+			d.fail("webhook secret", err.Error(), "webhooks.secret_file must be readable by the agent; deliveries are refused until it is")
+		} else {
+			d.pass("webhook secret", "%s readable; deliveries must carry X-Hub-Signature", w.SecretFile)
+		}
+	} else {
+		d.pass("webhook secret", "not set: unsigned deliveries are accepted (set webhooks.secret_file and the same secret in Bitbucket)")
+	}
+	if err := os.MkdirAll(w.SpoolDir, 0o700); err != nil {
+		d.fail("webhook spool", err.Error(), "webhooks.spool_dir must be a directory the agent can create and write (StateDirectory= under systemd)")
+		return
+	}
+	probe, err := os.CreateTemp(w.SpoolDir, ".doctor-*")
+	if err != nil {
+		d.fail("webhook spool", "cannot write in "+w.SpoolDir+": "+err.Error(), "give the agent's user write access to webhooks.spool_dir")
+		return
+	}
+	probe.Close()
+	os.Remove(probe.Name())
+	st, err := spool.Inspect(w.SpoolDir)
+	if err != nil {
+		d.fail("webhook spool", err.Error(), "")
+		return
+	}
+	summary := fmt.Sprintf("%s writable; %d deliveries waiting (%d bytes), %d quarantined", w.SpoolDir, st.Spooled, st.Bytes, st.Quarantined)
+	switch {
+	case st.Spooled > 0 && time.Since(st.Oldest) > time.Hour:
+		d.fail("webhook spool", summary+fmt.Sprintf("; the oldest has waited %s", time.Since(st.Oldest).Round(time.Second)),
+			"deliveries are not getting out: see last_error under webhooks in `ferry-agent status` (relay unreachable, no webhook_target, or the target refusing)")
+	case st.Quarantined > 0:
+		d.fail("webhook spool", summary, "corrupt spool files were moved to "+filepath.Join(w.SpoolDir, "quarantine")+"; inspect them, then delete them")
+	default:
+		d.pass("webhook spool", "%s", summary)
+	}
 }

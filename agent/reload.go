@@ -16,7 +16,7 @@ import (
 // leaves the running config in force, with the error logged and returned.
 // Upstreams, policies, credentials, the relay token and the log level
 // change at once; settings that need a restart (relay url, ca_file,
-// connections, proxy, diagnostics, audit, agent_id) keep their running
+// connections, proxy, diagnostics, audit, webhooks, agent_id) keep their running
 // values, with a warning naming them.
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
@@ -79,6 +79,9 @@ func keepRestartOnly(old, next *config.Agent) []string {
 	keep("relay.proxy_url", old.Relay.ProxyURL != next.Relay.ProxyURL, func() { next.Relay.ProxyURL = old.Relay.ProxyURL })
 	keep("diagnostics.listen", old.Diagnostics != next.Diagnostics, func() { next.Diagnostics = old.Diagnostics })
 	keep("audit", old.Audit != next.Audit, func() { next.Audit = old.Audit })
+	ow, nw := old.Webhooks, next.Webhooks
+	ow.Secret, nw.Secret = nil, nil
+	keep("webhooks", ow != nw, func() { next.Webhooks = old.Webhooks })
 	keep("log.format", old.Log.Format != next.Log.Format, func() { next.Log.Format = old.Log.Format })
 	return kept
 }

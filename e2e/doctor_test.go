@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferry-tunnel/ferry/agent"
 	"github.com/ferry-tunnel/ferry/internal/testrig"
@@ -117,5 +119,39 @@ func TestDoctorExitCode(t *testing.T) {
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "✗ relay") {
 		t.Fatalf("wrong token: %v\n%s", err, out)
+	}
+}
+
+func TestDoctorChecksTheWebhookSpool(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	w.write("hook-secret", "s3cret")
+	spoolDir := filepath.Join(w.dir, "spool")
+	yaml := w.agentYAML(r.AgentAddr(), "webhooks: {listen: \"127.0.0.1:0\", secret_file: "+filepath.Join(w.dir, "hook-secret")+", spool_dir: "+spoolDir+"}\n")
+	ok, out := runDoctor(t, w, yaml)
+	if !ok || !strings.HasPrefix(line(out, "webhook spool"), "✓") || !strings.Contains(line(out, "webhook spool"), "0 deliveries waiting") ||
+		!strings.HasPrefix(line(out, "webhook secret"), "✓") {
+		t.Fatalf("healthy webhook setup:\n%s", out)
+	}
+	// A delivery stuck for two hours means something downstream refuses it.
+	stuck := filepath.Join(spoolDir, "0000000000000001-wh-aaaaaaaaaaaaaaaaaaaaaaaa.delivery")
+	if err := os.WriteFile(stuck, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().Add(-2 * time.Hour)
+	os.Chtimes(stuck, old, old)
+	ok, out = runDoctor(t, w, yaml)
+	if l := line(out, "webhook spool"); ok || !strings.HasPrefix(l, "✗") || !strings.Contains(l, "1 deliveries waiting") || !strings.Contains(out, "last_error") {
+		t.Fatalf("stuck delivery not reported:\n%s", out)
+	}
+	os.Remove(stuck)
+	os.MkdirAll(filepath.Join(spoolDir, "quarantine"), 0o700)
+	if err := os.WriteFile(filepath.Join(spoolDir, "quarantine", "bad.delivery"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ok, out = runDoctor(t, w, yaml)
+	if l := line(out, "webhook spool"); ok || !strings.Contains(l, "1 quarantined") || !strings.Contains(out, "inspect them") {
+		t.Fatalf("quarantined file not reported:\n%s", out)
 	}
 }

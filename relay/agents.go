@@ -131,14 +131,9 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 			}
 		}
 	}()
-	// Agents may open streams (webhook deliveries); none are served yet.
-	for {
-		s, err := sess.AcceptStream()
-		if err != nil {
-			break
-		}
-		s.Close()
-	}
+	// Agents open streams for webhook deliveries; served until the
+	// session ends.
+	r.acceptAgentStreams(ctx, log, t, sess)
 	sess.Close()
 	<-done
 	log.Info("agent disconnected", "served", ac.served.Load())

@@ -38,10 +38,11 @@ type Relay struct {
 	agentCert   *certSource    // nil: plaintext
 	scannerCert *certSource
 
-	proxy     *httputil.ReverseProxy
-	transport *http.Transport
-	limiter   *authLimiter
-	metrics   *metrics.Relay
+	proxy         *httputil.ReverseProxy
+	transport     *http.Transport
+	webhookClient *http.Client
+	limiter       *authLimiter
+	metrics       *metrics.Relay
 
 	agentLn, scannerLn, adminLn net.Listener
 
@@ -70,6 +71,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
 	r.proxy, r.transport = r.newProxy()
+	r.webhookClient = newWebhookClient()
 	return r, nil
 }
 
@@ -206,6 +208,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	r.sessions.Wait()
 	servers[2].Close()
 	r.transport.CloseIdleConnections()
+	r.webhookClient.CloseIdleConnections()
 	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
 			runErr = err

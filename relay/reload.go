@@ -20,10 +20,12 @@ type authTables struct {
 	agentTunnel   []*tunnel // parallel to agentHashes
 	scannerHashes []token.Hash
 	scanners      []*scannerAuth // parallel to scannerHashes
+	// webhookTargets: tunnel id → webhook_target (absent: none).
+	webhookTargets map[string]string
 }
 
 func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
-	a := &authTables{tunnels: map[string]*tunnel{}}
+	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}}
 	for _, tc := range cfg.Tunnels {
 		t := (*tunnel)(nil)
 		if prev != nil {
@@ -33,6 +35,9 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 			t = &tunnel{id: tc.ID}
 		}
 		a.tunnels[tc.ID] = t
+		if tc.WebhookTarget != "" {
+			a.webhookTargets[tc.ID] = tc.WebhookTarget
+		}
 		for _, h := range tc.AgentHashes {
 			a.agentHashes = append(a.agentHashes, h)
 			a.agentTunnel = append(a.agentTunnel, t)

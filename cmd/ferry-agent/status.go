@@ -69,5 +69,23 @@ func status(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintln(stdout, line)
 	}
+	if wh := s.Webhooks; wh != nil {
+		sig := "signature required"
+		if !wh.Signed {
+			sig = "unsigned accepted"
+		}
+		fmt.Fprintf(stdout, "webhooks:  listening on %s (%s); %d accepted, %d delivered since start\n", wh.Listen, sig, wh.Accepted, wh.Forwarded)
+		line := fmt.Sprintf("  spool %s: %d waiting (%d bytes)", wh.Spool.Dir, wh.Spool.Spooled, wh.Spool.Bytes)
+		if wh.Spool.Spooled > 0 {
+			line += fmt.Sprintf(", oldest %s old", (time.Duration(wh.OldestAgeS) * time.Second).String())
+		}
+		if wh.Spool.Quarantined > 0 {
+			line += fmt.Sprintf(", %d QUARANTINED (corrupt; see %s/quarantine)", wh.Spool.Quarantined, wh.Spool.Dir)
+		}
+		fmt.Fprintln(stdout, line)
+		if wh.LastError != "" {
+			fmt.Fprintf(stdout, "  last error %s: %s\n", wh.LastErrorAt.Format(time.RFC3339), wh.LastError)
+		}
+	}
 	return nil
 }

@@ -20,6 +20,7 @@ type Agent struct {
 	Upstreams   []Upstream    `yaml:"upstreams"`
 	Diagnostics Diagnostics   `yaml:"diagnostics"`
 	Audit       Audit         `yaml:"audit"`
+	Webhooks    Webhooks      `yaml:"webhooks"`
 	Timeouts    AgentTimeouts `yaml:"timeouts"`
 	Log         Log           `yaml:"log"`
 
@@ -97,6 +98,24 @@ type Rule struct {
 type Diagnostics struct {
 	Listen string `yaml:"listen"`
 }
+
+// Webhooks is the local listener Bitbucket posts webhooks to and the
+// spool that keeps them until the cloud target has them. Off unless
+// listen is set.
+type Webhooks struct {
+	Listen        string `yaml:"listen"`
+	SecretFile    string `yaml:"secret_file"` // HMAC secret Bitbucket signs with; unset: unsigned deliveries accepted
+	SpoolDir      string `yaml:"spool_dir"`
+	MaxBodyKB     int    `yaml:"max_body_kb"`          // one delivery's body (default 8192)
+	SpoolMaxMB    int    `yaml:"spool_max_mb"`         // all spooled deliveries (default 1024)
+	SpoolMaxCount int    `yaml:"spool_max_deliveries"` // default 100000
+	Lanes         int    `yaml:"lanes"`                // deliveries forwarded in parallel; one repository always uses the same lane (default 4)
+
+	Secret secret.Source `yaml:"-"`
+}
+
+// Enabled reports whether the webhook listener runs.
+func (w *Webhooks) Enabled() bool { return w.Listen != "" }
 
 // Audit is the decision log.
 type Audit struct {
@@ -184,6 +203,7 @@ func (c *Agent) validate(v *validator) {
 	case c.Audit.MaxFiles < 0 || c.Audit.MaxFiles > 1000:
 		v.failf("audit.max_files", "%d is out of range 1-1000", c.Audit.MaxFiles)
 	}
+	c.Webhooks.validate(v)
 	t := &c.Timeouts
 	v.duration("timeouts.dial", &t.Dial, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
 	v.duration("timeouts.tls_handshake", &t.TLSHandshake, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
@@ -312,4 +332,37 @@ func loadCA(v *validator, field string, path *string) *x509.CertPool {
 		return nil
 	}
 	return pool
+}
+
+func (w *Webhooks) validate(v *validator) {
+	if !w.Enabled() {
+		if w.SecretFile != "" || w.SpoolDir != "" {
+			v.failf("webhooks.listen", "required when webhooks are configured (e.g. \"0.0.0.0:8181\")")
+		}
+		return
+	}
+	checkListen(v, "webhooks.listen", w.Listen)
+	if w.SecretFile != "" {
+		w.Secret = openSecretFile(v, "webhooks.secret_file", &w.SecretFile)
+	}
+	if w.SpoolDir == "" {
+		v.failf("webhooks.spool_dir", "required: a directory on persistent disk, e.g. /var/lib/ferry/spool")
+	} else {
+		var err error
+		if w.SpoolDir, err = ExpandCredentialsDir(w.SpoolDir); err != nil {
+			v.failf("webhooks.spool_dir", "%v", err)
+		}
+	}
+	positive := func(field string, p *int, def, hi int) {
+		switch {
+		case *p == 0:
+			*p = def
+		case *p < 1 || *p > hi:
+			v.failf(field, "%d is out of range 1-%d", *p, hi)
+		}
+	}
+	positive("webhooks.max_body_kb", &w.MaxBodyKB, 8192, 64<<10)
+	positive("webhooks.spool_max_mb", &w.SpoolMaxMB, 1024, 1<<20)
+	positive("webhooks.spool_max_deliveries", &w.SpoolMaxCount, 100000, 10_000_000)
+	positive("webhooks.lanes", &w.Lanes, 4, 64)
 }

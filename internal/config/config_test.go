@@ -138,6 +138,10 @@ func TestAgentErrors(t *testing.T) {
 		{"scope", strings.Replace(base, `"PROJ/*"`, `"PROJ"`, 1), []string{"upstreams[0].repositories"}},
 		{"connections", strings.Replace(base, "url: wss", "connections: 99\n  url: wss", 1), []string{"relay.connections"}},
 		{"unknown", strings.Replace(base, "profile:", "profle:", 1), []string{"agent.yaml:8", "profle", "unknown field"}},
+		{"webhooks no listen", base + "webhooks: {spool_dir: /tmp/x}\n", []string{"webhooks.listen", "required"}},
+		{"webhooks no spool", base + "webhooks: {listen: \":8181\"}\n", []string{"webhooks.spool_dir", "persistent"}},
+		{"webhooks secret", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, secret_file: /nonexistent/s}\n", []string{"webhooks.secret_file"}},
+		{"webhooks lanes", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, lanes: 100}\n", []string{"webhooks.lanes", "1-64"}},
 	}
 	for _, c := range cases {
 		_, err := ParseAgent("agent.yaml", []byte(c.yaml))

@@ -27,8 +27,16 @@ func TestExampleConfigsParse(t *testing.T) {
 	writeFile(t, dir, "relay-token", "tok")
 	writeFile(t, dir, "bitbucket-pat", "pat")
 	t.Setenv("CREDENTIALS_DIRECTORY", dir)
+	writeFile(t, dir, "webhook-secret", "hook")
 	a := strings.Replace(string(agent), "/var/log/ferry/audit.jsonl", filepath.Join(dir, "audit.jsonl"), 1)
-	if _, err := ParseAgent("agent.example.yaml", []byte(a)); err != nil {
+	a = strings.ReplaceAll(a, "\n#webhooks:", "\nwebhooks:")
+	a = strings.ReplaceAll(a, "\n#  ", "\n  ")
+	a = strings.Replace(a, "/var/lib/ferry/spool", filepath.Join(dir, "spool"), 1)
+	cfg, err := ParseAgent("agent.example.yaml", []byte(a))
+	if err != nil {
 		t.Fatal(err)
+	}
+	if !cfg.Webhooks.Enabled() || cfg.Webhooks.Secret == nil || cfg.Webhooks.Lanes != 4 {
+		t.Fatalf("the commented webhooks example did not parse as written: %+v", cfg.Webhooks)
 	}
 }

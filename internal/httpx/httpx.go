@@ -102,3 +102,24 @@ func (c *CountingBody) Read(p []byte) (int, error) {
 
 // N is the number of bytes read so far.
 func (c *CountingBody) N() int64 { return c.n.Load() }
+
+// WebhookHeaders is the part of a webhook sender's header that travels
+// with the delivery: the sender's own headers (X-Event-Key, X-Request-Id,
+// X-Hub-Signature, Content-Type, User-Agent, ...) without hop-by-hop,
+// framing, credential or proxy headers, and without any X-Ferry- claim.
+func WebhookHeaders(in http.Header) http.Header {
+	out := http.Header{}
+	for k, vs := range in {
+		l := strings.ToLower(k)
+		switch l {
+		case "authorization", "proxy-authorization", "cookie", "host", "content-length", "connection",
+			"keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "expect", "proxy-connection", "accept-encoding":
+			continue
+		}
+		if IsForwardingHeader(l) || strings.HasPrefix(l, "x-ferry-") {
+			continue
+		}
+		out[http.CanonicalHeaderKey(k)] = append([]string(nil), vs...)
+	}
+	return out
+}

@@ -60,6 +60,7 @@ type Relay struct {
 	Requests         *prometheus.CounterVec // tunnel, upstream, method_class, code
 	RequestDuration  *prometheus.HistogramVec
 	Bytes            *prometheus.CounterVec // tunnel, direction
+	Webhooks         *prometheus.CounterVec // tunnel, result
 }
 
 // NewRelay registers the relay's metrics on a new registry.
@@ -92,6 +93,9 @@ func NewRelay() *Relay {
 		Bytes: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_relay_bytes_total", Help: "Body bytes carried, by tunnel and direction (to_agent, to_scanner).",
 		}, []string{"tunnel", "direction"}),
+		Webhooks: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_webhook_deliveries_total", Help: "Webhook deliveries from agents, by tunnel and result (delivered, target_refused, target_unreachable, target_timeout, no_target, bad_request).",
+		}, []string{"tunnel", "result"}),
 	}
 }
 
@@ -111,6 +115,11 @@ type Agent struct {
 	ConfigReloads        *prometheus.CounterVec // result
 	ConfigLastReloadOK   prometheus.Gauge
 	ConfigLastReloadTime prometheus.Gauge
+
+	WebhookAccepted  prometheus.Counter
+	WebhookRefused   *prometheus.CounterVec // reason
+	WebhookForwarded prometheus.Counter
+	WebhookRetries   prometheus.Counter
 }
 
 // NewAgent registers the agent's metrics on a new registry.
@@ -154,6 +163,18 @@ func NewAgent() *Agent {
 		}),
 		ConfigLastReloadTime: f.NewGauge(prometheus.GaugeOpts{
 			Name: "ferry_agent_config_last_reload_success_timestamp_seconds", Help: "When the config was last loaded successfully (Unix time).",
+		}),
+		WebhookAccepted: f.NewCounter(prometheus.CounterOpts{
+			Name: "ferry_agent_webhook_deliveries_accepted_total", Help: "Webhook deliveries accepted from Bitbucket and spooled.",
+		}),
+		WebhookRefused: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_agent_webhook_deliveries_refused_total", Help: "Webhook deliveries refused, by reason (signature, too_large, spool_full, busy, method, bad_body, spool_error).",
+		}, []string{"reason"}),
+		WebhookForwarded: f.NewCounter(prometheus.CounterOpts{
+			Name: "ferry_agent_webhook_deliveries_forwarded_total", Help: "Webhook deliveries the cloud target confirmed (2xx) and that left the spool.",
+		}),
+		WebhookRetries: f.NewCounter(prometheus.CounterOpts{
+			Name: "ferry_agent_webhook_delivery_retries_total", Help: "Failed forwarding attempts that will be retried.",
 		}),
 	}
 }

@@ -1,0 +1,116 @@
+package agent
+
+import (
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/secret"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+func newTestWebhooks(t *testing.T, cfg config.Webhooks) *webhooks {
+	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
+	if cfg.SpoolDir == "" {
+		cfg.SpoolDir = filepath.Join(t.TempDir(), "spool")
+	}
+	cfg.MaxBodyKB = max(cfg.MaxBodyKB, 1)
+	cfg.SpoolMaxMB = max(cfg.SpoolMaxMB, 1)
+	cfg.SpoolMaxCount = max(cfg.SpoolMaxCount, 1)
+	cfg.Lanes = 2
+	w, err := openWebhooks(cfg, slog.New(slog.DiscardHandler), metrics.NewAgent())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.ln.Close() })
+	return w
+}
+
+func post(w *webhooks, secretKey string, body []byte) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	w.ServeHTTP(rec, testrig.WebhookPost("http://agent/", "repo:refs_changed", secretKey, body))
+	return rec
+}
+
+func TestWebhookSpoolFullAnswers503AndKeepsWhatItHas(t *testing.T) {
+	w := newTestWebhooks(t, config.Webhooks{SpoolMaxCount: 2, MaxBodyKB: 64})
+	for i := range 2 {
+		if rec := post(w, "", testrig.RefsChangedPayload("PROJ", "app", i)); rec.Code != http.StatusAccepted {
+			t.Fatalf("delivery %d: %d %s", i, rec.Code, rec.Body)
+		}
+	}
+	rec := post(w, "", testrig.RefsChangedPayload("PROJ", "app", 3))
+	if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" || !strings.Contains(rec.Body.String(), "spool is full") {
+		t.Fatalf("full spool answered %d %q (Retry-After %q); want 503 so Bitbucket retries", rec.Code, rec.Body, rec.Header().Get("Retry-After"))
+	}
+	if st := w.spool.Stats(); st.Spooled != 2 {
+		t.Fatalf("spool holds %d, want the 2 accepted", st.Spooled)
+	}
+	big := make([]byte, 65<<10)
+	if rec := post(w, "", big); rec.Code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("oversize body: %d, want 413", rec.Code)
+	}
+	get := httptest.NewRecorder()
+	w.ServeHTTP(get, httptest.NewRequest(http.MethodGet, "/", nil))
+	if get.Code != http.StatusMethodNotAllowed {
+		t.Fatalf("GET: %d, want 405", get.Code)
+	}
+}
+
+func TestWebhookSignature(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "secret")
+	if err := os.WriteFile(path, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	src, err := secret.NewFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := newTestWebhooks(t, config.Webhooks{Secret: src, MaxBodyKB: 64})
+	body := testrig.RefsChangedPayload("PROJ", "app", 1)
+	for name, hdr := range map[string]string{
+		"missing":      "",
+		"wrong secret": testrig.SignWebhook("other", body),
+		"sha1":         "sha1=" + strings.TrimPrefix(testrig.SignWebhook("s3cret", body), "sha256="),
+		"not hex":      "sha256=zz",
+		"truncated":    testrig.SignWebhook("s3cret", body)[:20],
+	} {
+		req := testrig.WebhookPost("http://agent/", "repo:refs_changed", "", body)
+		if hdr != "" {
+			req.Header.Set("X-Hub-Signature", hdr)
+		}
+		rec := httptest.NewRecorder()
+		w.ServeHTTP(rec, req)
+		if rec.Code != http.StatusUnauthorized {
+			t.Errorf("%s signature: %d, want 401", name, rec.Code)
+		}
+	}
+	if rec := post(w, "s3cret", body); rec.Code != http.StatusAccepted {
+		t.Fatalf("good signature: %d %s", rec.Code, rec.Body)
+	}
+	if st := w.spool.Stats(); st.Spooled != 1 {
+		t.Fatalf("spool holds %d; refused deliveries must not be spooled", st.Spooled)
+	}
+}
+
+func TestRepoOf(t *testing.T) {
+	cases := map[string]string{
+		string(testrig.RefsChangedPayload("OPS", "deploy-tools", 1)):                                              "OPS/deploy-tools",
+		`{"eventKey":"pr:opened","pullRequest":{"toRef":{"repository":{"slug":"app","project":{"key":"PROJ"}}}}}`: "PROJ/app",
+		`{"eventKey":"diagnostics:ping","test":true}`:                                                             "",
+		`not json`: "",
+	}
+	for body, want := range cases {
+		if got := repoOf([]byte(body)); got != want {
+			t.Errorf("repoOf(%.40s…) = %q, want %q", body, got, want)
+		}
+	}
+}

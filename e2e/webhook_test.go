@@ -1,0 +1,328 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+const webhookSecret = "bitbucket-webhook-secret-42"
+
+// webhookWorld is a world plus a recording webhook target.
+type webhookWorld struct {
+	*world
+	target    *testrig.WebhookTarget
+	targetURL string
+	spoolDir  string
+	hookAddr  string // the agent's webhook listener, fixed across restarts
+	client    *http.Client
+}
+
+func newWebhookWorld(t *testing.T) *webhookWorld {
+	w := newWorld(t)
+	target := &testrig.WebhookTarget{}
+	ln := listenLocal(t)
+	srv := &http.Server{Handler: target, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	hl := listenLocal(t)
+	hookAddr := hl.Addr().String()
+	hl.Close()
+	w.write("webhook-secret", webhookSecret)
+	client := newClient()
+	t.Cleanup(client.CloseIdleConnections)
+	return &webhookWorld{client: client, world: w, target: target, targetURL: "http://" + ln.Addr().String() + "/ferry/bitbucket",
+		spoolDir: filepath.Join(w.dir, "spool"), hookAddr: hookAddr}
+}
+
+// relayConfig adds webhook_target to the test tunnel.
+func (w *webhookWorld) relayConfig(agentAddr, scannerAddr string) string {
+	y := w.relayYAMLWith(agentAddr, scannerAddr, "")
+	return strings.Replace(y, "  - id: other\n", fmt.Sprintf("    webhook_target: %q\n  - id: other\n", w.targetURL), 1)
+}
+
+func (w *webhookWorld) agentConfig(relayAddr, extra string) string {
+	return w.agentYAML(relayAddr, fmt.Sprintf("webhooks: {listen: %q, secret_file: %s, spool_dir: %s%s}\n",
+		w.hookAddr, filepath.Join(w.dir, "webhook-secret"), w.spoolDir, extra))
+}
+
+// post sends a Bitbucket-shaped webhook; it returns the status and the
+// delivery id the agent gave it.
+func (w *webhookWorld) post(t *testing.T, event, secret string, body []byte) (int, string) {
+	t.Helper()
+	resp, err := w.client.Do(testrig.WebhookPost("http://"+w.hookAddr+"/bitbucket", event, secret, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		DeliveryID string `json:"delivery_id"`
+	}
+	b, _ := io.ReadAll(resp.Body)
+	json.Unmarshal(b, &out)
+	if resp.StatusCode == http.StatusAccepted && (out.DeliveryID == "" || resp.Header.Get("X-Ferry-Delivery-Id") != out.DeliveryID) {
+		t.Fatalf("202 without a delivery id: %s", b)
+	}
+	return resp.StatusCode, out.DeliveryID
+}
+
+func (w *webhookWorld) waitDelivered(t *testing.T, n int) []testrig.Received {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for len(w.target.Delivered()) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d deliveries reached the target in 30s", len(w.target.Delivered()), n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return w.target.Delivered()
+}
+
+func agentStatus(t *testing.T, diag string) map[string]any {
+	t.Helper()
+	resp, err := newClientNoKeepAlive().Get("http://" + diag + "/v1/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st map[string]any
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func spoolFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(dir, "*.delivery"))
+	return m
+}
+
+// TestWebhooksThroughOutagesAndCrashes drives real relay and agent
+// binaries: signature checks, a target answering 503, a relay outage, an
+// agent kill -9 with a non-empty spool and a corrupt spool file. Every
+// accepted delivery reaches the target, in order, with the id the agent
+// answered Bitbucket with.
+func TestWebhooksThroughOutagesAndCrashes(t *testing.T) {
+	relayBin, agentBin := binaries(t)
+	w := newWebhookWorld(t)
+	relayProc := startProc(t, "relay", relayBin, "--config", w.write("relay.yaml", w.relayConfig("127.0.0.1:0", "127.0.0.1:0")))
+	started := relayProc.waitLog("relay started")
+	agentAddr, scannerAddr := started["agent_listen"].(string), started["scanner_listen"].(string)
+	fixedRelay := w.write("relay-fixed.yaml", w.relayConfig(agentAddr, scannerAddr))
+	agentCfg := w.write("agent.yaml", w.agentConfig(agentAddr, ""))
+	agentProc := startProc(t, "agent", agentBin, "--config", agentCfg)
+	diag := agentProc.waitLog("agent started")["diagnostics"].(string)
+	agentProc.waitLog("webhook listener started")
+	agentProc.waitLog("connected to relay")
+
+	// 1. Forged, missing and wrong-algorithm signatures: 401, never spooled or forwarded.
+	body := testrig.RefsChangedPayload("PROJ", "app", 0)
+	if code, _ := w.post(t, "repo:refs_changed", "not-the-secret", body); code != http.StatusUnauthorized {
+		t.Fatalf("forged signature: %d, want 401", code)
+	}
+	if code, _ := w.post(t, "repo:refs_changed", "", body); code != http.StatusUnauthorized {
+		t.Fatalf("missing signature: %d, want 401", code)
+	}
+	req := testrig.WebhookPost("http://"+w.hookAddr+"/", "repo:refs_changed", webhookSecret, body)
+	req.Body = io.NopCloser(bytes.NewReader(append(body, ' '))) // body altered after signing
+	req.ContentLength++
+	resp, err := w.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("altered body: %d, want 401", resp.StatusCode)
+	}
+	agentProc.waitLog("webhook refused")
+	if m := getMetrics(t, diag); !strings.Contains(m, `ferry_agent_webhook_deliveries_refused_total{reason="signature"} 3`) {
+		t.Fatalf("refused signatures not counted:\n%s", m)
+	}
+
+	// 2. A good delivery arrives with Bitbucket's headers and ferry's.
+	code, id := w.post(t, "repo:refs_changed", webhookSecret, body)
+	if code != http.StatusAccepted {
+		t.Fatalf("signed delivery: %d, want 202", code)
+	}
+	got := w.waitDelivered(t, 1)[0]
+	if got.DeliveryID != id || got.Header.Get("X-Ferry-Tunnel") != tunnelID || got.Header.Get("X-Event-Key") != "repo:refs_changed" ||
+		got.Header.Get("X-Hub-Signature") != testrig.SignWebhook(webhookSecret, body) || !bytes.Equal(got.Body, body) ||
+		got.Header.Get("X-Request-Id") == "" || !strings.HasPrefix(got.Header.Get("Content-Type"), "application/json") {
+		t.Fatalf("delivery at target: id %q (want %q), headers %v, body %q", got.DeliveryID, id, got.Header, got.Body)
+	}
+	if n := len(w.target.All()); n != 1 {
+		t.Fatalf("target saw %d POSTs; forged ones must never be forwarded", n)
+	}
+
+	// 3. The target answers 503 three times: retried with the same id.
+	w.target.FailNext(3)
+	_, id2 := w.post(t, "pr:opened", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1))
+	w.waitDelivered(t, 2)
+	var attempts int
+	for _, r := range w.target.All() {
+		if r.DeliveryID == id2 {
+			attempts++
+		}
+	}
+	if attempts != 4 {
+		t.Fatalf("delivery %s reached the target %d times, want 3 failures and 1 success", id2, attempts)
+	}
+
+	// 4. Relay outage: deliveries are accepted and spooled, and all go
+	// out in order once the relay is back.
+	relayProc.signal(syscall.SIGTERM)
+	var outage []string
+	for i := range 5 {
+		code, id := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("OPS", "deploy-tools", 10+i))
+		if code != http.StatusAccepted {
+			t.Fatalf("delivery during relay outage: %d, want 202 (spooled)", code)
+		}
+		outage = append(outage, id)
+	}
+	if n := len(spoolFiles(t, w.spoolDir)); n != 5 {
+		t.Fatalf("%d deliveries spooled during the outage, want 5", n)
+	}
+	relay2 := startProc(t, "relay2", relayBin, "--config", fixedRelay)
+	relay2.waitLog("relay started")
+	delivered := w.waitDelivered(t, 7)
+	for i, want := range outage {
+		if delivered[2+i].DeliveryID != want {
+			t.Fatalf("after the outage delivery %d is %s, want %s (order per repository)", i, delivered[2+i].DeliveryID, want)
+		}
+	}
+	waitFor(t, "spool emptied", func() bool { return len(spoolFiles(t, w.spoolDir)) == 0 })
+
+	// 5. kill -9 the agent with deliveries spooled (the target is down),
+	// and plant a corrupt file; the restarted agent quarantines it and
+	// delivers the rest with their original ids.
+	w.target.SetDown(true)
+	seen := len(w.target.All())
+	var crash []string
+	for i := range 3 {
+		_, id := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 20+i))
+		crash = append(crash, id)
+	}
+	waitFor(t, "a failed attempt", func() bool { return len(w.target.All()) > seen })
+	agentProc.signal(syscall.SIGKILL)
+	if n := len(spoolFiles(t, w.spoolDir)); n != 3 {
+		t.Fatalf("%d deliveries left in the spool after kill -9, want 3", n)
+	}
+	bad := filepath.Join(w.spoolDir, "0000000000000001-wh-0123456789abcdef01234567.delivery")
+	if err := os.WriteFile(bad, []byte("FERRY-DELIVERY 1\n{\"id\":\"wh-0123456789abcdef01234567\",\"body_len\":99}\ntruncated"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w.target.SetDown(false)
+	agent2 := startProc(t, "agent2", agentBin, "--config", agentCfg)
+	diag = agent2.waitLog("agent started")["diagnostics"].(string)
+	q := agent2.waitLog("webhook spool file is corrupt; moved to quarantine, the rest of the spool is delivered")
+	if !strings.Contains(fmt.Sprint(q["reason"]), "truncated") {
+		t.Fatalf("quarantine log does not say why: %v", q)
+	}
+	delivered = w.waitDelivered(t, 10)
+	for i, want := range crash {
+		if delivered[7+i].DeliveryID != want {
+			t.Fatalf("after kill -9 delivery %d is %s, want %s", i, delivered[7+i].DeliveryID, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(w.spoolDir, "quarantine", filepath.Base(bad))); err != nil {
+		t.Fatalf("corrupt file not in quarantine: %v", err)
+	}
+	waitFor(t, "spool emptied", func() bool { return len(spoolFiles(t, w.spoolDir)) == 0 })
+	st := agentStatus(t, diag)["webhooks"].(map[string]any)
+	sp := st["spool"].(map[string]any)
+	if sp["quarantined"].(float64) != 1 || sp["spooled"].(float64) != 0 || st["forwarded"].(float64) != 3 {
+		t.Fatalf("status after restart: %v", st)
+	}
+	out, err := exec.Command(agentBin, "status", "--addr", diag).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "3 delivered since start") || !strings.Contains(string(out), "0 waiting") ||
+		!strings.Contains(string(out), "1 QUARANTINED") {
+		t.Fatalf("ferry-agent status: %v\n%s", err, out)
+	}
+	m := getMetrics(t, diag)
+	for _, want := range []string{"ferry_agent_webhook_spooled 0", "ferry_agent_webhook_quarantined_files 1", "ferry_agent_webhook_deliveries_forwarded_total 3"} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	// Nothing was delivered twice as a success, and every id is one the agent handed out.
+	all := append(append([]string{id, id2}, outage...), crash...)
+	for i, r := range w.target.Delivered() {
+		if r.DeliveryID != all[i] {
+			t.Fatalf("delivery %d has id %s, want %s", i, r.DeliveryID, all[i])
+		}
+	}
+	agent2.signal(syscall.SIGTERM)
+	relay2.signal(syscall.SIGTERM)
+}
+
+func newClientNoKeepAlive() *http.Client {
+	return &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+}
+
+// TestWebhookWithoutTargetWaitsForOne: a tunnel with no webhook_target
+// yet keeps the delivery spooled (retried, never dropped) until a relay
+// reload configures one, then it arrives.
+func TestWebhookWithoutTargetWaitsForOne(t *testing.T) {
+	w := newWebhookWorld(t)
+	plain := w.relayYAML("127.0.0.1:0")
+	w.write("relay.yaml", plain)
+	r, rrun := w.startRelayYAML(plain)
+	defer rrun.shutdown(t)
+	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", lanes: 1"))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	if a.WebhookAddr() != w.hookAddr {
+		t.Fatalf("webhook listener on %s, want %s", a.WebhookAddr(), w.hookAddr)
+	}
+	_, id := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1))
+	waitFor(t, "a refused attempt", func() bool {
+		ws := a.Status().Webhooks
+		return ws != nil && strings.Contains(ws.LastError, "no webhook_target")
+	})
+	if n := len(spoolFiles(t, w.spoolDir)); n != 1 {
+		t.Fatalf("%d spooled, want the delivery kept", n)
+	}
+	w.write("relay.yaml", strings.Replace(plain, "  - id: other\n", fmt.Sprintf("    webhook_target: %q\n  - id: other\n", w.targetURL), 1))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	got := w.waitDelivered(t, 1)
+	if got[0].DeliveryID != id {
+		t.Fatalf("delivered %s, want %s", got[0].DeliveryID, id)
+	}
+	waitFor(t, "spool emptied", func() bool { return a.Status().Webhooks.Spool.Spooled == 0 })
+	if v := testutilCounter(t, r, "no_target"); v < 1 {
+		t.Fatalf("relay counted %v no_target deliveries", v)
+	}
+}
+
+func testutilCounter(t *testing.T, r interface{ Metrics() *metrics.Relay }, result string) float64 {
+	t.Helper()
+	return testutil.ToFloat64(r.Metrics().Webhooks.WithLabelValues(tunnelID, result))
+}
+
+func getMetrics(t *testing.T, diag string) string {
+	t.Helper()
+	resp, err := newClientNoKeepAlive().Get("http://" + diag + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
