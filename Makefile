@@ -46,6 +46,7 @@ deps:
 	command -v gcc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	command -v git-lfs >/dev/null || missing="$$missing git-lfs"; \
 	command -v tinyproxy >/dev/null || missing="$$missing tinyproxy"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

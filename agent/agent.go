@@ -334,7 +334,8 @@ func (a *Agent) Status() Status {
 
 // connState tracks one relay connection slot for status and readiness.
 type connState struct {
-	slot int
+	slot       int
+	rebalanced int // rebalance goaways in a row; owned by keepConnected
 
 	mu sync.Mutex
 	st ConnStatus

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -125,6 +126,11 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 		}
 		st.failed(err)
 		a.metrics.Reconnects.Inc()
+		if errors.Is(err, errGoAway) && strings.Contains(err.Error(), proto.GoAwayRebalance) {
+			st.rebalanced++
+		} else {
+			st.rebalanced = 0
+		}
 		if errors.Is(err, errGoAway) {
 			b.reset()
 			a.log.Info("reconnecting after goaway", "slot", slot, "reason", err)
@@ -159,7 +165,7 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 		conn.Close() // also stops the conn's flusher
 		return false, fmt.Errorf("start session: %w", err)
 	}
-	ctrl, welcome, err := a.hello(sess)
+	ctrl, welcome, err := a.hello(sess, st.rebalanced)
 	if err != nil {
 		sess.Close()
 		return false, err
@@ -325,7 +331,7 @@ func describeDialError(relayURL string, resp *http.Response, err error) error {
 }
 
 // hello opens the control stream and introduces this agent.
-func (a *Agent) hello(sess *yamux.Session) (*yamux.Stream, proto.Message, error) {
+func (a *Agent) hello(sess *yamux.Session, rebalanced int) (*yamux.Stream, proto.Message, error) {
 	ctrl, err := sess.OpenStream()
 	if err != nil {
 		return nil, proto.Message{}, fmt.Errorf("open control stream: %w", err)
@@ -334,7 +340,7 @@ func (a *Agent) hello(sess *yamux.Session) (*yamux.Stream, proto.Message, error)
 	if err := proto.WriteHeader(ctrl, proto.Header{Kind: proto.KindControl}); err != nil {
 		return nil, proto.Message{}, err
 	}
-	hello := proto.Message{Type: proto.MsgHello, AgentID: a.config().AgentID, Version: version.Version, Upstreams: a.upstreams().names}
+	hello := proto.Message{Type: proto.MsgHello, AgentID: a.config().AgentID, Version: version.Version, Upstreams: a.upstreams().names, Rebalanced: rebalanced}
 	if err := proto.WriteMessage(ctrl, hello); err != nil {
 		return nil, proto.Message{}, err
 	}

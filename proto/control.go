@@ -21,6 +21,11 @@ const (
 	MsgDraining = "draining"
 )
 
+// GoAwayRebalance is the goaway reason asking an agent connection to
+// reconnect (through the load balancer) so that its connections spread
+// over relay replicas.
+const GoAwayRebalance = "rebalance: this replica already holds a connection of this agent"
+
 // MaxControlMessage bounds one control message.
 const MaxControlMessage = 64 << 10
 
@@ -33,6 +38,9 @@ type Message struct {
 	Version      string   `json:"version,omitempty"`
 	Upstreams    []string `json:"upstreams,omitempty"`
 	Capabilities []string `json:"capabilities,omitempty"`
+	// Rebalanced: how many times in a row this connection slot was just
+	// asked to go away for GoAwayRebalance; the relay stops asking at 3.
+	Rebalanced int `json:"rebalanced,omitempty"`
 
 	// welcome
 	RelayID      string `json:"relay_id,omitempty"`

@@ -88,19 +88,39 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 	}
 	defer sess.Close()
 
-	ac, err := r.handshake(ctx, t, sess, remote, th)
+	ac, rebalanced, err := r.handshake(ctx, t, sess, remote, th)
 	if err != nil {
 		r.metrics.AgentConnects.WithLabelValues(t.id, "handshake_failed").Inc()
 		log.Warn("agent handshake failed", "err", err)
 		return err
 	}
+	log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
+	if r.mayRebalance(ctx, rebalanced) {
+		if !t.addUnlessSameAgent(ac) {
+			// Behind a load balancer the agent's reconnect likely lands on
+			// another replica, so one replica restart does not take the
+			// tunnel offline. The agent stops being asked after 3 tries.
+			r.metrics.AgentConnects.WithLabelValues(t.id, "rebalanced").Inc()
+			log.Info("this replica already holds a connection of this agent; asking it to reconnect elsewhere", "attempt", rebalanced+1)
+			ac.goAway(proto.GoAwayRebalance)
+			select { // let the agent close it; a slow one is cut
+			case <-sess.CloseChan():
+			case <-time.After(2 * time.Second):
+			}
+			return nil
+		}
+	} else {
+		t.add(ac)
+	}
 	r.metrics.AgentConnects.WithLabelValues(t.id, "accepted").Inc()
 	conns := r.metrics.AgentConnections.WithLabelValues(t.id)
 	conns.Inc()
 	defer conns.Dec()
-	log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
-	t.add(ac)
-	defer t.remove(ac)
+	r.syncRegistry(t)
+	defer func() {
+		t.remove(ac)
+		r.syncRegistry(t)
+	}()
 	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(ac.upstreamNames(), ","))
 
 	// The control stream stays open; read it so that the agent's messages
@@ -117,6 +137,7 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 			case proto.MsgDraining:
 				ac.draining.Store(true)
 				ac.send(proto.Message{Type: proto.MsgDraining})
+				r.syncRegistry(t)
 				log.Info("agent is draining; no new requests go to this connection", "in_flight", ac.inflight.Load())
 			case proto.MsgUpstreams:
 				ups, err := upstreamSet(m.Upstreams)
@@ -140,42 +161,66 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 	return nil
 }
 
+// mayRebalance reports whether a new connection may be sent elsewhere:
+// several replicas are live and the agent has not been asked 3 times.
+func (r *Relay) mayRebalance(ctx context.Context, rebalanced int) bool {
+	if r.redis == nil || rebalanced >= 3 || r.stopping.Load() {
+		return false
+	}
+	n, err := r.registry.Replicas(ctx)
+	return err == nil && n > 1
+}
+
+// syncRegistry tells the registry whether this replica holds t now. Calls
+// are ordered per tunnel, and each states the current truth, so a late
+// call cannot undo a newer one.
+func (r *Relay) syncRegistry(t *tunnel) {
+	t.regMu.Lock()
+	defer t.regMu.Unlock()
+	if t.held() {
+		r.registry.Hold(t.id)
+	} else {
+		r.registry.Release(t.id)
+	}
+}
+
 // handshake reads the agent's hello on its control stream and answers.
-func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string, th token.Hash) (*agentConn, error) {
+// rebalanced is the hello's count of rebalance goaways in a row.
+func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string, th token.Hash) (*agentConn, int, error) {
 	hctx, cancel := context.WithTimeout(ctx, r.cfg.Timeouts.AgentHandshake)
 	defer cancel()
 	ctrl, err := sess.AcceptStreamWithContext(hctx)
 	if err != nil {
-		return nil, fmt.Errorf("wait for control stream: %w", err)
+		return nil, 0, fmt.Errorf("wait for control stream: %w", err)
 	}
 	ctrl.SetDeadline(time.Now().Add(r.cfg.Timeouts.AgentHandshake))
 	hdr, err := proto.ReadHeader(ctrl)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if hdr.Kind != proto.KindControl {
-		return nil, fmt.Errorf("first stream is %s, want control", hdr.Kind)
+		return nil, 0, fmt.Errorf("first stream is %s, want control", hdr.Kind)
 	}
 	hello, err := proto.ReadMessage(ctrl)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	reject := func(reason string) error {
 		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgReject, Reason: reason})
 		return errors.New("rejected hello: " + reason)
 	}
 	if hello.Type != proto.MsgHello {
-		return nil, reject("first control message must be hello, got " + hello.Type)
+		return nil, 0, reject("first control message must be hello, got " + hello.Type)
 	}
 	if !agentIDRE.MatchString(hello.AgentID) {
-		return nil, reject("agent_id must be 1-128 letters, digits or ._@:-")
+		return nil, 0, reject("agent_id must be 1-128 letters, digits or ._@:-")
 	}
 	ups, err := upstreamSet(hello.Upstreams)
 	if err != nil {
-		return nil, reject(err.Error())
+		return nil, 0, reject(err.Error())
 	}
 	if len(hello.Version) > 64 || !agentIDRE.MatchString("v"+hello.Version) {
-		return nil, reject("version must be up to 64 letters, digits or ._@:-")
+		return nil, 0, reject("version must be up to 64 letters, digits or ._@:-")
 	}
 	ac := &agentConn{
 		id:          httperr.NewRequestID(),
@@ -190,10 +235,10 @@ func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, r
 	}
 	ac.upstreams.Store(&ups)
 	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: r.id, Tunnel: t.id, ConnectionID: ac.id}); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	ctrl.SetDeadline(time.Time{})
-	return ac, nil
+	return ac, hello.Rebalanced, nil
 }
 
 // upstreamSet validates the upstream names an agent announces.

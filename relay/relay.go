@@ -20,6 +20,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/registry"
 	"github.com/ferry-tunnel/ferry/internal/statuspage"
 	"github.com/ferry-tunnel/ferry/internal/version"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -41,10 +42,17 @@ type Relay struct {
 	proxy         *httputil.ReverseProxy
 	transport     *http.Transport
 	webhookClient *http.Client
-	limiter       *authLimiter
-	metrics       *metrics.Relay
+
+	registry   registry.Registry
+	redis      *registry.Redis // nil: memory registry
+	peerProxy  *httputil.ReverseProxy
+	peerTr     *http.Transport
+	peerSecret atomic.Pointer[string] // from Redis when no peer_secret_file
+	limiter    *authLimiter
+	metrics    *metrics.Relay
 
 	agentLn, scannerLn, adminLn net.Listener
+	internalLn                  net.Listener // replicas forward here; nil with the memory registry
 
 	started  time.Time
 	requests atomic.Int64                   // scanner requests answered
@@ -72,6 +80,24 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	}
 	r.proxy, r.transport = r.newProxy()
 	r.webhookClient = newWebhookClient()
+	r.peerProxy, r.peerTr = r.newPeerProxy()
+	r.registry = registry.Memory{}
+	r.metrics.RegistryUp.Set(1)
+	if cfg.Registry.Backend == "redis" {
+		red, err := registry.NewRedis(cfg.Registry.RedisURL, cfg.Registry.AdvertiseURL, log.With("component", "registry"))
+		if err != nil {
+			return nil, err
+		}
+		red.OnChange = func(problem string) {
+			if problem == "" {
+				r.metrics.RegistryUp.Set(1)
+			} else {
+				r.metrics.RegistryUp.Set(0)
+			}
+		}
+		r.metrics.RegistryUp.Set(0)
+		r.registry, r.redis = red, red
+	}
 	return r, nil
 }
 
@@ -104,6 +130,12 @@ func (r *Relay) Listen() error {
 		r.closeListeners()
 		return err
 	}
+	if r.redis != nil {
+		if r.internalLn, err = listen("registry.internal_listen", r.cfg.Registry.InternalListen); err != nil {
+			r.closeListeners()
+			return err
+		}
+	}
 	return nil
 }
 
@@ -125,7 +157,7 @@ func serverTLS(c *certSource) *tls.Config {
 func (r *Relay) SetLevelVar(v *slog.LevelVar) { r.level = v }
 
 func (r *Relay) closeListeners() {
-	for _, ln := range []net.Listener{r.agentLn, r.scannerLn, r.adminLn} {
+	for _, ln := range []net.Listener{r.agentLn, r.scannerLn, r.adminLn, r.internalLn} {
 		if ln != nil {
 			ln.Close()
 		}
@@ -136,6 +168,14 @@ func (r *Relay) closeListeners() {
 func (r *Relay) AgentAddr() string   { return r.agentLn.Addr().String() }
 func (r *Relay) ScannerAddr() string { return r.scannerLn.Addr().String() }
 func (r *Relay) AdminAddr() string   { return r.adminLn.Addr().String() }
+
+// InternalAddr is the bound internal listener ("" with the memory registry).
+func (r *Relay) InternalAddr() string {
+	if r.internalLn == nil {
+		return ""
+	}
+	return r.internalLn.Addr().String()
+}
 
 // Run binds and serves until ctx is done.
 func Run(ctx context.Context, cfg *config.Relay, log *slog.Logger) error {
@@ -168,12 +208,28 @@ func (r *Relay) Serve(ctx context.Context) error {
 		r.newServer(r.adminHandler(), 16<<10),
 	}
 	lns := []net.Listener{r.agentLn, r.scannerLn, r.adminLn}
+	// With the Redis registry: the internal listener (requests forwarded
+	// by other replicas) and the heartbeat.
+	regCtx, stopRegistry := context.WithCancel(context.Background())
+	defer stopRegistry()
+	regDone := make(chan struct{})
+	if r.redis != nil {
+		servers = append(servers, r.newServer(http.HandlerFunc(r.servePeer), 64<<10))
+		lns = append(lns, r.internalLn)
+		go func() {
+			defer close(regDone)
+			r.runRegistry(regCtx, r.redis)
+		}()
+	} else {
+		close(regDone)
+	}
 	errc := make(chan error, len(servers))
 	for i, s := range servers {
 		go func() { errc <- s.Serve(lns[i]) }()
 	}
 	r.log.Info("relay started", "version", version.Version, "relay_id", r.id, "agent_listen", r.AgentAddr(),
-		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.auth.Load().tunnels))
+		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.auth.Load().tunnels),
+		"registry", r.cfg.Registry.Backend, "internal_listen", r.InternalAddr(), "advertise_url", r.cfg.Registry.AdvertiseURL)
 
 	var runErr error
 	pending := len(servers) // Serve results still to collect
@@ -185,6 +241,13 @@ func (r *Relay) Serve(ctx context.Context) error {
 	}
 	r.stopping.Store(true)
 	r.log.Info("relay shutting down", "grace", r.cfg.Timeouts.ShutdownGrace.String())
+	// Leave the registry first, so other replicas stop sending requests
+	// here while those in flight finish.
+	stopRegistry()
+	<-regDone
+	if r.redis != nil {
+		r.redis.Close()
+	}
 
 	// Stop taking agents and tell those connected to reconnect (to another
 	// replica, or to this address once it is back); scanner requests in
@@ -197,9 +260,22 @@ func (r *Relay) Serve(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeouts.ShutdownGrace)
 	defer cancel()
+	var peerDone chan struct{}
+	if len(servers) > 3 { // requests forwarded by other replicas get the same grace
+		peerDone = make(chan struct{})
+		go func() {
+			defer close(peerDone)
+			if err := servers[3].Shutdown(sctx); err != nil {
+				servers[3].Close()
+			}
+		}()
+	}
 	if err := servers[1].Shutdown(sctx); err != nil {
 		r.log.Warn("scanner requests cut at end of shutdown grace", "err", err)
 		servers[1].Close()
+	}
+	if peerDone != nil {
+		<-peerDone
 	}
 	stopLife()
 	r.sessMu.Lock()
@@ -209,6 +285,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	servers[2].Close()
 	r.transport.CloseIdleConnections()
 	r.webhookClient.CloseIdleConnections()
+	r.peerTr.CloseIdleConnections()
 	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
 			runErr = err
@@ -247,6 +324,12 @@ func (r *Relay) adminHandler() http.Handler {
 		PageData: func() any { return r.pageData() },
 		Ready: func() (bool, string) {
 			return !r.stopping.Load(), "shutting down"
+		},
+		Degraded: func() string {
+			if p := r.registry.Problem(); p != "" {
+				return "registry unavailable (" + p + "); serving only tunnels held by this replica"
+			}
+			return ""
 		},
 		Metrics:  metrics.Handler(r.metrics.Registry),
 		JSONPath: "/v1/tunnels",

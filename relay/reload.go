@@ -22,10 +22,11 @@ type authTables struct {
 	scanners      []*scannerAuth // parallel to scannerHashes
 	// webhookTargets: tunnel id → webhook_target (absent: none).
 	webhookTargets map[string]string
+	scannerByName  map[string]*scannerAuth // for requests forwarded by a peer replica
 }
 
 func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
-	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}}
+	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}, scannerByName: map[string]*scannerAuth{}}
 	for _, tc := range cfg.Tunnels {
 		t := (*tunnel)(nil)
 		if prev != nil {
@@ -50,6 +51,7 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 		}
 		a.scannerHashes = append(a.scannerHashes, sc.Hash)
 		a.scanners = append(a.scanners, sa)
+		a.scannerByName[sc.Name] = sa
 	}
 	return a
 }
@@ -104,7 +106,9 @@ func (r *Relay) Reload() error {
 	if (next.TLS == nil) != (r.cfg.TLS == nil) || (next.ScannerTLS == nil) != (r.cfg.ScannerTLS == nil) || next.InsecurePlaintext != r.cfg.InsecurePlaintext {
 		kept = append(kept, "tls on/off")
 	}
-	if next.Registry != r.cfg.Registry {
+	nreg, oreg := next.Registry, r.cfg.Registry
+	nreg.PeerSecret, oreg.PeerSecret = nil, nil
+	if nreg != oreg {
 		kept = append(kept, "registry")
 	}
 	if len(kept) > 0 {

@@ -166,8 +166,24 @@ func (t *trackedStream) Close() error {
 
 // serveScanner is the scanner API: /t/{tunnel}/{upstream}/{path}.
 func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
+	r.serveTunnelRequest(w, req, false)
+}
+
+// servePeer is the internal listener: the same requests, forwarded by
+// another replica that authenticated the scanner, authenticated here by
+// the peer secret. They are never forwarded again.
+func (r *Relay) servePeer(w http.ResponseWriter, req *http.Request) {
+	r.serveTunnelRequest(w, req, true)
+}
+
+func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, peer bool) {
 	start := time.Now()
 	rid := httperr.NewRequestID()
+	if peer {
+		if id := req.Header.Get(httperr.RequestIDHeader); httperr.ValidRequestID(id) {
+			rid = id
+		}
+	}
 	w.Header().Set(httperr.RequestIDHeader, rid)
 	// A scanner that stops reading the response, or stops sending its
 	// body, for timeouts.idle is cut. The deadlines are cleared when the
@@ -181,6 +197,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 	in := &httpx.CountingBody{ReadCloser: &httpx.IdleBody{ReadCloser: req.Body, RC: rc, Idle: idle}}
 	req.Body = in
 	var tunnelID, upstream, scanner string
+	via := "" // "peer": forwarded to this replica; "forwarded": sent on to another
 	// Metric labels take only configured tunnels and upstreams the agent
 	// announced: path segments are the scanner's to choose.
 	mTunnel, mUpstream := "-", "-"
@@ -188,7 +205,7 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		status, took := rec.StatusCode(), time.Since(start)
 		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
 			"method", req.Method, "path", pathOnly(req.RequestURI), "status", status, "bytes", rec.Bytes,
-			"duration_ms", took.Milliseconds())
+			"duration_ms", took.Milliseconds(), "via", via)
 		r.requests.Add(1)
 		if status >= 400 {
 			if status >= 500 {
@@ -219,23 +236,12 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		httperr.Respond(w, req, http.StatusNotFound, httperr.NotFound, "scanner URLs have the form /t/{tunnel}/{upstream}/{path}")
 		return
 	}
-	src := sourceOf(req.RemoteAddr)
-	if lim, retry := r.limiter.limited(src); lim {
-		r.metrics.RateLimited.WithLabelValues("scanner").Inc()
-		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Seconds())+1))
-		httperr.Respond(w, req, http.StatusTooManyRequests, httperr.TooManyRequests, "too many failed authentications from this address; retry later")
+	sc, ok := r.authRequest(w, req, peer)
+	if !ok {
 		return
 	}
-	sc := r.authScanner(req)
-	if sc == nil {
-		r.limiter.failed(src)
-		r.metrics.AuthFailures.WithLabelValues("scanner").Inc()
-		// Basic too, so that git sends a token given in the URL
-		// (https://x-token:TOKEN@relay/...) after this challenge.
-		w.Header().Add("WWW-Authenticate", `Bearer realm="ferry"`)
-		w.Header().Add("WWW-Authenticate", `Basic realm="ferry"`)
-		httperr.Respond(w, req, http.StatusUnauthorized, httperr.Unauthorized, "scanner token missing or not accepted")
-		return
+	if peer {
+		via = "peer"
 	}
 	scanner = sc.name
 	t := r.auth.Load().tunnels[tunnelID]
@@ -267,9 +273,28 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	defer t.requests.Add(-1)
+	scheme := "http"
+	if req.TLS != nil {
+		scheme = "https"
+	}
+	publicBase := scheme + "://" + req.Host + "/t/" + tunnelID + "/" + upstream
+	if pb := req.Header.Get(hdrPublicBase); peer && pb != "" {
+		publicBase = pb
+	}
 	c := t.pick(nil)
 	if c == nil {
-		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, fmt.Sprintf("no agent is connected for tunnel %q", tunnelID))
+		why := ""
+		if !peer {
+			var forwarded bool
+			if forwarded, why = r.forwardToPeer(w, req, tunnelID, sc.name, rid, publicBase); forwarded {
+				via = "forwarded"
+				return
+			}
+		}
+		if why == "" {
+			why = fmt.Sprintf("no agent is connected for tunnel %q", tunnelID)
+		}
+		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, why)
 		return
 	}
 	if !c.serves(upstream) {
@@ -277,15 +302,50 @@ func (r *Relay) serveScanner(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	mUpstream = upstream
-	scheme := "http"
-	if req.TLS != nil {
-		scheme = "https"
-	}
-	rt := &route{tunnel: t, conn: c, rawPath: rest, publicBase: scheme + "://" + req.Host + "/t/" + tunnelID + "/" + upstream, header: proto.Header{
+	rt := &route{tunnel: t, conn: c, rawPath: rest, publicBase: publicBase, header: proto.Header{
 		Kind: proto.KindHTTP, Upstream: upstream, RequestID: rid, Scanner: sc.name,
 		Deadline: time.Now().Add(maxRequestDuration),
 	}}
 	r.proxy.ServeHTTP(w, req.WithContext(withRoute(req.Context(), rt)))
+}
+
+// authRequest authenticates a scanner (token, with a rate limit on
+// failures) or, on the internal listener, the forwarding peer and the
+// scanner it vouches for. On false the answer is written.
+func (r *Relay) authRequest(w http.ResponseWriter, req *http.Request, peer bool) (*scannerAuth, bool) {
+	if peer {
+		if !r.checkPeer(req) {
+			r.metrics.AuthFailures.WithLabelValues("peer").Inc()
+			r.log.Warn("internal listener: request without the peer secret refused", "remote", req.RemoteAddr)
+			httperr.Respond(w, req, http.StatusUnauthorized, httperr.Unauthorized, "peer secret missing or not accepted")
+			return nil, false
+		}
+		sc := r.auth.Load().scannerByName[req.Header.Get(hdrScanner)]
+		if sc == nil {
+			httperr.Respond(w, req, http.StatusForbidden, httperr.Forbidden, "the forwarding replica named a scanner this replica does not know (replica configs differ?)")
+			return nil, false
+		}
+		return sc, true
+	}
+	src := sourceOf(req.RemoteAddr)
+	if lim, retry := r.limiter.limited(src); lim {
+		r.metrics.RateLimited.WithLabelValues("scanner").Inc()
+		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Seconds())+1))
+		httperr.Respond(w, req, http.StatusTooManyRequests, httperr.TooManyRequests, "too many failed authentications from this address; retry later")
+		return nil, false
+	}
+	sc := r.authScanner(req)
+	if sc == nil {
+		r.limiter.failed(src)
+		r.metrics.AuthFailures.WithLabelValues("scanner").Inc()
+		// Basic too, so that git sends a token given in the URL
+		// (https://x-token:TOKEN@relay/...) after this challenge.
+		w.Header().Add("WWW-Authenticate", `Bearer realm="ferry"`)
+		w.Header().Add("WWW-Authenticate", `Basic realm="ferry"`)
+		httperr.Respond(w, req, http.StatusUnauthorized, httperr.Unauthorized, "scanner token missing or not accepted")
+		return nil, false
+	}
+	return sc, true
 }
 
 // proxyError answers a request the tunnel could not carry.

@@ -20,6 +20,8 @@ type tunnel struct {
 
 	mu    sync.Mutex
 	conns []*agentConn
+
+	regMu sync.Mutex // orders registry updates for this tunnel
 }
 
 // agentConn is one live, registered agent connection (one WebSocket, one
@@ -47,6 +49,34 @@ func (t *tunnel) add(c *agentConn) {
 	t.mu.Lock()
 	t.conns = append(t.conns, c)
 	t.mu.Unlock()
+}
+
+// addUnlessSameAgent adds c unless a live connection of the same agent is
+// already here (the check and the add are one step, so two connections of
+// one agent arriving together cannot both pass). It reports whether c was
+// added.
+func (t *tunnel) addUnlessSameAgent(c *agentConn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, x := range t.conns {
+		if x.agentID == c.agentID && !x.draining.Load() && !x.sess.IsClosed() {
+			return false
+		}
+	}
+	t.conns = append(t.conns, c)
+	return true
+}
+
+// held reports whether any connection that takes requests is here.
+func (t *tunnel) held() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, c := range t.conns {
+		if !c.draining.Load() && !c.sess.IsClosed() {
+			return true
+		}
+	}
+	return false
 }
 
 func (t *tunnel) remove(c *agentConn) {

@@ -63,7 +63,13 @@ func TestRelayErrorsNameFileLineField(t *testing.T) {
 		{"bad listen", strings.Replace(relayYAML(), `"127.0.0.1:0"`, `"localhost"`, 1), []string{"agent_listen", "host:port"}},
 		{"type", strings.Replace(relayYAML(), "insecure_plaintext: true", "insecure_plaintext: maybe", 1), []string{"relay.yaml:2", "bool"}},
 		{"shared token", strings.Replace(relayYAML(), scannerHash, agentHash, 1), []string{"scanners[0].token", "agent token"}},
-		{"redis", relayYAML() + "registry: {backend: redis}\n", []string{"registry.backend", "redis"}},
+		{"redis url", relayYAML() + "registry: {backend: redis, advertise_url: \"http://10.0.0.5:7443\"}\n", []string{"registry.redis_url", "required"}},
+		{"redis bad url", relayYAML() + "registry: {backend: redis, redis_url: \"http://x\", advertise_url: \"http://10.0.0.5:7443\"}\n", []string{"registry.redis_url"}},
+		{"advertise", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\"}\n", []string{"registry.advertise_url", "required"}},
+		{"advertise env", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\", advertise_url: \"http://${FERRY_TEST_UNSET_VAR}:7443\"}\n", []string{"registry.advertise_url", "FERRY_TEST_UNSET_VAR", "not set"}},
+		{"advertise any", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\", advertise_url: \"http://0.0.0.0:7443\"}\n", []string{"registry.advertise_url", "reach"}},
+		{"advertise path", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\", advertise_url: \"http://10.0.0.5:7443/x\"}\n", []string{"registry.advertise_url", "HOST:PORT"}},
+		{"redis fields on memory", relayYAML() + "registry: {redis_url: \"redis://r:6379\"}\n", []string{"registry.backend", "need backend: redis"}},
 		{"two docs", relayYAML() + "---\na: 1\n", []string{"more than one YAML document"}},
 		{"empty", "", []string{"empty"}},
 	}
@@ -97,6 +103,21 @@ upstreams:
     rules:
       - {methods: [GET], path: "/rest/foo/**"}
 `
+}
+
+func TestRelayRedisRegistry(t *testing.T) {
+	t.Setenv("POD_IP", "10.1.2.3")
+	c, err := ParseRelay("relay.yaml", []byte(relayYAML()+"registry: {backend: redis, redis_url: \"redis://redis:6379/0\", advertise_url: \"http://${POD_IP}:7443\"}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Registry.AdvertiseURL != "http://10.1.2.3:7443" || c.Registry.InternalListen != "10.1.2.3:7443" || c.Registry.PeerSecret != nil {
+		t.Fatalf("registry: %+v", c.Registry)
+	}
+	c, err = ParseRelay("relay.yaml", []byte(relayYAML()+"registry: {backend: redis, redis_url: \"redis://redis:6379/0\", advertise_url: \"http://${POD_IP}:7443\", internal_listen: \":7443\"}\n"))
+	if err != nil || c.Registry.InternalListen != ":7443" {
+		t.Fatalf("internal_listen: %v %+v", err, c.Registry)
+	}
 }
 
 func TestAgentValid(t *testing.T) {

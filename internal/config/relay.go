@@ -5,9 +5,14 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"regexp"
+	"strings"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
+	"github.com/ferry-tunnel/ferry/internal/secret"
 	"github.com/ferry-tunnel/ferry/internal/token"
 )
 
@@ -78,6 +83,64 @@ type Registry struct {
 	AdvertiseURL   string `yaml:"advertise_url"`
 	InternalListen string `yaml:"internal_listen"`
 	PeerSecretFile string `yaml:"peer_secret_file"`
+
+	PeerSecret secret.Source `yaml:"-"` // nil: a shared secret is kept in Redis
+}
+
+// validateRedis checks the scale-out settings. advertise_url may name
+// environment variables (${POD_IP}), expanded here, since each replica
+// advertises its own address from one shared config.
+func (g *Registry) validateRedis(v *validator) {
+	if g.RedisURL == "" {
+		v.failf("registry.redis_url", "required with backend: redis, e.g. redis://redis.ferry.svc:6379/0")
+	} else if _, err := redis.ParseURL(g.RedisURL); err != nil {
+		v.failf("registry.redis_url", "%v", err)
+	}
+	if g.AdvertiseURL == "" {
+		v.failf("registry.advertise_url", "required with backend: redis: where other replicas reach this one, e.g. http://${POD_IP}:7443")
+		return
+	}
+	var missing []string
+	expanded := os.Expand(g.AdvertiseURL, func(name string) string {
+		val := os.Getenv(name)
+		if val == "" {
+			missing = append(missing, name)
+		}
+		return val
+	})
+	if len(missing) > 0 {
+		v.failf("registry.advertise_url", "uses $%s, which is not set", strings.Join(missing, ", $"))
+		return
+	}
+	g.AdvertiseURL = strings.TrimSuffix(expanded, "/")
+	u := checkURL(v, "registry.advertise_url", g.AdvertiseURL, "http")
+	if u == nil {
+		return
+	}
+	if u.Port() == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+		v.failf("registry.advertise_url", "%q must be http://HOST:PORT, nothing after the port", g.AdvertiseURL)
+		return
+	}
+	if h := u.Hostname(); h == "0.0.0.0" || h == "::" {
+		v.failf("registry.advertise_url", "%q is not an address other replicas can reach", g.AdvertiseURL)
+	}
+	if g.InternalListen == "" {
+		g.InternalListen = u.Host
+	}
+	checkListen(v, "registry.internal_listen", g.InternalListen)
+	if g.PeerSecretFile != "" {
+		var err error
+		if g.PeerSecretFile, err = ExpandCredentialsDir(g.PeerSecretFile); err != nil {
+			v.failf("registry.peer_secret_file", "%v", err)
+			return
+		}
+		src, err := secret.NewFile(g.PeerSecretFile)
+		if err != nil {
+			v.failf("registry.peer_secret_file", "%v", err)
+			return
+		}
+		g.PeerSecret = src
+	}
 }
 
 var idRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
@@ -184,11 +247,11 @@ func (c *Relay) validate(v *validator) {
 	switch c.Registry.Backend {
 	case "", "memory":
 		c.Registry.Backend = "memory"
-		if c.Registry.RedisURL != "" || c.Registry.AdvertiseURL != "" {
-			v.failf("registry.backend", "redis_url and advertise_url need backend: redis")
+		if c.Registry.RedisURL != "" || c.Registry.AdvertiseURL != "" || c.Registry.InternalListen != "" || c.Registry.PeerSecretFile != "" {
+			v.failf("registry.backend", "redis_url, advertise_url, internal_listen and peer_secret_file need backend: redis")
 		}
 	case "redis":
-		v.failf("registry.backend", "redis is not available in this build yet; use memory (one replica)")
+		c.Registry.validateRedis(v)
 	default:
 		v.failf("registry.backend", "%q is not memory or redis", c.Registry.Backend)
 	}

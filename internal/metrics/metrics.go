@@ -61,6 +61,8 @@ type Relay struct {
 	RequestDuration  *prometheus.HistogramVec
 	Bytes            *prometheus.CounterVec // tunnel, direction
 	Webhooks         *prometheus.CounterVec // tunnel, result
+	Forwarded        *prometheus.CounterVec // tunnel, direction
+	RegistryUp       prometheus.Gauge
 }
 
 // NewRelay registers the relay's metrics on a new registry.
@@ -96,6 +98,12 @@ func NewRelay() *Relay {
 		Webhooks: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_relay_webhook_deliveries_total", Help: "Webhook deliveries from agents, by tunnel and result (delivered, target_refused, target_unreachable, target_timeout, no_target, bad_request).",
 		}, []string{"tunnel", "result"}),
+		Forwarded: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_forwarded_requests_total", Help: "Scanner requests forwarded between replicas, by tunnel and direction (out: to the replica holding the tunnel, in: from a replica).",
+		}, []string{"tunnel", "direction"}),
+		RegistryUp: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_relay_registry_up", Help: "1 if the registry (Redis) answered the last operation, 0 if not (degraded: only tunnels held here are served).",
+		}),
 	}
 }
 

@@ -114,7 +114,10 @@ type Admin struct {
 	Page     *Page
 	PageData func() any
 	// Ready reports readiness and, when not ready, why.
-	Ready    func() (bool, string)
+	Ready func() (bool, string)
+	// Degraded, if set, names a problem that leaves the process serving
+	// (readyz stays 200, and says so). "": none.
+	Degraded func() string
 	Metrics  http.Handler
 	JSONPath string
 	JSON     func() any
@@ -131,6 +134,12 @@ func (a Admin) Handler() http.Handler {
 		if ok, why := a.Ready(); !ok {
 			http.Error(w, why, http.StatusServiceUnavailable)
 			return
+		}
+		if a.Degraded != nil {
+			if why := a.Degraded(); why != "" {
+				w.Write([]byte("ready, degraded: " + why + "\n"))
+				return
+			}
 		}
 		w.Write([]byte("ready\n"))
 	})

@@ -1,0 +1,252 @@
+// Package registry records which relay replica holds agent connections
+// for which tunnel, so that a scanner request landing on any replica can
+// be forwarded to one that has the agent.
+//
+// Memory is the single-replica default and records nothing. Redis keeps,
+// per tunnel, a sorted set of replica advertise URLs scored by the time
+// the entry expires; replicas refresh their entries by heartbeat, remove
+// them when their last connection for a tunnel ends and on clean
+// shutdown, and entries of a replica that died expire by themselves.
+package registry
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Registry is what the relay needs from a registry.
+type Registry interface {
+	// Hold records that this replica now has agent connections for tunnel.
+	Hold(tunnel string)
+	// Release records that it has none any more.
+	Release(tunnel string)
+	// Owners lists the advertise URLs of other replicas holding tunnel.
+	Owners(ctx context.Context, tunnel string) ([]string, error)
+	// Replicas counts live replicas, this one included.
+	Replicas(ctx context.Context) (int, error)
+	// Problem is "" while the registry works, else what is wrong.
+	Problem() string
+}
+
+// Memory is the one-replica registry: nothing to share.
+type Memory struct{}
+
+func (Memory) Hold(string)                                      {}
+func (Memory) Release(string)                                   {}
+func (Memory) Owners(context.Context, string) ([]string, error) { return nil, nil }
+func (Memory) Replicas(context.Context) (int, error)            { return 1, nil }
+func (Memory) Problem() string                                  { return "" }
+
+const (
+	prefix        = "ferry:"
+	replicasKey   = prefix + "replicas"
+	peerSecretKey = prefix + "peer-secret"
+	opTimeout     = 2 * time.Second
+	defaultTTL    = 15 * time.Second
+)
+
+func tunnelKey(id string) string { return prefix + "tunnel:" + id }
+
+// go-redis logs connection failures itself, in its own format, through a
+// process-wide logger; the registry reports them (once per change, with
+// slog) instead.
+var quietRedis sync.Once
+
+type discard struct{}
+
+func (discard) Printf(context.Context, string, ...any) {}
+
+// Redis is the shared registry of a scaled-out relay.
+type Redis struct {
+	c    *redis.Client
+	self string // this replica's advertise URL
+	ttl  time.Duration
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	held    map[string]bool
+	problem atomic.Pointer[string]
+	// OnChange, if set, is called with the new Problem() when the
+	// registry goes from working to failing or back.
+	OnChange func(problem string)
+}
+
+// NewRedis connects lazily to url (redis://[user:pass@]host:port/db); self
+// is this replica's advertise URL.
+func NewRedis(url, self string, log *slog.Logger) (*Redis, error) {
+	quietRedis.Do(func() { redis.SetLogger(discard{}) })
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("registry.redis_url: %w", err)
+	}
+	opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout = opTimeout, opTimeout, opTimeout
+	opt.MaxRetries = 1
+	opt.PoolSize = 16
+	r := &Redis{c: redis.NewClient(opt), self: self, ttl: defaultTTL, log: log, held: map[string]bool{}}
+	p := "not contacted yet"
+	r.problem.Store(&p)
+	return r, nil
+}
+
+// Problem is "" while the last Redis operation worked.
+func (r *Redis) Problem() string { return *r.problem.Load() }
+
+func (r *Redis) note(err error) {
+	p := ""
+	if err != nil {
+		p = "redis: " + err.Error()
+	}
+	old := r.problem.Swap(&p)
+	if (*old == "") == (p == "") {
+		return
+	}
+	if p != "" {
+		r.log.Warn("registry unavailable: serving only tunnels held here; requests for others get 503 tunnel_offline", "err", err)
+	} else {
+		r.log.Info("registry reachable again")
+	}
+	if r.OnChange != nil {
+		r.OnChange(p)
+	}
+}
+
+// Hold records tunnel at once (best effort; the heartbeat retries).
+func (r *Redis) Hold(tunnel string) {
+	r.mu.Lock()
+	r.held[tunnel] = true
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	r.note(r.refresh(ctx, []string{tunnel}))
+}
+
+// Release removes this replica from tunnel at once, so other replicas
+// stop forwarding here.
+func (r *Redis) Release(tunnel string) {
+	r.mu.Lock()
+	delete(r.held, tunnel)
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	r.note(r.c.ZRem(ctx, tunnelKey(tunnel), r.self).Err())
+}
+
+// Owners lists other live replicas holding tunnel.
+func (r *Redis) Owners(ctx context.Context, tunnel string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	urls, err := r.c.ZRangeByScore(ctx, tunnelKey(tunnel), &redis.ZRangeBy{Min: "(" + now, Max: "+inf"}).Result()
+	r.note(err)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(urls, func(u string) bool { return u == r.self }), nil
+}
+
+// Replicas counts replicas whose heartbeat is current.
+func (r *Redis) Replicas(ctx context.Context) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	n, err := r.c.ZCount(ctx, replicasKey, "("+now, "+inf").Result()
+	r.note(err)
+	return int(n), err
+}
+
+// refresh writes this replica's entries for tunnels (and itself).
+func (r *Redis) refresh(ctx context.Context, tunnels []string) error {
+	until := float64(time.Now().Add(r.ttl).UnixMilli())
+	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	_, err := r.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.ZAdd(ctx, replicasKey, redis.Z{Score: until, Member: r.self})
+		p.ZRemRangeByScore(ctx, replicasKey, "-inf", now)
+		p.Expire(ctx, replicasKey, 10*r.ttl)
+		for _, t := range tunnels {
+			k := tunnelKey(t)
+			p.ZAdd(ctx, k, redis.Z{Score: until, Member: r.self})
+			p.ZRemRangeByScore(ctx, k, "-inf", now) // entries of replicas that died
+			p.Expire(ctx, k, 10*r.ttl)
+		}
+		return nil
+	})
+	return err
+}
+
+// Run refreshes this replica's entries until ctx ends, then removes them
+// (clean shutdown: other replicas stop forwarding here at once).
+func (r *Redis) Run(ctx context.Context) {
+	tick := time.NewTicker(r.ttl / 3)
+	defer tick.Stop()
+	for {
+		r.mu.Lock()
+		tunnels := make([]string, 0, len(r.held))
+		for t := range r.held {
+			tunnels = append(tunnels, t)
+		}
+		r.mu.Unlock()
+		hctx, cancel := context.WithTimeout(ctx, opTimeout)
+		r.note(r.refresh(hctx, tunnels))
+		cancel()
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// Close removes this replica's entries and closes the client.
+func (r *Redis) Close() error {
+	r.mu.Lock()
+	tunnels := make([]string, 0, len(r.held))
+	for t := range r.held {
+		tunnels = append(tunnels, t)
+	}
+	r.held = map[string]bool{}
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	_, err := r.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.ZRem(ctx, replicasKey, r.self)
+		for _, t := range tunnels {
+			p.ZRem(ctx, tunnelKey(t), r.self)
+		}
+		return nil
+	})
+	if err != nil {
+		r.log.Warn("could not remove this replica from the registry; its entries expire in "+r.ttl.String(), "err", err)
+	}
+	return errors.Join(err, r.c.Close())
+}
+
+// PeerSecret returns the secret replicas authenticate to each other with
+// when no peer_secret_file is set: created once in Redis by whichever
+// replica comes first, read by the others.
+func (r *Redis) PeerSecret(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	var b [32]byte
+	rand.Read(b[:])
+	if err := r.c.SetNX(ctx, peerSecretKey, hex.EncodeToString(b[:]), 0).Err(); err != nil {
+		r.note(err)
+		return "", fmt.Errorf("create peer secret in redis: %w", err)
+	}
+	s, err := r.c.Get(ctx, peerSecretKey).Result()
+	r.note(err)
+	if err != nil {
+		return "", fmt.Errorf("read peer secret from redis: %w", err)
+	}
+	return s, nil
+}

@@ -1,0 +1,110 @@
+package registry
+
+import (
+	"context"
+	"log/slog"
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func newPair(t *testing.T) (*testrig.Redis, *Redis, *Redis) {
+	t.Helper()
+	red, err := testrig.StartRedis(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(red.Stop)
+	mk := func(self string) *Redis {
+		r, err := NewRedis(red.URL(), self, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.ttl = time.Second
+		return r
+	}
+	a, b := mk("http://10.0.0.1:7443"), mk("http://10.0.0.2:7443")
+	t.Cleanup(func() { a.c.Close(); b.c.Close() })
+	return red, a, b
+}
+
+func TestOwnersHoldReleaseExpire(t *testing.T) {
+	_, a, b := newPair(t)
+	ctx := context.Background()
+	a.Hold("acme")
+	if got, err := b.Owners(ctx, "acme"); err != nil || !slices.Equal(got, []string{"http://10.0.0.1:7443"}) {
+		t.Fatalf("owners seen by b: %v %v", got, err)
+	}
+	if got, _ := a.Owners(ctx, "acme"); len(got) != 0 {
+		t.Fatalf("a sees itself as another owner: %v", got)
+	}
+	if n, err := b.Replicas(ctx); err != nil || n != 1 {
+		t.Fatalf("replicas: %d %v (only a has a heartbeat)", n, err)
+	}
+	a.Release("acme")
+	if got, _ := b.Owners(ctx, "acme"); len(got) != 0 {
+		t.Fatalf("released tunnel still owned: %v", got)
+	}
+	// A replica that dies without releasing drops out after its TTL.
+	a.Hold("acme")
+	time.Sleep(1200 * time.Millisecond)
+	if got, _ := b.Owners(ctx, "acme"); len(got) != 0 {
+		t.Fatalf("expired entry still listed: %v", got)
+	}
+	if b.Problem() != "" {
+		t.Fatalf("problem with a working Redis: %s", b.Problem())
+	}
+}
+
+func TestRunRefreshesAndCloseRemoves(t *testing.T) {
+	_, a, b := newPair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	a.Hold("acme")
+	done := make(chan struct{})
+	go func() { defer close(done); a.Run(ctx) }()
+	time.Sleep(1500 * time.Millisecond) // past the TTL: only the heartbeat keeps it
+	if got, _ := b.Owners(context.Background(), "acme"); len(got) != 1 {
+		t.Fatalf("heartbeat did not keep the entry: %v", got)
+	}
+	cancel()
+	<-done
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := b.Owners(context.Background(), "acme"); len(got) != 0 {
+		t.Fatalf("entry left after a clean shutdown: %v", got)
+	}
+}
+
+func TestProblemWhileRedisIsDownAndSharedSecret(t *testing.T) {
+	red, a, b := newPair(t)
+	ctx := context.Background()
+	sa, err := a.PeerSecret(ctx)
+	if err != nil || len(sa) != 64 {
+		t.Fatalf("peer secret: %q %v", sa, err)
+	}
+	if sb, _ := b.PeerSecret(ctx); sb != sa {
+		t.Fatal("replicas got different peer secrets")
+	}
+	var changes []string
+	b.OnChange = func(p string) { changes = append(changes, p) }
+	red.Stop()
+	if _, err := b.Owners(ctx, "acme"); err == nil || b.Problem() == "" {
+		t.Fatalf("Owners with Redis down: err %v, problem %q", err, b.Problem())
+	}
+	if err := red.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Owners(ctx, "acme"); err != nil || b.Problem() != "" {
+		t.Fatalf("after Redis came back: %v %q", err, b.Problem())
+	}
+	if len(changes) != 2 || changes[0] == "" || changes[1] != "" {
+		t.Fatalf("OnChange calls: %q", changes)
+	}
+}

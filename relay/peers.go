@@ -1,0 +1,169 @@
+package relay
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/registry"
+)
+
+// Headers a replica sets when it forwards a scanner request to the
+// replica holding the tunnel. They are trusted only on the internal
+// listener, after the peer secret was checked; scanners' own X-Ferry-*
+// headers are stripped everywhere.
+const (
+	hdrHop        = "X-Ferry-Hop"
+	hdrScanner    = "X-Ferry-Scanner"
+	hdrPublicBase = "X-Ferry-Public-Base"
+)
+
+// peerRoute is where the scanner handler decided to forward a request.
+type peerRoute struct {
+	target     *url.URL
+	scanner    string
+	rid        string
+	publicBase string
+	secret     string
+}
+
+type peerRouteKey struct{}
+
+// newPeerProxy carries a scanner request to another replica, streaming
+// both ways, one hop only (the receiving replica never forwards again).
+func (r *Relay) newPeerProxy() (*httputil.ReverseProxy, *http.Transport) {
+	tr := &http.Transport{
+		DialContext:            (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DisableCompression:     true,
+		ResponseHeaderTimeout:  r.cfg.Timeouts.AgentResponse + 10*time.Second,
+		ExpectContinueTimeout:  time.Second,
+		MaxIdleConnsPerHost:    64,
+		IdleConnTimeout:        90 * time.Second,
+		MaxResponseHeaderBytes: 64 << 10,
+	}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			rt := pr.In.Context().Value(peerRouteKey{}).(*peerRoute)
+			pr.Out.URL = &url.URL{Scheme: rt.target.Scheme, Host: rt.target.Host, Opaque: pathOnly(pr.In.RequestURI), RawQuery: pr.In.URL.RawQuery}
+			pr.Out.Host = rt.target.Host
+			stripScannerHeaders(pr.Out.Header)
+			pr.Out.Header.Set("Authorization", "Bearer "+rt.secret)
+			pr.Out.Header.Set(hdrHop, "1")
+			pr.Out.Header.Set(hdrScanner, rt.scanner)
+			pr.Out.Header.Set(httperr.RequestIDHeader, rt.rid)
+			pr.Out.Header.Set(hdrPublicBase, rt.publicBase)
+		},
+		Transport:     tr,
+		FlushInterval: 0,
+		BufferPool:    httpx.NewBufferPool(),
+		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) {
+			rt := req.Context().Value(peerRouteKey{}).(*peerRoute)
+			var op *net.OpError
+			switch {
+			case req.Context().Err() != nil:
+				r.log.Info("scanner went away", "request_id", rt.rid, "err", err)
+			case errors.As(err, &op) && op.Op == "dial":
+				// A replica that died keeps its registry entry until the
+				// TTL; answer now rather than wait.
+				r.log.Warn("replica holding the tunnel is unreachable", "request_id", rt.rid, "replica", rt.target.Host, "err", err)
+				httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, "the relay replica holding this tunnel is unreachable; retry")
+			case httpx.IsTimeout(err):
+				httperr.Respond(w, req, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "the replica holding the tunnel did not answer in time")
+			default:
+				r.log.Warn("forwarding to replica failed", "request_id", rt.rid, "replica", rt.target.Host, "err", err)
+				httperr.Respond(w, req, http.StatusBadGateway, httperr.UpstreamError, "forwarding to the replica holding the tunnel failed")
+			}
+		},
+		ModifyResponse: func(resp *http.Response) error {
+			resp.Header.Del(httperr.RequestIDHeader) // same value, set by this replica
+			return nil
+		},
+	}
+	return rp, tr
+}
+
+// forwardToPeer sends a request for a tunnel this replica does not hold to
+// a replica that does. It reports false (nothing written) when no replica
+// holds it or the registry cannot say.
+func (r *Relay) forwardToPeer(w http.ResponseWriter, req *http.Request, tunnelID, scanner, rid, publicBase string) (bool, string) {
+	owners, err := r.registry.Owners(req.Context(), tunnelID)
+	if err != nil {
+		return false, "the relay's registry is unavailable, and no agent for this tunnel is connected to this replica"
+	}
+	if len(owners) == 0 {
+		return false, ""
+	}
+	secret := r.peerSecretValue()
+	if secret == "" {
+		return false, "this replica has no peer secret yet (registry unavailable at start?)"
+	}
+	target, err := url.Parse(owners[rand.N(len(owners))])
+	if err != nil {
+		return false, ""
+	}
+	r.metrics.Forwarded.WithLabelValues(tunnelID, "out").Inc()
+	rt := &peerRoute{target: target, scanner: scanner, rid: rid, publicBase: publicBase, secret: secret}
+	r.peerProxy.ServeHTTP(w, req.WithContext(context.WithValue(req.Context(), peerRouteKey{}, rt)))
+	return true, ""
+}
+
+// peerSecretValue is the secret replicas share ("" until known).
+func (r *Relay) peerSecretValue() string {
+	if src := r.cfg.Registry.PeerSecret; src != nil {
+		s, err := src.Value()
+		if err != nil {
+			r.log.Error("peer secret unreadable", "err", err)
+			return ""
+		}
+		return s
+	}
+	if p := r.peerSecret.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
+
+// checkPeer authenticates a request on the internal listener.
+func (r *Relay) checkPeer(req *http.Request) bool {
+	want := r.peerSecretValue()
+	got, ok := bearerToken(req)
+	return ok && want != "" && subtle.ConstantTimeCompare([]byte(got), []byte(want)) == 1 && req.Header.Get(hdrHop) == "1"
+}
+
+// runRegistry keeps the Redis registry's heartbeat and fetches the shared
+// peer secret until ctx ends.
+func (r *Relay) runRegistry(ctx context.Context, red *registry.Redis) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		red.Run(ctx)
+	}()
+	if r.cfg.Registry.PeerSecret == nil {
+		for r.peerSecret.Load() == nil {
+			s, err := red.PeerSecret(ctx)
+			if err == nil {
+				r.peerSecret.Store(&s)
+				break
+			}
+			r.log.Warn("cannot get the shared peer secret from redis yet; forwarding between replicas waits for it", "err", err)
+			t := time.NewTimer(time.Second)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+			}
+			if ctx.Err() != nil {
+				break
+			}
+		}
+	}
+	<-done
+}
