@@ -147,7 +147,7 @@ func (r *Redis) Owners(ctx context.Context, tunnel string) ([]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
-	urls, err := r.c.ZRangeByScore(ctx, tunnelKey(tunnel), &redis.ZRangeBy{Min: "(" + now, Max: "+inf"}).Result()
+	urls, err := r.c.ZRangeArgs(ctx, redis.ZRangeArgs{Key: tunnelKey(tunnel), ByScore: true, Start: "(" + now, Stop: "+inf"}).Result()
 	r.note(err)
 	if err != nil {
 		return nil, err
