@@ -364,5 +364,5 @@ func (w *Webhooks) validate(v *validator) {
 	positive("webhooks.max_body_kb", &w.MaxBodyKB, 8192, 64<<10)
 	positive("webhooks.spool_max_mb", &w.SpoolMaxMB, 1024, 1<<20)
 	positive("webhooks.spool_max_deliveries", &w.SpoolMaxCount, 100000, 10_000_000)
-	positive("webhooks.lanes", &w.Lanes, 4, 64)
+	positive("webhooks.lanes", &w.Lanes, 4, 16) // the relay serves 16 deliveries at once per connection
 }

@@ -162,7 +162,7 @@ func TestAgentErrors(t *testing.T) {
 		{"webhooks no listen", base + "webhooks: {spool_dir: /tmp/x}\n", []string{"webhooks.listen", "required"}},
 		{"webhooks no spool", base + "webhooks: {listen: \":8181\"}\n", []string{"webhooks.spool_dir", "persistent"}},
 		{"webhooks secret", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, secret_file: /nonexistent/s}\n", []string{"webhooks.secret_file"}},
-		{"webhooks lanes", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, lanes: 100}\n", []string{"webhooks.lanes", "1-64"}},
+		{"webhooks lanes", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, lanes: 100}\n", []string{"webhooks.lanes", "1-16"}},
 	}
 	for _, c := range cases {
 		_, err := ParseAgent("agent.yaml", []byte(c.yaml))

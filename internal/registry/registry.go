@@ -74,9 +74,11 @@ type Redis struct {
 	ttl  time.Duration
 	log  *slog.Logger
 
-	mu      sync.Mutex
-	held    map[string]bool
-	problem atomic.Pointer[string]
+	mu       sync.Mutex
+	held     map[string]bool
+	released map[string]bool // to remove from Redis at the next sync
+	kick     chan struct{}   // asks Run to sync now
+	problem  atomic.Pointer[string]
 	// OnChange, if set, is called with the new Problem() when the
 	// registry goes from working to failing or back.
 	OnChange func(problem string)
@@ -93,7 +95,7 @@ func NewRedis(url, self string, log *slog.Logger) (*Redis, error) {
 	opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout = opTimeout, opTimeout, opTimeout
 	opt.MaxRetries = 1
 	opt.PoolSize = 16
-	r := &Redis{c: redis.NewClient(opt), self: self, ttl: defaultTTL, log: log, held: map[string]bool{}}
+	r := &Redis{c: redis.NewClient(opt), self: self, ttl: defaultTTL, log: log, held: map[string]bool{}, released: map[string]bool{}, kick: make(chan struct{}, 1)}
 	p := "not contacted yet"
 	r.problem.Store(&p)
 	return r, nil
@@ -121,25 +123,31 @@ func (r *Redis) note(err error) {
 	}
 }
 
-// Hold records tunnel at once (best effort; the heartbeat retries).
+// Hold records that this replica holds tunnel. It does not wait for
+// Redis (agent connections must not stall on it): Run writes it at once.
 func (r *Redis) Hold(tunnel string) {
 	r.mu.Lock()
 	r.held[tunnel] = true
+	delete(r.released, tunnel)
 	r.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
-	defer cancel()
-	r.note(r.refresh(ctx, []string{tunnel}))
+	r.wake()
 }
 
-// Release removes this replica from tunnel at once, so other replicas
-// stop forwarding here.
+// Release records that this replica no longer holds tunnel; Run removes
+// it from Redis at once, so other replicas stop forwarding here.
 func (r *Redis) Release(tunnel string) {
 	r.mu.Lock()
 	delete(r.held, tunnel)
+	r.released[tunnel] = true
 	r.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
-	defer cancel()
-	r.note(r.c.ZRem(ctx, tunnelKey(tunnel), r.self).Err())
+	r.wake()
+}
+
+func (r *Redis) wake() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
 }
 
 // Owners lists other live replicas holding tunnel.
@@ -165,15 +173,31 @@ func (r *Redis) Replicas(ctx context.Context) (int, error) {
 	return int(n), err
 }
 
-// refresh writes this replica's entries for tunnels (and itself).
-func (r *Redis) refresh(ctx context.Context, tunnels []string) error {
+// sync writes the held tunnels (and this replica's heartbeat) and removes
+// the released ones. Releases that fail are retried at the next sync.
+func (r *Redis) sync(ctx context.Context) error {
+	r.mu.Lock()
+	held := make([]string, 0, len(r.held))
+	for t := range r.held {
+		held = append(held, t)
+	}
+	released := make([]string, 0, len(r.released))
+	for t := range r.released {
+		released = append(released, t)
+	}
+	clear(r.released)
+	r.mu.Unlock()
+
 	until := float64(time.Now().Add(r.ttl).UnixMilli())
 	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
 	_, err := r.c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, t := range released {
+			p.ZRem(ctx, tunnelKey(t), r.self)
+		}
 		p.ZAdd(ctx, replicasKey, redis.Z{Score: until, Member: r.self})
 		p.ZRemRangeByScore(ctx, replicasKey, "-inf", now)
 		p.Expire(ctx, replicasKey, 10*r.ttl)
-		for _, t := range tunnels {
+		for _, t := range held {
 			k := tunnelKey(t)
 			p.ZAdd(ctx, k, redis.Z{Score: until, Member: r.self})
 			p.ZRemRangeByScore(ctx, k, "-inf", now) // entries of replicas that died
@@ -181,26 +205,30 @@ func (r *Redis) refresh(ctx context.Context, tunnels []string) error {
 		}
 		return nil
 	})
+	if err != nil {
+		r.mu.Lock()
+		for _, t := range released {
+			if !r.held[t] {
+				r.released[t] = true
+			}
+		}
+		r.mu.Unlock()
+	}
 	return err
 }
 
-// Run refreshes this replica's entries until ctx ends, then removes them
-// (clean shutdown: other replicas stop forwarding here at once).
+// Run keeps Redis in step with this replica until ctx ends: at once after
+// each Hold or Release, and every ttl/3 as a heartbeat.
 func (r *Redis) Run(ctx context.Context) {
 	tick := time.NewTicker(r.ttl / 3)
 	defer tick.Stop()
 	for {
-		r.mu.Lock()
-		tunnels := make([]string, 0, len(r.held))
-		for t := range r.held {
-			tunnels = append(tunnels, t)
-		}
-		r.mu.Unlock()
-		hctx, cancel := context.WithTimeout(ctx, opTimeout)
-		r.note(r.refresh(hctx, tunnels))
+		sctx, cancel := context.WithTimeout(ctx, opTimeout)
+		r.note(r.sync(sctx))
 		cancel()
 		select {
 		case <-tick.C:
+		case <-r.kick:
 		case <-ctx.Done():
 			return
 		}

@@ -34,13 +34,35 @@ func newPair(t *testing.T) (*testrig.Redis, *Redis, *Redis) {
 	return red, a, b
 }
 
+// running starts r's Run loop until the test ends (or stop is called).
+func running(t *testing.T, r *Redis) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); r.Run(ctx) }()
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return stop
+}
+
+// eventually polls cond for up to 5 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
 func TestOwnersHoldReleaseExpire(t *testing.T) {
 	_, a, b := newPair(t)
 	ctx := context.Background()
+	stopA := running(t, a)
 	a.Hold("acme")
-	if got, err := b.Owners(ctx, "acme"); err != nil || !slices.Equal(got, []string{"http://10.0.0.1:7443"}) {
-		t.Fatalf("owners seen by b: %v %v", got, err)
-	}
+	eventually(t, "a's entry", func() bool {
+		got, err := b.Owners(ctx, "acme")
+		return err == nil && slices.Equal(got, []string{"http://10.0.0.1:7443"})
+	})
 	if got, _ := a.Owners(ctx, "acme"); len(got) != 0 {
 		t.Fatalf("a sees itself as another owner: %v", got)
 	}
@@ -48,11 +70,11 @@ func TestOwnersHoldReleaseExpire(t *testing.T) {
 		t.Fatalf("replicas: %d %v (only a has a heartbeat)", n, err)
 	}
 	a.Release("acme")
-	if got, _ := b.Owners(ctx, "acme"); len(got) != 0 {
-		t.Fatalf("released tunnel still owned: %v", got)
-	}
+	eventually(t, "release", func() bool { got, _ := b.Owners(ctx, "acme"); return len(got) == 0 })
 	// A replica that dies without releasing drops out after its TTL.
 	a.Hold("acme")
+	eventually(t, "a's entry again", func() bool { got, _ := b.Owners(ctx, "acme"); return len(got) == 1 })
+	stopA()
 	time.Sleep(1200 * time.Millisecond)
 	if got, _ := b.Owners(ctx, "acme"); len(got) != 0 {
 		t.Fatalf("expired entry still listed: %v", got)
@@ -64,16 +86,13 @@ func TestOwnersHoldReleaseExpire(t *testing.T) {
 
 func TestRunRefreshesAndCloseRemoves(t *testing.T) {
 	_, a, b := newPair(t)
-	ctx, cancel := context.WithCancel(context.Background())
+	stop := running(t, a)
 	a.Hold("acme")
-	done := make(chan struct{})
-	go func() { defer close(done); a.Run(ctx) }()
 	time.Sleep(1500 * time.Millisecond) // past the TTL: only the heartbeat keeps it
 	if got, _ := b.Owners(context.Background(), "acme"); len(got) != 1 {
 		t.Fatalf("heartbeat did not keep the entry: %v", got)
 	}
-	cancel()
-	<-done
+	stop()
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
