@@ -101,6 +101,16 @@ func run(bin string, keep bool) error {
 	}
 	write("relay-token", agentTok+"\n")
 	write("bitbucket-pat", pat+"\n")
+	write("webhook-secret", "demo-webhook-secret\n")
+	// The cloud endpoint that receives Bitbucket's webhooks.
+	target := &testrig.WebhookTarget{}
+	tln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	tsrv := &http.Server{Handler: target, ReadHeaderTimeout: 5 * time.Second}
+	go tsrv.Serve(tln)
+	defer tsrv.Close()
 	relayCfg := write("relay.yaml", fmt.Sprintf(`# cloud side
 agent_listen: "127.0.0.1:0"
 tls: {cert_file: %s, key_file: %s}
@@ -109,11 +119,12 @@ admin_listen: "127.0.0.1:0"
 tunnels:
   - id: acme-bbdc
     agent_tokens: [%q]
+    webhook_target: http://%s/hooks/bitbucket
 scanners:
   - name: appsec-scanner
     token: %q
     tunnels: [acme-bbdc]
-`, pki.CertFile, pki.KeyFile, agentHash, scanHash))
+`, pki.CertFile, pki.KeyFile, agentHash, tln.Addr(), scanHash))
 
 	step("Cloud: start ferry-relay")
 	relay, err := startDaemon(relayBin, relayCfg, filepath.Join(dir, "relay.log"))
@@ -143,7 +154,9 @@ upstreams:
     repositories: ["PROJ/*"]
 diagnostics: {listen: "127.0.0.1:0"}
 audit: {path: %s}
-`, agentAddr, filepath.Join(dir, "relay-token"), pki.CAFile, bbURL, pki.CAFile, filepath.Join(dir, "bitbucket-pat"), filepath.Join(dir, "audit.jsonl")))
+webhooks: {listen: "127.0.0.1:0", secret_file: %s, spool_dir: %s}
+`, agentAddr, filepath.Join(dir, "relay-token"), pki.CAFile, bbURL, pki.CAFile, filepath.Join(dir, "bitbucket-pat"), filepath.Join(dir, "audit.jsonl"),
+		filepath.Join(dir, "webhook-secret"), filepath.Join(dir, "spool")))
 
 	step("Private network: `ferry-agent doctor` checks everything before the agent starts")
 	out, err := exec.Command(agentBin, "doctor", "--config", agentCfg).CombinedOutput()
@@ -234,6 +247,40 @@ audit: {path: %s}
 		return fmt.Errorf("bitbucket received %d of the refused requests", n)
 	}
 	show("Bitbucket received none of these %d requests", 4)
+
+	step("Bitbucket webhook: a signed push event is spooled by the agent and carried out through the tunnel")
+	wstart, err := agent.waitFor("webhook listener started")
+	if err != nil {
+		return err
+	}
+	hookURL := "http://" + wstart["listen"].(string) + "/"
+	payload := testrig.RefsChangedPayload("PROJ", "payments", 1)
+	hc := &http.Client{Timeout: 10 * time.Second}
+	defer hc.CloseIdleConnections()
+	forged := testrig.WebhookPost(hookURL, "repo:refs_changed", "not-the-secret", payload)
+	resp, err := hc.Do(forged)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	show("forged X-Hub-Signature → %d (never forwarded)", resp.StatusCode)
+	resp, err = hc.Do(testrig.WebhookPost(hookURL, "repo:refs_changed", "demo-webhook-secret", payload))
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	id := resp.Header.Get("X-Ferry-Delivery-Id")
+	show("signed repo:refs_changed → %d, delivery %s fsynced to the spool", resp.StatusCode, id)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(target.Delivered()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := target.Delivered()
+	if len(got) != 1 || got[0].DeliveryID != id || len(target.All()) != 1 {
+		return fmt.Errorf("webhook target got %d deliveries, want exactly the signed one (%s)", len(got), id)
+	}
+	show("cloud target received it: X-Event-Key %s, X-Ferry-Tunnel %s, X-Ferry-Delivery-Id %s",
+		got[0].Header.Get("X-Event-Key"), got[0].Header.Get("X-Ferry-Tunnel"), got[0].DeliveryID)
 
 	step("Agent stops (SIGTERM): the relay answers 503 tunnel_offline at once")
 	if code := agent.stop(); code != 0 {
