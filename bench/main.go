@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -53,7 +54,25 @@ type setup struct {
 	relayBin, agentBin  string
 	relay, agent        *exec.Cmd
 	agentAddr, scanAddr string
+	adminAddr           string
 	direct, viaFerry    *http.Client
+}
+
+// relayGauge reads one unlabelled gauge from the relay's /metrics.
+func (s *setup) relayGauge(name string) float64 {
+	resp, err := http.Get("http://" + s.adminAddr + "/metrics")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
 }
 
 func main() {
@@ -63,7 +82,9 @@ func main() {
 	agents := flag.Int("agents", 5000, "idle agent connections for the relay memory figure")
 	clones := flag.Int("clones", 32, "parallel git clones")
 	repoMiB := flag.Int("repo-mib", 50, "size of the cloned repository, MiB")
+	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart); default all")
 	flag.Parse()
+	want := func(name string) bool { return *only == "" || slices.Contains(strings.Split(*only, ","), name) }
 	raiseFileLimit()
 	s, err := start(*bin)
 	if err != nil {
@@ -81,17 +102,37 @@ func main() {
 		fmt.Fprintf(os.Stderr, "  done: %s\n", r.Workload)
 	}
 	fmt.Fprintf(os.Stderr, "bench: relay and agent up; running workloads\n")
-	add(s.download(*size))
-	add(s.upload(*size))
-	add(s.smallGETs(64, 5*time.Second))
-	lat50, lat99, err := s.latency(2000)
-	add(lat50, err)
-	add(lat99, err)
-	add(s.cloneBench(*clones, *repoMiB))
-	add(s.agentPeakRSS())
-	add(s.relayMemoryPerAgent(*agents))
-	add(s.restartToFirstRequest())
+	if want("download") {
+		add(s.download(*size))
+	}
+	if want("upload") {
+		add(s.upload(*size))
+	}
+	if want("gets") {
+		add(s.smallGETs(64, 5*time.Second))
+	}
+	if want("latency") {
+		lat50, lat99, err := s.latency(2000)
+		add(lat50, err)
+		add(lat99, err)
+	}
+	if want("clones") {
+		add(s.cloneBench(*clones, *repoMiB))
+	}
+	if want("rss") {
+		add(s.agentPeakRSS())
+	}
+	if want("relay-memory") {
+		add(s.relayMemoryPerAgent(*agents))
+	}
+	if want("restart") {
+		add(s.restartToFirstRequest())
+	}
 	printTable(results)
+	if *only != "" {
+		fmt.Println("\n(partial run: bench/results.json not written)")
+		return
+	}
 	if err := writeJSON(*out, results); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -226,7 +267,7 @@ func (s *setup) startRelay(cfg string) error {
 	for sc.Scan() {
 		var m map[string]any
 		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == "relay started" {
-			s.agentAddr, s.scanAddr = m["agent_listen"].(string), m["scanner_listen"].(string)
+			s.agentAddr, s.scanAddr, s.adminAddr = m["agent_listen"].(string), m["scanner_listen"].(string), m["admin_listen"].(string)
 			f, err := os.OpenFile(filepath.Join(s.dir, "relay.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 			if err != nil {
 				return err
@@ -510,6 +551,7 @@ func (s *setup) relayMemoryPerAgent(n int) (Result, error) {
 	if err != nil {
 		return r, err
 	}
+	g0, h0, st0 := s.relayGauge("go_goroutines"), s.relayGauge("go_memstats_heap_inuse_bytes"), s.relayGauge("go_memstats_stack_inuse_bytes")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	conns, err := connectIdleAgents(ctx, s, n)
@@ -528,7 +570,9 @@ func (s *setup) relayMemoryPerAgent(n int) (Result, error) {
 	}
 	r.Ferry = (after - before) / float64(n) / 1024
 	r.Met = r.Ferry <= 48
-	r.Note = fmt.Sprintf("relay RSS %.0f → %.0f MiB", before/(1<<20), after/(1<<20))
+	nf := float64(n)
+	r.Note = fmt.Sprintf("relay RSS %.0f → %.0f MiB; per connection: %.1f goroutines, heap %.1f KiB, stacks %.1f KiB", before/(1<<20), after/(1<<20),
+		(s.relayGauge("go_goroutines")-g0)/nf, (s.relayGauge("go_memstats_heap_inuse_bytes")-h0)/nf/1024, (s.relayGauge("go_memstats_stack_inuse_bytes")-st0)/nf/1024)
 	return r, nil
 }
 

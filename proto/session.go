@@ -71,14 +71,15 @@ func (l yamuxLogger) emit(s string) {
 // that yamux frames are batched: Write queues the frame and a flusher
 // goroutine writes everything queued as one message. Nothing waits on a
 // timer: an idle tunnel sends a lone frame at once, a busy one sends many
-// frames per message. A data frame's 12-byte header, which yamux writes
-// separately from its body, is held until the body is queued. Queued
-// bytes are bounded: Write blocks past maxQueued (backpressure). A write
-// error is returned by the next Write and closes the conn.
+// frames per message. The flusher runs only while there is something to
+// send, so an idle tunnel costs no goroutine here. A data frame's 12-byte
+// header, which yamux writes separately from its body, is held until the
+// body is queued. Queued bytes are bounded: Write blocks past maxQueued
+// (backpressure). A write error is returned by the next Write and closes
+// the conn.
 func Coalesce(c net.Conn) net.Conn {
-	b := &batchConn{Conn: c, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	b := &batchConn{Conn: c}
 	b.space = sync.NewCond(&b.mu)
-	go b.flushLoop()
 	return b
 }
 
@@ -90,14 +91,15 @@ const (
 
 type batchConn struct {
 	net.Conn
-	kick chan struct{} // wakes the flusher (never closed: writers send on it)
-	stop chan struct{} // closed by Close
-	done chan struct{} // closed when the flusher has exited
+	flusher sync.WaitGroup // the running flusher, if any
 
 	mu         sync.Mutex
 	space      *sync.Cond // signalled when the queue drains
 	queue      []byte
-	holdHeader bool // the queue ends with a data header awaiting its body
+	spare      []byte // the flusher's last output buffer, reused
+	holdHeader bool   // the queue ends with a data header awaiting its body
+	flushing   bool   // a flusher goroutine is running
+	idleSince  time.Time
 	err        error
 	closed     bool
 	closeOnce  sync.Once
@@ -121,71 +123,66 @@ func (b *batchConn) Write(p []byte) (int, error) {
 		}
 		return 0, err
 	}
+	if !b.flushing && time.Since(b.idleSince) > releaseAfter {
+		// Burst-sized buffers go once the connection has been quiet, so
+		// thousands of idle tunnels pin no megabytes; a busy one keeps
+		// reusing its own.
+		if cap(b.spare) > keepBuffer {
+			b.spare = nil
+		}
+		if cap(b.queue) > keepBuffer {
+			b.queue = append([]byte(nil), b.queue...)
+		}
+	}
 	b.queue = append(b.queue, p...)
 	// A data header with a body to follow waits for it, so both go out
 	// together; anything else may be sent now.
 	b.holdHeader = len(p) == yamuxHeaderLen && p[1] == yamuxTypeData && binary.BigEndian.Uint32(p[8:12]) > 0
-	kick := !b.holdHeader
+	start := !b.holdHeader && !b.flushing
+	if start {
+		b.flushing = true
+		b.flusher.Add(1)
+	}
 	b.mu.Unlock()
-	if kick {
-		select {
-		case b.kick <- struct{}{}:
-		default:
-		}
+	if start {
+		go b.flush()
 	}
 	return len(p), nil
 }
 
-func (b *batchConn) flushLoop() {
-	defer close(b.done)
-	var out []byte
-	// Burst-sized buffers are released once the connection has been quiet
-	// for releaseAfter, so thousands of idle tunnels pin no megabytes;
-	// a busy one keeps reusing its own.
-	release := time.NewTimer(releaseAfter)
-	release.Stop()
-	defer release.Stop()
+// flush writes what is queued, batch after batch, and exits when the
+// queue is empty (Write starts a new one).
+func (b *batchConn) flush() {
+	defer b.flusher.Done()
 	for {
-		select {
-		case <-b.stop:
-			return
-		case <-release.C:
-			out = nil
-			b.mu.Lock()
-			if len(b.queue) == 0 {
-				b.queue = nil
-			}
-			b.mu.Unlock()
-			continue
-		case <-b.kick:
-		}
 		b.mu.Lock()
-		if b.closed {
-			b.mu.Unlock()
-			return
-		}
 		n := len(b.queue)
 		if b.holdHeader {
 			n -= yamuxHeaderLen // its body is not queued yet
 		}
-		out = append(out[:0], b.queue[:n]...)
+		if b.closed || n == 0 {
+			b.flushing = false
+			b.idleSince = time.Now()
+			b.mu.Unlock()
+			return
+		}
+		out := append(b.spare[:0], b.queue[:n]...)
+		b.spare = nil
 		b.queue = append(b.queue[:0], b.queue[n:]...)
 		b.space.Broadcast()
 		b.mu.Unlock()
-		if len(out) == 0 {
-			continue
-		}
-		if _, err := b.Conn.Write(out); err != nil {
-			b.mu.Lock()
+		_, err := b.Conn.Write(out)
+		b.mu.Lock()
+		b.spare = out
+		if err != nil {
 			b.err = err
+			b.flushing = false
 			b.space.Broadcast()
 			b.mu.Unlock()
 			b.Conn.Close()
 			return
 		}
-		if cap(out) > keepBuffer {
-			release.Reset(releaseAfter)
-		}
+		b.mu.Unlock()
 	}
 }
 
@@ -198,9 +195,8 @@ func (b *batchConn) Close() error {
 		b.closed = true
 		b.space.Broadcast()
 		b.mu.Unlock()
-		close(b.stop)
-		err = b.Conn.Close()
-		<-b.done
+		err = b.Conn.Close() // unblocks a flusher stuck in Write
+		b.flusher.Wait()
 	})
 	return err
 }
