@@ -1,9 +1,22 @@
 package agent
 
 import (
+	"context"
 	"math/rand/v2"
 	"time"
 )
+
+// sleep waits d, or until ctx ends; it reports whether the full wait passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
 
 // backoff is a capped exponential backoff with jitter: attempt 0 waits
 // 250-500 ms (first retry well under a second), then doubling to a cap of

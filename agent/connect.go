@@ -141,11 +141,7 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 		}
 		delay := b.next()
 		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
-		t := time.NewTimer(delay)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
+		if !sleep(ctx, delay) {
 			return
 		}
 	}

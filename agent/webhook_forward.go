@@ -74,11 +74,7 @@ func (w *webhooks) runLane(ctx context.Context, l *lane, a *Agent) {
 			w.metrics.WebhookRetries.Inc()
 			w.noteError(fmt.Sprintf("delivery %s: %s", d.ID, problem))
 			log.Warn("webhook not delivered yet; will retry", "attempt", attempt, "status", status, "problem", problem, "retry_in", delay.Round(time.Millisecond).String())
-			t := time.NewTimer(delay)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
+			if !sleep(ctx, delay) {
 				return
 			}
 		}

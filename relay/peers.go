@@ -146,23 +146,21 @@ func (r *Relay) runRegistry(ctx context.Context, red *registry.Redis) {
 		defer close(done)
 		red.Run(ctx)
 	}()
-	if r.cfg.Registry.PeerSecret == nil {
-		for r.peerSecret.Load() == nil {
-			s, err := red.PeerSecret(ctx)
-			if err == nil {
-				r.peerSecret.Store(&s)
-				break
-			}
+	for warned := false; r.cfg.Registry.PeerSecret == nil && r.peerSecret.Load() == nil && ctx.Err() == nil; {
+		s, err := red.PeerSecret(ctx)
+		if err == nil {
+			r.peerSecret.Store(&s)
+			break
+		}
+		if !warned {
 			r.log.Warn("cannot get the shared peer secret from redis yet; forwarding between replicas waits for it", "err", err)
-			t := time.NewTimer(time.Second)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-			}
-			if ctx.Err() != nil {
-				break
-			}
+			warned = true
+		}
+		t := time.NewTimer(time.Second)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
 		}
 	}
 	<-done
