@@ -201,6 +201,9 @@ func TestScaleOutWithRedis(t *testing.T) {
 	if r := c.readyz(t); !strings.HasPrefix(r, "200") {
 		t.Fatalf("readyz while Redis is down: %s (degraded, but still ready)", r)
 	}
+	if page := getPage(t, "http://"+c.adminAddr+"/"); !strings.Contains(page, "degraded: redis") {
+		t.Errorf("status page while Redis is down does not say degraded")
+	}
 	waitFor(t, "local traffic while Redis is down", func() bool { return lLocal.ok.Load() > okBefore+50 })
 	code, body = scannerGET(t, client, restOn(c))
 	if code != 503 || !strings.Contains(body, "registry") {

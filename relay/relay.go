@@ -392,6 +392,8 @@ type ErrorEvent struct {
 
 type relayPageData struct {
 	RelayID, Version          string
+	Registry, Advertise       string
+	RegistryProblem           string
 	Started                   time.Time
 	Tunnels                   []TunnelStatus
 	Requests, Refused, Failed int64
@@ -401,12 +403,14 @@ type relayPageData struct {
 func (r *Relay) pageData() relayPageData {
 	return relayPageData{
 		RelayID: r.id, Version: version.Version, Started: r.started, Tunnels: r.tunnelStatus(),
+		Registry: r.cfg.Registry.Backend, Advertise: r.cfg.Registry.AdvertiseURL, RegistryProblem: r.registry.Problem(),
 		Requests: r.requests.Load(), Refused: r.refused.Load(), Failed: r.failed.Load(), Recent: r.recent.List(),
 	}
 }
 
 const relayPage = `<h1>ferry relay <code>{{.RelayID}}</code></h1>
 <div class="sub">version {{.Version}} · up since {{ts .Started}} ({{ago .Started}}) · {{.Requests}} scanner requests, {{.Refused}} refused (4xx), {{.Failed}} failed (5xx)</div>
+<div class="sub">registry: {{.Registry}}{{if .Advertise}} · this replica: <code>{{.Advertise}}</code>{{end}}{{if .RegistryProblem}} · <span class="bad">degraded: {{.RegistryProblem}}</span>{{end}}</div>
 <h2>Tunnels</h2>
 <table><tr><th>tunnel</th><th>state</th><th>agent</th><th>version</th><th>from</th><th>connected</th><th>upstreams</th><th class="num">in flight</th><th class="num">served</th></tr>
 {{range .Tunnels}}{{$t := .}}{{if .Connections}}{{range .Connections}}<tr><td><code>{{$t.ID}}</code></td><td class="ok">online</td><td>{{.AgentID}}</td><td>{{.Version}}</td><td>{{.Remote}}</td><td>{{ago .ConnectedAt}}</td><td>{{range .Upstreams}}<code>{{.}}</code> {{end}}</td><td class="num">{{.InFlight}}</td><td class="num">{{.Served}}</td></tr>
