@@ -27,8 +27,12 @@ import (
 )
 
 // maxConcurrentAccepts bounds webhook requests being read at once (their
-// bodies are held in memory up to max_body_kb while verified and spooled).
-const maxConcurrentAccepts = 32
+// bodies are held in memory up to max_body_kb while verified and spooled);
+// more wait up to acceptWait for a slot before being told to retry.
+const (
+	maxConcurrentAccepts = 16
+	acceptWait           = 10 * time.Second
+)
 
 // webhooks receives Bitbucket's webhooks, spools them and forwards them
 // through the tunnel. Created by Listen when webhooks.listen is set.
@@ -99,10 +103,14 @@ func (w *webhooks) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		w.refuse(rw, log, http.StatusMethodNotAllowed, "method", "webhooks are POSTed")
 		return
 	}
+	wait := time.NewTimer(acceptWait)
+	defer wait.Stop()
 	select {
 	case w.accept <- struct{}{}:
 		defer func() { <-w.accept }()
-	default:
+	case <-r.Context().Done():
+		return
+	case <-wait.C:
 		rw.Header().Set("Retry-After", "5")
 		w.refuse(rw, log, http.StatusServiceUnavailable, "busy", "too many webhook deliveries being received at once; retry")
 		return
