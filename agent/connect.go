@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -105,9 +104,11 @@ func newRelayClient(cfg *config.Agent, proxy func(*url.URL) (*url.URL, error)) (
 	return &http.Client{Transport: tr}, nil
 }
 
-// errGoAway: the relay asked this connection to move. The slot
+// goAwayError: the relay asked this connection to move. The slot
 // reconnects at once while the old session finishes its streams.
-var errGoAway = errors.New("relay asked this connection to go away")
+type goAwayError struct{ reason string }
+
+func (e goAwayError) Error() string { return "relay asked this connection to go away: " + e.reason }
 
 // keepConnected holds relay connection number slot up until ctx ends,
 // reconnecting with backoff. Once the agent drains it stops dialling.
@@ -126,12 +127,14 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 		}
 		st.failed(err)
 		a.metrics.Reconnects.Inc()
-		if errors.Is(err, errGoAway) && strings.Contains(err.Error(), proto.GoAwayRebalance) {
+		var ga goAwayError
+		isGoAway := errors.As(err, &ga)
+		if isGoAway && ga.reason == proto.GoAwayRebalance {
 			st.rebalanced++
 		} else {
 			st.rebalanced = 0
 		}
-		if errors.Is(err, errGoAway) {
+		if isGoAway {
 			b.reset()
 			a.log.Info("reconnecting after goaway", "slot", slot, "reason", err)
 			continue
@@ -247,7 +250,7 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 			}
 			finish()
 		}()
-		return true, fmt.Errorf("%w: %s", errGoAway, reason)
+		return true, goAwayError{reason}
 	}
 }
 

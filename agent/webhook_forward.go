@@ -119,13 +119,10 @@ func (w *webhooks) send(ctx context.Context, sess *yamux.Session, d spool.Delive
 	if err := proto.WriteHeader(s, proto.Header{Kind: proto.KindWebhook, RequestID: d.ID}); err != nil {
 		return 0, "", 0, err
 	}
-	path := d.Path
-	if !strings.HasPrefix(path, "/") {
-		path = "/" + path
-	}
-	req, err := http.NewRequest(http.MethodPost, "http://tunnel"+path, bytes.NewReader(d.Body))
+	// The relay POSTs to the tunnel's webhook_target; the path here is not used.
+	req, err := http.NewRequest(http.MethodPost, "http://tunnel/", bytes.NewReader(d.Body))
 	if err != nil {
-		req, _ = http.NewRequest(http.MethodPost, "http://tunnel/", bytes.NewReader(d.Body))
+		return 0, "", 0, err
 	}
 	req.Header = d.Header.Clone()
 	req.Header.Set("X-Ferry-Received", d.Received.Format(time.RFC3339Nano))

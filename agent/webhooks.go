@@ -75,20 +75,37 @@ func openWebhooks(cfg config.Webhooks, log *slog.Logger, m *metrics.Agent) (*web
 	if len(left) > 0 {
 		log.Info("webhook deliveries left in the spool by the previous run will be forwarded", "count", len(left))
 	}
-	m.Registry.MustRegister(
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_agent_webhook_spooled", Help: "Webhook deliveries in the spool now (accepted, not yet confirmed by the target)."},
-			func() float64 { return float64(sp.Stats().Spooled) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_agent_webhook_oldest_spooled_age_seconds", Help: "Age of the oldest spooled webhook delivery (0: spool empty)."},
-			func() float64 {
-				if o := sp.Stats().Oldest; !o.IsZero() {
-					return time.Since(o).Seconds()
-				}
-				return 0
-			}),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ferry_agent_webhook_quarantined_files", Help: "Corrupt spool files moved to the spool's quarantine/ directory."},
-			func() float64 { return float64(sp.Stats().Quarantined) }),
-	)
+	m.Registry.MustRegister(spoolCollector{sp})
 	return w, nil
+}
+
+// spoolCollector reports the spool's gauges from one Stats call per scrape.
+type spoolCollector struct{ sp *spool.Spool }
+
+var (
+	spooledDesc = prometheus.NewDesc("ferry_agent_webhook_spooled",
+		"Webhook deliveries in the spool now (accepted, not yet confirmed by the target).", nil, nil)
+	oldestDesc = prometheus.NewDesc("ferry_agent_webhook_oldest_spooled_age_seconds",
+		"Age of the oldest spooled webhook delivery (0: spool empty).", nil, nil)
+	quarantinedDesc = prometheus.NewDesc("ferry_agent_webhook_quarantined_files",
+		"Corrupt spool files moved to the spool's quarantine/ directory.", nil, nil)
+)
+
+func (spoolCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- spooledDesc
+	ch <- oldestDesc
+	ch <- quarantinedDesc
+}
+
+func (c spoolCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.sp.Stats()
+	age := 0.0
+	if !st.Oldest.IsZero() {
+		age = time.Since(st.Oldest).Seconds()
+	}
+	ch <- prometheus.MustNewConstMetric(spooledDesc, prometheus.GaugeValue, float64(st.Spooled))
+	ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age)
+	ch <- prometheus.MustNewConstMetric(quarantinedDesc, prometheus.GaugeValue, float64(st.Quarantined))
 }
 
 // Addr is the bound listener address.
@@ -132,7 +149,7 @@ func (w *webhooks) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		}
 	}
 	d := spool.Delivery{ID: spool.NewID(), Received: time.Now().UTC(), Repo: repoOf(body), Event: r.Header.Get("X-Event-Key"),
-		Path: r.URL.Path, Header: httpx.WebhookHeaders(r.Header), Body: body}
+		Header: httpx.WebhookHeaders(r.Header), Body: body}
 	e, err := w.spool.Put(d)
 	switch {
 	case errors.Is(err, spool.ErrFull):

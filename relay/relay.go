@@ -260,23 +260,18 @@ func (r *Relay) Serve(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeouts.ShutdownGrace)
 	defer cancel()
-	var peerDone chan struct{}
-	if len(servers) > 3 { // requests forwarded by other replicas get the same grace
-		peerDone = make(chan struct{})
-		go func() {
-			defer close(peerDone)
-			if err := servers[3].Shutdown(sctx); err != nil {
-				servers[3].Close()
+	// Scanner requests, and those forwarded by other replicas, get the
+	// same grace, at the same time.
+	var drained sync.WaitGroup
+	for _, srv := range append([]*http.Server{servers[1]}, servers[3:]...) {
+		drained.Go(func() {
+			if err := srv.Shutdown(sctx); err != nil {
+				r.log.Warn("requests cut at end of shutdown grace", "err", err)
+				srv.Close()
 			}
-		}()
+		})
 	}
-	if err := servers[1].Shutdown(sctx); err != nil {
-		r.log.Warn("scanner requests cut at end of shutdown grace", "err", err)
-		servers[1].Close()
-	}
-	if peerDone != nil {
-		<-peerDone
-	}
+	drained.Wait()
 	stopLife()
 	r.sessMu.Lock()
 	r.sessDone = true

@@ -161,12 +161,7 @@ func (c *Agent) validate(v *validator) {
 		v.failf("relay", "token_file or token_env is required")
 	}
 	r.CA = loadCA(v, "relay.ca_file", &r.CAFile)
-	switch {
-	case r.Connections == 0:
-		r.Connections = 2
-	case r.Connections < 1 || r.Connections > 16:
-		v.failf("relay.connections", "%d is out of range 1-16", r.Connections)
-	}
+	v.count("relay.connections", &r.Connections, 2, 16)
 	if r.ProxyURL != "" {
 		// user:password for the proxy's basic auth may ride in the URL, as
 		// with HTTPS_PROXY; it is redacted wherever the URL is printed.
@@ -197,12 +192,7 @@ func (c *Agent) validate(v *validator) {
 	case c.Audit.MaxSizeMB < 0:
 		v.failf("audit.max_size_mb", "must be positive")
 	}
-	switch {
-	case c.Audit.MaxFiles == 0:
-		c.Audit.MaxFiles = 5
-	case c.Audit.MaxFiles < 0 || c.Audit.MaxFiles > 1000:
-		v.failf("audit.max_files", "%d is out of range 1-1000", c.Audit.MaxFiles)
-	}
+	v.count("audit.max_files", &c.Audit.MaxFiles, 5, 1000)
 	c.Webhooks.validate(v)
 	t := &c.Timeouts
 	v.duration("timeouts.dial", &t.Dial, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
@@ -353,16 +343,8 @@ func (w *Webhooks) validate(v *validator) {
 			v.failf("webhooks.spool_dir", "%v", err)
 		}
 	}
-	positive := func(field string, p *int, def, hi int) {
-		switch {
-		case *p == 0:
-			*p = def
-		case *p < 1 || *p > hi:
-			v.failf(field, "%d is out of range 1-%d", *p, hi)
-		}
-	}
-	positive("webhooks.max_body_kb", &w.MaxBodyKB, 8192, 64<<10)
-	positive("webhooks.spool_max_mb", &w.SpoolMaxMB, 1024, 1<<20)
-	positive("webhooks.spool_max_deliveries", &w.SpoolMaxCount, 100000, 10_000_000)
-	positive("webhooks.lanes", &w.Lanes, 4, 16) // the relay serves 16 deliveries at once per connection
+	v.count("webhooks.max_body_kb", &w.MaxBodyKB, 8192, 64<<10)
+	v.count("webhooks.spool_max_mb", &w.SpoolMaxMB, 1024, 1<<20)
+	v.count("webhooks.spool_max_deliveries", &w.SpoolMaxCount, 100000, 10_000_000)
+	v.count("webhooks.lanes", &w.Lanes, 4, 16) // the relay serves 16 deliveries at once per connection
 }

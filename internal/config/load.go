@@ -225,6 +225,16 @@ func (v *validator) checkLog(l *Log) {
 }
 
 // duration applies a default and bounds to a duration field.
+// count defaults *n to def when unset and checks it is in 1..hi.
+func (v *validator) count(field string, n *int, def, hi int) {
+	switch {
+	case *n == 0:
+		*n = def
+	case *n < 1 || *n > hi:
+		v.failf(field, "%d is out of range 1-%d", *n, hi)
+	}
+}
+
 func (v *validator) duration(field string, d *time.Duration, def, lo, hi time.Duration) {
 	switch {
 	case *d == 0:

@@ -262,12 +262,7 @@ func (c *Relay) validate(v *validator) {
 	v.duration("timeouts.idle", &t.Idle, 5*time.Minute, time.Second, 24*time.Hour)
 	v.duration("timeouts.header_read", &t.HeaderRead, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
 	v.duration("timeouts.shutdown_grace", &t.ShutdownGrace, 30*time.Second, 0, time.Hour)
-	switch {
-	case c.Limits.MaxStreamsPerTunnel == 0:
-		c.Limits.MaxStreamsPerTunnel = 1024
-	case c.Limits.MaxStreamsPerTunnel < 1 || c.Limits.MaxStreamsPerTunnel > 100000:
-		v.failf("limits.max_streams_per_tunnel", "%d is out of range 1-100000", c.Limits.MaxStreamsPerTunnel)
-	}
+	v.count("limits.max_streams_per_tunnel", &c.Limits.MaxStreamsPerTunnel, 1024, 100000)
 	v.checkLog(&c.Log)
 }
 

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"sync"
@@ -177,14 +178,8 @@ func (r *Redis) Replicas(ctx context.Context) (int, error) {
 // the released ones. Releases that fail are retried at the next sync.
 func (r *Redis) sync(ctx context.Context) error {
 	r.mu.Lock()
-	held := make([]string, 0, len(r.held))
-	for t := range r.held {
-		held = append(held, t)
-	}
-	released := make([]string, 0, len(r.released))
-	for t := range r.released {
-		released = append(released, t)
-	}
+	held := slices.Collect(maps.Keys(r.held))
+	released := slices.Collect(maps.Keys(r.released))
 	clear(r.released)
 	r.mu.Unlock()
 
@@ -238,11 +233,8 @@ func (r *Redis) Run(ctx context.Context) {
 // Close removes this replica's entries and closes the client.
 func (r *Redis) Close() error {
 	r.mu.Lock()
-	tunnels := make([]string, 0, len(r.held))
-	for t := range r.held {
-		tunnels = append(tunnels, t)
-	}
-	r.held = map[string]bool{}
+	tunnels := slices.Collect(maps.Keys(r.held))
+	clear(r.held)
 	r.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()

@@ -17,7 +17,6 @@ type Delivery struct {
 	Received time.Time   `json:"received"`
 	Repo     string      `json:"repo,omitempty"`  // "PROJ/slug", for per-repository order
 	Event    string      `json:"event,omitempty"` // X-Event-Key
-	Path     string      `json:"path,omitempty"`  // the path Bitbucket posted to
 	Header   http.Header `json:"header"`
 	Body     []byte      `json:"-"`
 }
