@@ -254,14 +254,25 @@ acks:
 			break acks
 		}
 	}
-	for a.inflight.Load() > 0 && time.Now().Before(deadline) {
+	for (a.inflight.Load() > 0 || !a.settled()) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if n := a.inflight.Load(); n > 0 {
-		a.log.Warn("drain timeout: cutting requests still in flight", "in_flight", n)
+	if n := a.inflight.Load(); n > 0 || !a.settled() {
+		a.log.Warn("drain timeout: cutting requests still in flight", "in_flight", n, "streams_settled", a.settled())
 	} else {
 		a.log.Info("drained: no requests in flight")
 	}
+}
+
+// settled reports whether the relay has closed every stream of every live
+// connection, so closing them loses nothing on its way.
+func (a *Agent) settled() bool {
+	for _, c := range a.conns {
+		if s := c.session(); s != nil && !settled(s) {
+			return false
+		}
+	}
+	return true
 }
 
 // Connected is how many relay connections are up now.
