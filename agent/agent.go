@@ -296,6 +296,7 @@ func (a *Agent) diagHandler() http.Handler {
 		Metrics:  metrics.Handler(a.metrics.Registry),
 		JSONPath: "/v1/status",
 		JSON:     func() any { return a.Status() },
+		Pprof:    a.config().Diagnostics.Pprof,
 	}.Handler()
 }
 

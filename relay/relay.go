@@ -329,6 +329,7 @@ func (r *Relay) adminHandler() http.Handler {
 		Metrics:  metrics.Handler(r.metrics.Registry),
 		JSONPath: "/v1/tunnels",
 		JSON:     func() any { return r.tunnelStatus() },
+		Pprof:    r.cfg.AdminPprof,
 	}.Handler()
 }
 

@@ -103,6 +103,9 @@ func (r *Relay) Reload() error {
 	if next.AgentListen != r.cfg.AgentListen || next.ScannerListen != r.cfg.ScannerListen || next.AdminListen != r.cfg.AdminListen {
 		kept = append(kept, "listen addresses")
 	}
+	if next.AdminPprof != r.cfg.AdminPprof {
+		kept = append(kept, "admin_pprof")
+	}
 	if (next.TLS == nil) != (r.cfg.TLS == nil) || (next.ScannerTLS == nil) != (r.cfg.ScannerTLS == nil) || next.InsecurePlaintext != r.cfg.InsecurePlaintext {
 		kept = append(kept, "tls on/off")
 	}

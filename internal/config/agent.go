@@ -97,6 +97,7 @@ type Rule struct {
 // Diagnostics is the agent's local admin listener.
 type Diagnostics struct {
 	Listen string `yaml:"listen"`
+	Pprof  bool   `yaml:"pprof"` // Go's profiler at /debug/pprof/
 }
 
 // Webhooks is the local listener Bitbucket posts webhooks to and the

@@ -24,6 +24,7 @@ type Relay struct {
 	ScannerListen     string        `yaml:"scanner_listen"`
 	ScannerTLS        *TLSFiles     `yaml:"scanner_tls"`
 	AdminListen       string        `yaml:"admin_listen"`
+	AdminPprof        bool          `yaml:"admin_pprof"` // Go's profiler at /debug/pprof/ on admin_listen
 	Tunnels           []Tunnel      `yaml:"tunnels"`
 	Scanners          []Scanner     `yaml:"scanners"`
 	Registry          Registry      `yaml:"registry"`

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"html/template"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"time"
 )
@@ -121,6 +122,10 @@ type Admin struct {
 	Metrics  http.Handler
 	JSONPath string
 	JSON     func() any
+	// Pprof adds Go's profiler under /debug/pprof/ (opt-in: a profile
+	// costs CPU while it runs, and the listener may be reachable by more
+	// than the operator).
+	Pprof bool
 }
 
 // Handler serves /, /healthz, /readyz, /metrics and the JSON document.
@@ -150,5 +155,12 @@ func (a Admin) Handler() http.Handler {
 		enc.SetIndent("", "  ")
 		enc.Encode(a.JSON())
 	})
+	if a.Pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
