@@ -60,7 +60,7 @@ type Agent struct {
 
 // New builds an agent from a validated config.
 func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
-	a := &Agent{log: log, pool: httpx.NewBufferPool(), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1),
+	a := &Agent{log: log, pool: httpx.NewBufferPool(32 << 10), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1),
 		denials: statuspage.NewRecent[audit.Entry](25), page: statuspage.New("ferry agent", "/v1/status", agentPage)}
 	a.cfg.Store(cfg)
 	ups, err := newUpstreamSet(cfg, log, a.pool)

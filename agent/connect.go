@@ -85,9 +85,23 @@ func newRelayClient(cfg *config.Agent, proxy func(*url.URL) (*url.URL, error)) (
 		*config.RelayClient
 		timeouts config.AgentTimeouts
 	}{&cfg.Relay, cfg.Timeouts}
+	dialer := &net.Dialer{Timeout: rc.timeouts.Dial, KeepAlive: 30 * time.Second}
 	tr := &http.Transport{
-		Proxy:                 func(r *http.Request) (*url.URL, error) { return proxy(r.URL) },
-		DialContext:           (&net.Dialer{Timeout: rc.timeouts.Dial, KeepAlive: 30 * time.Second}).DialContext,
+		Proxy: func(r *http.Request) (*url.URL, error) { return proxy(r.URL) },
+		// The raw connection (to the relay or to the proxy, beneath TLS
+		// either way) goes to the tunnel through the dial's context, so
+		// that it can send each batch of frames in one syscall.
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dialer.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			cc := proto.NewCorkConn(c)
+			if slot := proto.CorkSlotFrom(ctx); slot != nil {
+				slot.Set(cc)
+			}
+			return cc, nil
+		},
 		TLSClientConfig:       &tls.Config{RootCAs: rc.CA, MinVersion: tls.VersionTLS12},
 		TLSHandshakeTimeout:   rc.timeouts.TLSHandshake,
 		ResponseHeaderTimeout: rc.timeouts.Upgrade,
@@ -154,11 +168,12 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 // ends or the relay sends goaway. up reports whether the handshake
 // succeeded.
 func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err error) {
-	ws, err := a.dial(ctx)
+	cork := &proto.CorkSlot{}
+	ws, err := a.dial(proto.WithCorkSlot(ctx, cork))
 	if err != nil {
 		return false, err
 	}
-	conn := proto.WebSocketConn(ctx, ws)
+	conn := proto.WebSocketConn(ctx, ws, cork.Conn())
 	sess, err := yamux.Client(conn, proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive))
 	if err != nil {
 		conn.Close() // also stops the conn's flusher
@@ -346,7 +361,8 @@ func (a *Agent) hello(sess *yamux.Session, rebalanced int) (*yamux.Stream, proto
 	if err := proto.WriteHeader(ctrl, proto.Header{Kind: proto.KindControl}); err != nil {
 		return nil, proto.Message{}, err
 	}
-	hello := proto.Message{Type: proto.MsgHello, AgentID: a.config().AgentID, Version: version.Version, Upstreams: a.upstreams().names, Rebalanced: rebalanced}
+	hello := proto.Message{Type: proto.MsgHello, AgentID: a.config().AgentID, Version: version.Version, Upstreams: a.upstreams().names, Rebalanced: rebalanced,
+		KeepaliveMS: a.config().Timeouts.Keepalive.Milliseconds()}
 	if err := proto.WriteMessage(ctrl, hello); err != nil {
 		return nil, proto.Message{}, err
 	}

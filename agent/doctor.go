@@ -194,7 +194,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 		d.fail("relay", err.Error(), hint)
 		return
 	}
-	wsConn := proto.WebSocketConn(hctx, ws)
+	wsConn := proto.WebSocketConn(hctx, ws, nil)
 	sess, err := yamux.Client(wsConn, proto.YamuxConfig(logging.Discard(), a.config().Timeouts.Keepalive))
 	if err != nil {
 		wsConn.Close()

@@ -61,7 +61,7 @@ func connectOne(ctx context.Context, s *setup, client *http.Client, i int) (*idl
 	if err != nil {
 		return nil, err
 	}
-	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws), proto.YamuxConfig(logging.Discard(), 15*time.Second))
+	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second))
 	if err != nil {
 		return nil, err
 	}
@@ -74,7 +74,7 @@ func connectOne(ctx context.Context, s *setup, client *http.Client, i int) (*idl
 		sess.Close()
 		return nil, err
 	}
-	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgHello, AgentID: fmt.Sprintf("bench-%d", i), Version: "bench", Upstreams: []string{"bitbucket"}}); err != nil {
+	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgHello, AgentID: fmt.Sprintf("bench-%d", i), Version: "bench", Upstreams: []string{"bitbucket"}, KeepaliveMS: 15000}); err != nil {
 		sess.Close()
 		return nil, err
 	}

@@ -56,6 +56,7 @@ type setup struct {
 	agentAddr, scanAddr string
 	adminAddr           string
 	direct, viaFerry    *http.Client
+	pprof               bool
 }
 
 // relayGauge reads one unlabelled gauge from the relay's /metrics.
@@ -82,11 +83,12 @@ func main() {
 	agents := flag.Int("agents", 5000, "idle agent connections for the relay memory figure")
 	clones := flag.Int("clones", 32, "parallel git clones")
 	repoMiB := flag.Int("repo-mib", 50, "size of the cloned repository, MiB")
+	pprof := flag.Bool("pprof", false, "enable the profiler on the relay's and agent's admin listeners and print their addresses")
 	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart); default all")
 	flag.Parse()
 	want := func(name string) bool { return *only == "" || slices.Contains(strings.Split(*only, ","), name) }
 	raiseFileLimit()
-	s, err := start(*bin)
+	s, err := start(*bin, *pprof)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -163,8 +165,8 @@ func (r *repeatReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func start(bin string) (*setup, error) {
-	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent")}
+func start(bin string, pprof bool) (*setup, error) {
+	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent"), pprof: pprof}
 	for _, b := range []string{s.relayBin, s.agentBin} {
 		if _, err := os.Stat(b); err != nil {
 			return nil, fmt.Errorf("%s missing: run make build", b)
@@ -216,9 +218,17 @@ admin_listen: "127.0.0.1:0"
 tunnels: [{id: bench, agent_tokens: [%q]}]
 scanners: [{name: bench, token: %q, tunnels: [bench]}]
 limits: {max_streams_per_tunnel: 100000}
-`, s.pki.CertFile, s.pki.KeyFile, token.Of(s.agentTok).String(), token.Of(s.scannerTok).String()))
+admin_pprof: %t
+`, s.pki.CertFile, s.pki.KeyFile, token.Of(s.agentTok).String(), token.Of(s.scannerTok).String(), pprof))
 	if err := s.startRelay(s.relayCfg); err != nil {
 		return nil, err
+	}
+	diag := "127.0.0.1:0"
+	if pprof {
+		if diag, err = freeAddr(); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(os.Stderr, "bench: profiles at http://%s/debug/pprof/ (relay) and http://%s/debug/pprof/ (agent)\n", s.adminAddr, diag)
 	}
 	s.agentCfg = write("agent.yaml", fmt.Sprintf(`relay: {url: "wss://%s/v1/connect", token_file: %s, ca_file: %s, connections: 2}
 upstreams:
@@ -228,8 +238,8 @@ upstreams:
     auth: {type: bearer, token_file: %s}
     profile: bitbucket-dc-read
     rules: [{methods: [GET, POST], path: "/bench/**"}]
-diagnostics: {listen: "127.0.0.1:0"}
-`, s.agentAddr, filepath.Join(s.dir, "relay-token"), s.pki.CAFile, s.upstream, s.pki.CAFile, filepath.Join(s.dir, "pat")))
+diagnostics: {listen: %q, pprof: %t}
+`, s.agentAddr, filepath.Join(s.dir, "relay-token"), s.pki.CAFile, s.upstream, s.pki.CAFile, filepath.Join(s.dir, "pat"), diag, pprof))
 	// Logs at the default level (info, a line per request: part of the
 	// cost being measured) go to files, not the terminal.
 	agentLog, err := os.Create(filepath.Join(s.dir, "agent.log"))
@@ -251,6 +261,36 @@ diagnostics: {listen: "127.0.0.1:0"}
 		return nil, err
 	}
 	return s, nil
+}
+
+// saveProfile writes one of the relay's pprof profiles to the working
+// directory.
+func (s *setup) saveProfile(name, file string) error {
+	resp, err := http.Get("http://" + s.adminAddr + "/debug/pprof/" + name)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	fmt.Fprintf(os.Stderr, "bench: relay %s profile written to %s\n", name, file)
+	return nil
+}
+
+// freeAddr is a loopback address nothing listens on now.
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
 }
 
 // startRelay runs the relay and learns its addresses from its log.
@@ -570,6 +610,11 @@ func (s *setup) relayMemoryPerAgent(n int) (Result, error) {
 	}
 	r.Ferry = (after - before) / float64(n) / 1024
 	r.Met = r.Ferry <= 48
+	if s.pprof {
+		if err := s.saveProfile("heap", "relay-idle-agents-heap.pprof"); err != nil {
+			return r, err
+		}
+	}
 	nf := float64(n)
 	r.Note = fmt.Sprintf("relay RSS %.0f → %.0f MiB; per connection: %.1f goroutines, heap %.1f KiB, stacks %.1f KiB", before/(1<<20), after/(1<<20),
 		(s.relayGauge("go_goroutines")-g0)/nf, (s.relayGauge("go_memstats_heap_inuse_bytes")-h0)/nf/1024, (s.relayGauge("go_memstats_stack_inuse_bytes")-st0)/nf/1024)

@@ -41,6 +41,10 @@ type Message struct {
 	// Rebalanced: how many times in a row this connection slot was just
 	// asked to go away for GoAwayRebalance; the relay stops asking at 3.
 	Rebalanced int `json:"rebalanced,omitempty"`
+	// KeepaliveMS: the agent pings every this many milliseconds. A relay
+	// then sends no pings of its own and cuts a connection that stays
+	// silent for much longer. 0 (older agents): the relay pings.
+	KeepaliveMS int64 `json:"keepalive_ms,omitempty"`
 
 	// welcome
 	RelayID      string `json:"relay_id,omitempty"`

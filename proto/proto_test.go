@@ -124,7 +124,7 @@ func (r *recordConn) all() (msgs [][]byte) {
 
 func TestCoalesceKeepsOrderAndHeadersWithBodies(t *testing.T) {
 	rec := &recordConn{}
-	c := Coalesce(rec)
+	c := Coalesce(rec, nil)
 	data := func(body string) []byte {
 		h := []byte{0, yamuxTypeData, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0}
 		binary.BigEndian.PutUint32(h[8:], uint32(len(body)))
@@ -179,7 +179,7 @@ func (failConn) Write([]byte) (int, error) { return 0, errors.New("broken pipe")
 func (failConn) Close() error              { return nil }
 
 func TestCoalesceReportsWriteErrors(t *testing.T) {
-	c := Coalesce(failConn{})
+	c := Coalesce(failConn{}, nil)
 	defer c.Close()
 	win := []byte{0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0}
 	c.Write(win)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -19,9 +20,11 @@ import (
 const (
 	// StreamWindow is the per-stream receive window: one stream moves at
 	// most StreamWindow/RTT, and each stream may buffer up to this much.
-	StreamWindow   = 1 << 20
+	StreamWindow = 4 << 20
+	// WriteTimeout bounds a write of the session's, and how long a ping
+	// may go unanswered.
+	WriteTimeout   = 10 * time.Second
 	acceptBacklog  = 256
-	writeTimeout   = 10 * time.Second
 	streamOpenWait = 30 * time.Second
 )
 
@@ -29,12 +32,16 @@ const (
 // the ping interval (default 15 s, well below the 60 s idle timeout common
 // on cloud load balancers, so a quiet tunnel is never cut); a session
 // whose ping goes unanswered for ConnectionWriteTimeout is closed.
+// keepalive 0: this end sends no pings (the relay, whose agents ping; see
+// BatchConn.SetReadIdle).
 func YamuxConfig(log *slog.Logger, keepalive time.Duration) *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.AcceptBacklog = acceptBacklog
-	c.EnableKeepAlive = true
-	c.KeepAliveInterval = keepalive
-	c.ConnectionWriteTimeout = writeTimeout
+	c.EnableKeepAlive = keepalive > 0
+	if keepalive > 0 {
+		c.KeepAliveInterval = keepalive
+	}
+	c.ConnectionWriteTimeout = WriteTimeout
 	c.MaxStreamWindowSize = StreamWindow
 	c.StreamOpenTimeout = streamOpenWait
 	c.StreamCloseTimeout = time.Minute
@@ -77,8 +84,11 @@ func (l yamuxLogger) emit(s string) {
 // body is queued. Queued bytes are bounded: Write blocks past maxQueued
 // (backpressure). A write error is returned by the next Write and closes
 // the conn.
-func Coalesce(c net.Conn) net.Conn {
-	b := &batchConn{Conn: c}
+//
+// cork, if not nil, is the raw connection beneath c: each batch is written
+// with it corked, so the batch leaves in one syscall.
+func Coalesce(c net.Conn, cork *CorkConn) *BatchConn {
+	b := &BatchConn{Conn: c, cork: cork}
 	b.space = sync.NewCond(&b.mu)
 	return b
 }
@@ -89,9 +99,11 @@ const (
 	releaseAfter = 5 * time.Second
 )
 
-type batchConn struct {
+type BatchConn struct {
 	net.Conn
-	flusher sync.WaitGroup // the running flusher, if any
+	cork     *CorkConn
+	readIdle atomic.Int64   // nanoseconds; 0: reads wait as long as it takes
+	flusher  sync.WaitGroup // the running flusher, if any
 
 	mu         sync.Mutex
 	space      *sync.Cond // signalled when the queue drains
@@ -110,7 +122,7 @@ const (
 	yamuxTypeData  = 0
 )
 
-func (b *batchConn) Write(p []byte) (int, error) {
+func (b *BatchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	for len(b.queue) >= maxQueued && b.err == nil && !b.closed {
 		b.space.Wait()
@@ -152,7 +164,7 @@ func (b *batchConn) Write(p []byte) (int, error) {
 
 // flush writes what is queued, batch after batch, and exits when the
 // queue is empty (Write starts a new one).
-func (b *batchConn) flush() {
+func (b *BatchConn) flush() {
 	defer b.flusher.Done()
 	for {
 		b.mu.Lock()
@@ -166,12 +178,22 @@ func (b *batchConn) flush() {
 			b.mu.Unlock()
 			return
 		}
-		out := append(b.spare[:0], b.queue[:n]...)
+		// Swap buffers rather than copy: the queue goes out as it is and
+		// the spare becomes the queue (with a held header, if any).
+		out := b.queue[:n]
+		b.queue = append(b.spare[:0], b.queue[n:]...)
 		b.spare = nil
-		b.queue = append(b.queue[:0], b.queue[n:]...)
 		b.space.Broadcast()
 		b.mu.Unlock()
+		if b.cork != nil {
+			b.cork.Cork()
+		}
 		_, err := b.Conn.Write(out)
+		if b.cork != nil {
+			if uerr := b.cork.Uncork(); err == nil {
+				err = uerr
+			}
+		}
 		b.mu.Lock()
 		b.spare = out
 		if err != nil {
@@ -186,9 +208,30 @@ func (b *batchConn) flush() {
 	}
 }
 
+// SetReadIdle makes the conn fail (and close) when nothing arrives for d;
+// 0 turns it off. With a peer that pings every interval, a silent
+// connection is a dead one, found without pinging it.
+func (b *BatchConn) SetReadIdle(d time.Duration) {
+	b.readIdle.Store(int64(d))
+	// Also for the read already waiting.
+	if d == 0 {
+		b.Conn.SetReadDeadline(time.Time{})
+	} else {
+		b.Conn.SetReadDeadline(time.Now().Add(d))
+	}
+}
+
+// Read reads, renewing the idle deadline if one is set.
+func (b *BatchConn) Read(p []byte) (int, error) {
+	if d := b.readIdle.Load(); d > 0 {
+		b.Conn.SetReadDeadline(time.Now().Add(time.Duration(d)))
+	}
+	return b.Conn.Read(p)
+}
+
 // Close stops the flusher and closes the conn. Frames still queued are
 // dropped: yamux closes its conn only when the session is over.
-func (b *batchConn) Close() error {
+func (b *BatchConn) Close() error {
 	var err error
 	b.closeOnce.Do(func() {
 		b.mu.Lock()
@@ -202,11 +245,12 @@ func (b *batchConn) Close() error {
 }
 
 // WebSocketConn adapts an accepted or dialled WebSocket to the net.Conn
-// yamux runs on. ctx bounds the connection's life. Close is immediate
+// yamux runs on. ctx bounds the connection's life; cork, if not nil, is
+// the raw connection beneath the WebSocket (see Coalesce). Close is immediate
 // (CloseNow): yamux closes its conn when a session dies, often because the
 // peer is gone, and a close handshake would then block for up to 10 s.
-func WebSocketConn(ctx context.Context, c *websocket.Conn) net.Conn {
-	return Coalesce(closeNowConn{websocket.NetConn(ctx, c, websocket.MessageBinary), c})
+func WebSocketConn(ctx context.Context, c *websocket.Conn, cork *CorkConn) *BatchConn {
+	return Coalesce(closeNowConn{websocket.NetConn(ctx, c, websocket.MessageBinary), c}, cork)
 }
 
 type closeNowConn struct {

@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -66,22 +67,34 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "relay is shutting down; reconnect to another replica")
 		return
 	}
-	defer r.sessions.Done()
 	ws, err := websocket.Accept(w, req, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
 	if err != nil {
+		r.sessions.Done()
 		log.Warn("agent WebSocket upgrade failed", "err", err)
 		return
 	}
-	if err := r.serveAgent(log.With("tunnel", t.id), t, ws, req.RemoteAddr, th); err != nil {
-		log.Info("agent connection ended", "tunnel", t.id, "err", err)
+	var cork *proto.CorkConn
+	if slot := proto.CorkSlotFrom(req.Context()); slot != nil {
+		cork = slot.Conn()
 	}
+	// The session outlives this handler, on a goroutine of its own: this
+	// one's stack grew deep in the TLS handshake, and an idle tunnel would
+	// keep it for months. The relay's sessions group owns it.
+	go func() {
+		defer r.sessions.Done()
+		if err := r.serveAgent(log.With("tunnel", t.id), t, ws, cork, req.RemoteAddr, th); err != nil {
+			log.Info("agent connection ended", "tunnel", t.id, "err", err)
+		}
+	}()
 }
 
-func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remote string, th token.Hash) error {
+func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork *proto.CorkConn, remote string, th token.Hash) error {
 	ctx, cancel := context.WithCancel(r.life)
 	defer cancel()
-	conn := proto.WebSocketConn(ctx, ws)
-	sess, err := yamux.Server(conn, proto.YamuxConfig(log, r.cfg.Timeouts.Keepalive))
+	conn := proto.WebSocketConn(ctx, ws, cork)
+	// No pings from here: agents ping, and a silent agent is cut by the
+	// read deadline set after the hello (older agents get pinged).
+	sess, err := yamux.Server(conn, proto.YamuxConfig(log, 0))
 	if err != nil {
 		conn.Close() // also stops the conn's flusher
 		return fmt.Errorf("start session: %w", err)
@@ -122,6 +135,16 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 		r.syncRegistry(t)
 	}()
 	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(ac.upstreamNames(), ","))
+	if ac.keepalive > 0 {
+		// Its pings (and their answers) keep load balancers from timing
+		// the tunnel out; two missed in a row, plus a grace, and it is
+		// gone (40 s at the default 15 s).
+		conn.SetReadIdle(2*ac.keepalive + min(ac.keepalive, proto.WriteTimeout))
+	} else {
+		var pinger sync.WaitGroup
+		defer pinger.Wait() // the session is closed by then
+		pinger.Go(func() { pingLoop(ctx, sess, r.cfg.Timeouts.Keepalive) })
+	}
 
 	// The control stream stays open; read it so that the agent's messages
 	// (and its closing) are noticed. Owned here: it ends with the session.
@@ -159,6 +182,27 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, remo
 	<-done
 	log.Info("agent disconnected", "served", ac.served.Load())
 	return nil
+}
+
+// pingLoop pings an agent that does not ping (older agents) every
+// interval until ctx ends or the session does; an unanswered ping closes
+// the session.
+func pingLoop(ctx context.Context, sess *yamux.Session, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sess.CloseChan():
+			return
+		case <-t.C:
+			if _, err := sess.Ping(); err != nil {
+				sess.Close()
+				return
+			}
+		}
+	}
 }
 
 // mayRebalance reports whether a new connection may be sent elsewhere:
@@ -233,6 +277,10 @@ func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, r
 		sess:        sess,
 		ctrl:        ctrl,
 	}
+	if hello.KeepaliveMS < 0 || hello.KeepaliveMS > 10*60*1000 {
+		return nil, 0, reject("keepalive_ms must be 0-600000")
+	}
+	ac.keepalive = time.Duration(hello.KeepaliveMS) * time.Millisecond
 	ac.upstreams.Store(&ups)
 	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: r.id, Tunnel: t.id, ConnectionID: ac.id}); err != nil {
 		return nil, 0, err

@@ -108,6 +108,9 @@ func (r *Relay) Listen() error {
 	if r.agentLn, err = listen("agent_listen", r.cfg.AgentListen); err != nil {
 		return err
 	}
+	// Beneath TLS, so that a tunnel can send a batch of frames in one
+	// syscall (see proto.CorkConn).
+	r.agentLn = proto.CorkListener{Listener: r.agentLn}
 	if r.cfg.TLS != nil {
 		if r.agentCert, err = newCertSource(r.cfg.TLS); err != nil {
 			r.closeListeners()
@@ -202,8 +205,14 @@ func (r *Relay) Serve(ctx context.Context) error {
 	agentMux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		httperr.Write(w, http.StatusNotFound, httperr.NotFound, "agents connect to "+proto.ConnectPath)
 	})
+	agentSrv := r.newServer(agentMux, 16<<10)
+	agentSrv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+		slot := &proto.CorkSlot{}
+		slot.Set(proto.CorkOf(c))
+		return proto.WithCorkSlot(ctx, slot)
+	}
 	servers := []*http.Server{
-		r.newServer(agentMux, 16<<10),
+		agentSrv,
 		r.newServer(http.HandlerFunc(r.serveScanner), 64<<10),
 		r.newServer(r.adminHandler(), 16<<10),
 	}

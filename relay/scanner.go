@@ -85,7 +85,7 @@ func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
 		// once by ReverseProxy anyway; known-length ones need no flush per
 		// write, which would cost a frame (and a syscall) each.
 		FlushInterval: 0,
-		BufferPool:    httpx.NewBufferPool(),
+		BufferPool:    httpx.NewBufferPool(128 << 10),
 		ErrorHandler:  r.proxyError,
 		ModifyResponse: func(resp *http.Response) error {
 			resp.Header.Del(httperr.RequestIDHeader) // the relay set its own, same value

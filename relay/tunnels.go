@@ -36,6 +36,7 @@ type agentConn struct {
 	tokenHash   token.Hash // which agent token opened it (revocation on reload)
 	connectedAt time.Time
 	sess        *yamux.Session
+	keepalive   time.Duration // the agent's ping interval; 0: it did not say
 
 	inflight atomic.Int64
 	served   atomic.Int64

@@ -40,7 +40,7 @@ type Relay struct {
 type RelayTimeouts struct {
 	AgentHandshake time.Duration `yaml:"agent_handshake"` // agent's hello after the upgrade
 	AgentResponse  time.Duration `yaml:"agent_response"`  // the agent's response headers
-	Keepalive      time.Duration `yaml:"keepalive"`       // tunnel pings; keep below load-balancer idle timeouts
+	Keepalive      time.Duration `yaml:"keepalive"`       // pings to agents that do not announce pings of their own
 	Idle           time.Duration `yaml:"idle"`            // a scanner body that moves no byte this long is cut
 	HeaderRead     time.Duration `yaml:"header_read"`     // request headers on every listener (slowloris)
 	ShutdownGrace  time.Duration `yaml:"shutdown_grace"`  // scanner requests in flight after SIGTERM

@@ -50,13 +50,15 @@ func (r *Recorder) StatusCode() int {
 // Unwrap lets http.ResponseController reach the underlying writer.
 func (r *Recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
 
-// BufferPool hands httputil.ReverseProxy reusable 32 KiB copy buffers, so
+// BufferPool hands httputil.ReverseProxy reusable copy buffers, so
 // streaming a large body allocates nothing per chunk.
 type BufferPool struct{ p sync.Pool }
 
-// NewBufferPool returns an empty pool.
-func NewBufferPool() *BufferPool {
-	return &BufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+// NewBufferPool returns an empty pool of size-byte buffers. A copy moves
+// at most one buffer per read and write, so the size sets how many
+// syscalls a bulk transfer takes where the reader has more ready.
+func NewBufferPool(size int) *BufferPool {
+	return &BufferPool{p: sync.Pool{New: func() any { b := make([]byte, size); return &b }}}
 }
 
 // Get implements httputil.BufferPool.
