@@ -1,6 +1,8 @@
 package statuspage
 
 import (
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"testing"
 )
@@ -20,5 +22,25 @@ func TestRecentKeepsNewestFirstAndBounded(t *testing.T) {
 	}
 	if got := r.List(); !slices.Equal(got, []int{7, 6, 5}) {
 		t.Fatalf("got %v", got)
+	}
+}
+
+// The profiler is served only when asked for.
+func TestAdminServesPprofOnlyWhenEnabled(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		h := Admin{
+			Page:     New("t", "/v1/x", ""),
+			PageData: func() any { return nil },
+			Ready:    func() (bool, string) { return true, "" },
+			Metrics:  http.NotFoundHandler(),
+			JSONPath: "/v1/x",
+			JSON:     func() any { return nil },
+			Pprof:    on,
+		}.Handler()
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/", nil))
+		if got := rec.Code == http.StatusOK; got != on {
+			t.Errorf("pprof enabled=%v: /debug/pprof/ answered %d", on, rec.Code)
+		}
 	}
 }
