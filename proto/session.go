@@ -94,7 +94,7 @@ func Coalesce(c net.Conn, cork *CorkConn) *BatchConn {
 }
 
 const (
-	maxQueued    = 4 << 20
+	maxQueued    = 1 << 20
 	keepBuffer   = 64 << 10 // buffers up to this size are always kept
 	releaseAfter = 5 * time.Second
 )
