@@ -19,15 +19,15 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// startPlainRelay runs a relay without TLS whose own ping interval is
-// keepalive, and stops it when the test ends.
-func startPlainRelay(t *testing.T, keepalive string) *Relay {
+// newPlainRelay builds a relay without TLS, its listeners bound, with
+// timeouts (a YAML flow mapping's body) and one tunnel "t".
+func newPlainRelay(t *testing.T, timeouts string) *Relay {
 	t.Helper()
 	cfg, err := config.ParseRelay("relay.yaml", []byte(`agent_listen: "127.0.0.1:0"
 insecure_plaintext: true
 scanner_listen: "127.0.0.1:0"
 admin_listen: "127.0.0.1:0"
-timeouts: {shutdown_grace: 1s, keepalive: `+keepalive+`}
+timeouts: {`+timeouts+`}
 tunnels: [{id: t, agent_tokens: ["`+token.Of("agent-token").String()+`"]}]
 `))
 	if err != nil {
@@ -40,6 +40,14 @@ tunnels: [{id: t, agent_tokens: ["`+token.Of("agent-token").String()+`"]}]
 	if err := r.Listen(); err != nil {
 		t.Fatal(err)
 	}
+	return r
+}
+
+// startPlainRelay runs a relay without TLS whose own ping interval is
+// keepalive, and stops it when the test ends.
+func startPlainRelay(t *testing.T, keepalive string) *Relay {
+	t.Helper()
+	r := newPlainRelay(t, "shutdown_grace: 1s, keepalive: "+keepalive)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(ctx) }()
