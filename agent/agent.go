@@ -254,11 +254,12 @@ acks:
 			break acks
 		}
 	}
-	for (a.inflight.Load() > 0 || !a.settled()) && time.Now().Before(deadline) {
+	done := func() bool { return a.inflight.Load() == 0 && a.settled() }
+	for !done() && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if n := a.inflight.Load(); n > 0 || !a.settled() {
-		a.log.Warn("drain timeout: cutting requests still in flight", "in_flight", n, "streams_settled", a.settled())
+	if !done() {
+		a.log.Warn("drain timeout: cutting requests still in flight", "in_flight", a.inflight.Load())
 	} else {
 		a.log.Info("drained: no requests in flight")
 	}
@@ -268,7 +269,7 @@ acks:
 // connection, so closing them loses nothing on its way.
 func (a *Agent) settled() bool {
 	for _, c := range a.conns {
-		if s := c.session(); s != nil && !settled(s) {
+		if s := c.session(); s != nil && !sessionSettled(s) {
 			return false
 		}
 	}

@@ -254,7 +254,7 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 			defer deadline.Stop()
 			tick := time.NewTicker(20 * time.Millisecond)
 			defer tick.Stop()
-			for inflight.Load() > 0 || !settled(sess) {
+			for inflight.Load() > 0 || !sessionSettled(sess) {
 				select {
 				case <-sess.CloseChan():
 				case <-deadline.C:
@@ -269,12 +269,12 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	}
 }
 
-// settled reports whether every stream of a session but its control stream
+// sessionSettled reports whether every stream of a session but its control stream
 // is closed on both ends. A stream the agent has finished writing may
 // still have data queued or in flight; the relay closes its end only after
 // reading to the end, so closing the session before then could cut the
 // tail of a response.
-func settled(sess *yamux.Session) bool { return sess.IsClosed() || sess.NumStreams() <= 1 }
+func sessionSettled(sess *yamux.Session) bool { return sess.IsClosed() || sess.NumStreams() <= 1 }
 
 // dispatch reads a stream's header and hands it to whoever serves its kind.
 // inflight counts the session's streams until the server closes them.

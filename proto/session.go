@@ -99,6 +99,8 @@ const (
 	releaseAfter = 5 * time.Second
 )
 
+// BatchConn is the conn Coalesce returns: frames batched on the way out,
+// and optionally an idle limit on the way in (SetReadIdle).
 type BatchConn struct {
 	net.Conn
 	cork     *CorkConn
