@@ -383,3 +383,41 @@ func TestFailedAuthIsRateLimited(t *testing.T) {
 		t.Fatalf("a limited source: %d %v %s", status, hdr, body)
 	}
 }
+
+// readCounter counts reads of a request body.
+type readCounter struct {
+	r     io.Reader
+	reads atomic.Int64
+}
+
+func (c *readCounter) Read(p []byte) (int, error) {
+	c.reads.Add(1)
+	return c.r.Read(p)
+}
+
+// A push the policy refuses, sent with "Expect: 100-continue" as git sends
+// large pushes, is answered at once and its body never leaves the scanner.
+func TestRefusedUploadIsNeverSent(t *testing.T) {
+	e := newEnv(t)
+	body := &readCounter{r: strings.NewReader(strings.Repeat("p", 4<<20))}
+	req, _ := http.NewRequest("POST", e.scannerBase+"/scm/proj/app.git/git-receive-pack", body)
+	req.Header.Set("Authorization", "Bearer "+scannerToken)
+	req.Header.Set("Content-Type", "application/x-git-receive-pack-request")
+	req.Header.Set("Expect", "100-continue")
+	// A client that waits long for the 100, so that a relay or agent that
+	// never answers would be seen sending the body.
+	client := &http.Client{Transport: &http.Transport{ExpectContinueTimeout: time.Minute}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 403 || errorBody(t, string(b)).Error != httperr.PolicyDenied {
+		t.Fatalf("refused push: %d %s", resp.StatusCode, b)
+	}
+	if n := body.reads.Load(); n != 0 {
+		t.Fatalf("the scanner's client was asked for the refused body (%d reads)", n)
+	}
+}

@@ -20,7 +20,8 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // newPlainRelay builds a relay without TLS, its listeners bound, with
-// timeouts (a YAML flow mapping's body) and one tunnel "t".
+// timeouts (a YAML flow mapping's body), one tunnel "t" and one scanner
+// (token "scanner-token").
 func newPlainRelay(t *testing.T, timeouts string) *Relay {
 	t.Helper()
 	cfg, err := config.ParseRelay("relay.yaml", []byte(`agent_listen: "127.0.0.1:0"
@@ -29,6 +30,7 @@ scanner_listen: "127.0.0.1:0"
 admin_listen: "127.0.0.1:0"
 timeouts: {`+timeouts+`}
 tunnels: [{id: t, agent_tokens: ["`+token.Of("agent-token").String()+`"]}]
+scanners: [{name: s, token: "`+token.Of("scanner-token").String()+`", tunnels: [t]}]
 `))
 	if err != nil {
 		t.Fatal(err)

@@ -40,7 +40,6 @@ type Relay struct {
 	scannerCert *certSource
 
 	proxy         *httputil.ReverseProxy
-	transport     *http.Transport
 	webhookClient *http.Client
 
 	registry   registry.Registry
@@ -65,7 +64,10 @@ type Relay struct {
 	sessMu   sync.Mutex      // guards sessions.Add against the final Wait
 	sessDone bool
 	sessions sync.WaitGroup // agent connection handlers
-	stopping atomic.Bool
+	// bodyWriters: goroutines sending request bodies into streams
+	// (tunnelTransport); they end with their stream.
+	bodyWriters sync.WaitGroup
+	stopping    atomic.Bool
 }
 
 // New builds a relay from a validated config.
@@ -78,7 +80,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
-	r.proxy, r.transport = r.newProxy()
+	r.proxy = r.newProxy()
 	r.webhookClient = newWebhookClient()
 	r.peerProxy, r.peerTr = r.newPeerProxy()
 	r.registry = registry.Memory{}
@@ -287,7 +289,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	r.sessMu.Unlock()
 	r.sessions.Wait()
 	servers[2].Close()
-	r.transport.CloseIdleConnections()
+	r.bodyWriters.Wait()
 	r.webhookClient.CloseIdleConnections()
 	r.peerTr.CloseIdleConnections()
 	for ; pending > 0; pending-- {

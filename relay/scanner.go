@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -57,19 +56,8 @@ func routeFrom(ctx context.Context) *route {
 
 // newProxy builds the reverse proxy that carries scanner requests into the
 // tunnel: one yamux stream per request, HTTP/1.1 on it, streamed.
-func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
-	tr := &http.Transport{
-		DialContext:        r.dialAgent,
-		DisableKeepAlives:  true, // one stream per request: the stream header is per request
-		DisableCompression: true,
-		// Longer than the agent's own upstream timeout, so a slow Bitbucket
-		// shows as the agent's 504 rather than this one.
-		ResponseHeaderTimeout:  r.cfg.Timeouts.AgentResponse,
-		ExpectContinueTimeout:  time.Second,
-		MaxResponseHeaderBytes: 64 << 10,
-		Proxy:                  nil,
-	}
-	rp := &httputil.ReverseProxy{
+func (r *Relay) newProxy() *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			rt := routeFrom(pr.In.Context())
 			// Opaque keeps the path exactly as the scanner sent it; the agent
@@ -80,7 +68,7 @@ func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
 			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
 			pr.Out.Header.Set("X-Ferry-Public-Base", rt.publicBase)
 		},
-		Transport: tr,
+		Transport: tunnelTransport{r: r, writers: &r.bodyWriters},
 		// 0: responses of unknown length (git's streams) are flushed at
 		// once by ReverseProxy anyway; known-length ones need no flush per
 		// write, which would cost a frame (and a syscall) each.
@@ -93,7 +81,6 @@ func (r *Relay) newProxy() (*httputil.ReverseProxy, *http.Transport) {
 		},
 		ErrorLog: slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
 	}
-	return rp, tr
 }
 
 // stripScannerHeaders removes what must not cross the tunnel: the
@@ -108,18 +95,14 @@ func stripScannerHeaders(h http.Header) {
 	}
 }
 
-// dialAgent opens the stream for one request on the connection the handler
-// picked, or on another live one if that connection just died.
-func (r *Relay) dialAgent(ctx context.Context, _, _ string) (net.Conn, error) {
-	rt := routeFrom(ctx)
-	if rt == nil {
-		return nil, errors.New("relay: request without a route")
-	}
+// openStream opens the stream for one request on the connection the
+// handler picked, or on another live one if that connection just died.
+func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 	c := rt.conn
 	for attempt := 0; ; attempt++ {
 		s, err := c.sess.OpenStream()
 		if err == nil {
-			return r.startStream(c, s, rt.header)
+			return r.track(c, s), nil
 		}
 		if attempt > 0 {
 			return nil, fmt.Errorf("%w: open stream: %v", errTunnelOffline, err)
@@ -131,28 +114,31 @@ func (r *Relay) dialAgent(ctx context.Context, _, _ string) (net.Conn, error) {
 	}
 }
 
-func (r *Relay) startStream(c *agentConn, s *yamux.Stream, h proto.Header) (net.Conn, error) {
-	s.SetWriteDeadline(time.Now().Add(streamHeaderWrite))
-	if err := proto.WriteHeader(s, h); err != nil {
-		s.Close()
-		return nil, err
-	}
-	s.SetWriteDeadline(time.Time{})
+// streamIdle is how long a request's stream may be silent once the
+// response head has come.
+func (r *Relay) streamIdle() time.Duration {
+	return max(r.cfg.Timeouts.Idle, r.cfg.Timeouts.AgentResponse)
+}
+
+// track counts a stream as in flight until it is closed.
+func (r *Relay) track(c *agentConn, s *yamux.Stream) *trackedStream {
 	c.inflight.Add(1)
 	c.served.Add(1)
 	g := r.metrics.StreamsInFlight.WithLabelValues(c.tunnel.id)
 	g.Inc()
-	return &trackedStream{Stream: s, idle: max(r.cfg.Timeouts.Idle, r.cfg.Timeouts.AgentResponse), done: func() { c.inflight.Add(-1); g.Dec() }}, nil
+	return &trackedStream{Stream: s, idle: r.streamIdle(), done: func() { c.inflight.Add(-1); g.Dec() }}
 }
 
 // trackedStream counts a stream as in flight until it is closed, and cuts
 // it when the agent sends nothing for idle.
 type trackedStream struct {
 	*yamux.Stream
-	idle time.Duration
+	idle time.Duration // read only by the goroutine reading the stream
 	once sync.Once
 	done func()
 }
+
+func (t *trackedStream) setIdle(d time.Duration) { t.idle = d }
 
 func (t *trackedStream) Read(p []byte) (int, error) {
 	t.Stream.SetReadDeadline(time.Now().Add(t.idle))
@@ -195,6 +181,10 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 	rec := &httpx.Recorder{ResponseWriter: &httpx.IdleWriter{ResponseWriter: w, RC: rc, Idle: idle}}
 	w = rec
 	in := &httpx.CountingBody{ReadCloser: &httpx.IdleBody{ReadCloser: req.Body, RC: rc, Idle: idle}}
+	// On a copy: the server must still see its own body, or it reads a
+	// body nobody asked for ("Expect: 100-continue") after a refusal,
+	// and the scanner waits for a 100 that never comes.
+	req = req.WithContext(req.Context())
 	req.Body = in
 	var tunnelID, upstream, scanner string
 	via := "" // "peer": forwarded to this replica; "forwarded": sent on to another

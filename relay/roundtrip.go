@@ -1,0 +1,258 @@
+package relay
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// tunnelTransport is the relay proxy's http.RoundTripper: one yamux
+// stream per request, on the agent connection the handler picked. The
+// stream header and the request's head leave in one write, and the
+// response is read in the caller's goroutine. (http.Transport, dialling a
+// stream per request, ran a dial, a read loop and a write loop goroutine
+// for each one: three goroutines and as many scheduler hand-offs on every
+// small request, and the head sent apart from the stream header.)
+//
+// What http.Transport did that matters here is kept: a bound on the wait
+// for the response head and on its size, 100-continue (a body the agent
+// refuses is never asked of the scanner), trailers and chunking (via
+// Request.Write and http.ReadResponse), and the stream cut when the
+// scanner goes away.
+type tunnelTransport struct {
+	r *Relay
+	// writers are the goroutines sending request bodies; Run waits for
+	// them at shutdown. A body may still be streaming after the response
+	// came (an agent that answers early).
+	writers *sync.WaitGroup
+}
+
+const (
+	maxResponseHead = 64 << 10
+	// max1xx bounds the informational responses skipped before the final
+	// one.
+	max1xx = 8
+	// continueWait is how long a request with "Expect: 100-continue"
+	// waits for the agent's 100 before sending its body anyway (an agent
+	// behind an old relay, or a server that ignores Expect).
+	continueWait = time.Second
+)
+
+var headBuffers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
+
+func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	body := req.Body
+	if body == http.NoBody {
+		body = nil
+	}
+	rt := routeFrom(req.Context())
+	if rt == nil {
+		closeBody(body)
+		return nil, errors.New("relay: request without a route")
+	}
+	s, err := t.r.openStream(rt)
+	if err != nil {
+		closeBody(body)
+		return nil, err
+	}
+	// The scanner going away ends the request: the agent sees its stream
+	// close and cancels the upstream request.
+	stopCut := context.AfterFunc(req.Context(), func() { s.Close() })
+	fail := func(err error) (*http.Response, error) {
+		stopCut()
+		s.Close()
+		return nil, err
+	}
+
+	out := *req      // RoundTrip must not change the caller's request
+	out.Close = true // one request per stream: the agent closes it after the response
+	expect := body != nil && strings.EqualFold(strings.TrimSpace(req.Header.Get("Expect")), "100-continue")
+	var gate *continueGate
+	if expect {
+		gate = newContinueGate(body)
+		out.Body = gate
+	}
+
+	bw := headBuffers.Get().(*bufio.Writer)
+	bw.Reset(s)
+	if err := proto.WriteHeader(bw, rt.header); err != nil {
+		headBuffers.Put(bw)
+		closeBody(body)
+		return fail(err)
+	}
+	if body == nil {
+		// A request head fits the new stream's window: the write waits
+		// only if the session is stuck.
+		s.SetWriteDeadline(time.Now().Add(streamHeaderWrite))
+		err := out.Write(bw)
+		if err == nil {
+			err = bw.Flush()
+		}
+		s.SetWriteDeadline(time.Time{})
+		bw.Reset(nil)
+		headBuffers.Put(bw)
+		if err != nil {
+			return fail(fmt.Errorf("send request: %w", err))
+		}
+	} else {
+		// The body streams from its own goroutine, so that a response
+		// the agent sends before reading all of it (a refusal) is seen.
+		// Request.Write flushes the head before the body.
+		t.writers.Add(1)
+		go func() {
+			defer t.writers.Done()
+			err := out.Write(bw)
+			if err == nil {
+				err = bw.Flush()
+			}
+			bw.Reset(nil)
+			headBuffers.Put(bw)
+			closeBody(body)
+			// A body that could not be read whole must not look complete
+			// to the agent; after a refusal (errNotSent) the stream
+			// carries the response still.
+			if err != nil && !errors.Is(err, errNotSent) {
+				s.Close()
+			}
+		}()
+	}
+
+	// The response head: bounded in time (timeouts.agent_response, as
+	// the agent has its own upstream timeout below it) and in size.
+	s.setIdle(t.r.cfg.Timeouts.AgentResponse)
+	head := &headLimit{r: s, left: maxResponseHead}
+	br := bufio.NewReaderSize(head, 4<<10)
+	var resp *http.Response
+	for n := 0; ; n++ {
+		resp, err = http.ReadResponse(br, &out)
+		if err != nil {
+			if gate != nil {
+				gate.decide(false)
+			}
+			if errors.Is(err, errHeadTooLarge) {
+				return fail(fmt.Errorf("agent response head larger than %d bytes", maxResponseHead))
+			}
+			return fail(fmt.Errorf("read agent response: %w", err))
+		}
+		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
+			break
+		}
+		if resp.StatusCode == http.StatusContinue && gate != nil {
+			gate.decide(true)
+		}
+		if n >= max1xx {
+			return fail(fmt.Errorf("agent sent more than %d informational responses", max1xx))
+		}
+	}
+	if gate != nil {
+		// A final answer before 100 Continue: the body is not wanted.
+		gate.decide(false)
+	}
+	head.lift()
+	s.setIdle(t.r.streamIdle())
+	resp.Body = &streamBody{ReadCloser: resp.Body, s: s, stopCut: stopCut}
+	return resp, nil
+}
+
+// streamBody is a response body read from its stream. Close closes the
+// stream rather than the body: http's Close of a response body reads it to
+// the end, which for a clone the scanner abandoned is gigabytes.
+type streamBody struct {
+	io.ReadCloser
+	s       *trackedStream
+	stopCut func() bool
+	once    sync.Once
+}
+
+func (b *streamBody) Close() error {
+	b.once.Do(func() {
+		b.stopCut()
+		b.s.Close()
+	})
+	return nil
+}
+
+// errNotSent: the agent answered before asking for the body.
+var errNotSent = errors.New("request body not sent: the agent answered first")
+
+// continueGate holds a request body back until the agent answers
+// "100 Continue", or until continueWait passes without an answer.
+type continueGate struct {
+	body    io.ReadCloser
+	decided chan struct{}
+	once    sync.Once
+	send    bool
+}
+
+func newContinueGate(body io.ReadCloser) *continueGate {
+	g := &continueGate{body: body, decided: make(chan struct{})}
+	return g
+}
+
+func (g *continueGate) decide(send bool) {
+	g.once.Do(func() {
+		g.send = send
+		close(g.decided)
+	})
+}
+
+func (g *continueGate) Read(p []byte) (int, error) {
+	select {
+	case <-g.decided:
+	default:
+		timer := time.NewTimer(continueWait)
+		select {
+		case <-g.decided:
+		case <-timer.C:
+			g.decide(true)
+		}
+		timer.Stop()
+	}
+	if !g.send {
+		return 0, errNotSent
+	}
+	return g.body.Read(p)
+}
+
+func (g *continueGate) Close() error { return g.body.Close() }
+
+// errHeadTooLarge: the agent's response head passed maxResponseHead.
+var errHeadTooLarge = errors.New("response head too large")
+
+// headLimit bounds what is read through it until lift.
+type headLimit struct {
+	r    io.Reader
+	left int
+	off  bool
+}
+
+func (h *headLimit) Read(p []byte) (int, error) {
+	if h.off {
+		return h.r.Read(p)
+	}
+	if h.left <= 0 {
+		return 0, errHeadTooLarge
+	}
+	if len(p) > h.left {
+		p = p[:h.left]
+	}
+	n, err := h.r.Read(p)
+	h.left -= n
+	return n, err
+}
+
+func (h *headLimit) lift() { h.off = true }
+
+func closeBody(b io.ReadCloser) {
+	if b != nil {
+		b.Close()
+	}
+}
