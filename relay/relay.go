@@ -19,6 +19,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/registry"
 	"github.com/ferry-tunnel/ferry/internal/statuspage"
@@ -67,7 +68,11 @@ type Relay struct {
 	// bodyWriters: goroutines sending request bodies into streams
 	// (tunnelTransport); they end with their stream.
 	bodyWriters sync.WaitGroup
-	stopping    atomic.Bool
+	// copyBuffers: the buffers bodies cross the relay in, both ways.
+	copyBuffers *httpx.BufferPool
+	// heads: the buffered writers request heads are written with.
+	heads    sync.Pool
+	stopping atomic.Bool
 }
 
 // New builds a relay from a validated config.
@@ -80,6 +85,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
+	r.copyBuffers = httpx.NewBufferPool(128 << 10)
 	r.proxy = r.newProxy()
 	r.webhookClient = newWebhookClient()
 	r.peerProxy, r.peerTr = r.newPeerProxy()

@@ -46,8 +46,6 @@ const (
 	continueWait = time.Second
 )
 
-var headBuffers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
-
 func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	body := req.Body
 	if body == http.NoBody {
@@ -81,10 +79,13 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		out.Body = gate
 	}
 
-	bw := headBuffers.Get().(*bufio.Writer)
+	bw, _ := t.r.heads.Get().(*bufio.Writer)
+	if bw == nil {
+		bw = bufio.NewWriterSize(nil, 4<<10)
+	}
 	bw.Reset(s)
 	if err := proto.WriteHeader(bw, rt.header); err != nil {
-		headBuffers.Put(bw)
+		t.r.heads.Put(bw)
 		closeBody(body)
 		return fail(err)
 	}
@@ -98,7 +99,7 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		s.SetWriteDeadline(time.Time{})
 		bw.Reset(nil)
-		headBuffers.Put(bw)
+		t.r.heads.Put(bw)
 		if err != nil {
 			return fail(fmt.Errorf("send request: %w", err))
 		}
@@ -114,7 +115,7 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 				err = bw.Flush()
 			}
 			bw.Reset(nil)
-			headBuffers.Put(bw)
+			t.r.heads.Put(bw)
 			closeBody(body)
 			// A body that could not be read whole must not look complete
 			// to the agent; after a refusal (errNotSent) the stream

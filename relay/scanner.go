@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -73,7 +74,7 @@ func (r *Relay) newProxy() *httputil.ReverseProxy {
 		// once by ReverseProxy anyway; known-length ones need no flush per
 		// write, which would cost a frame (and a syscall) each.
 		FlushInterval: 0,
-		BufferPool:    httpx.NewBufferPool(128 << 10),
+		BufferPool:    r.copyBuffers,
 		ErrorHandler:  r.proxyError,
 		ModifyResponse: func(resp *http.Response) error {
 			resp.Header.Del(httperr.RequestIDHeader) // the relay set its own, same value
@@ -126,16 +127,17 @@ func (r *Relay) track(c *agentConn, s *yamux.Stream) *trackedStream {
 	c.served.Add(1)
 	g := r.metrics.StreamsInFlight.WithLabelValues(c.tunnel.id)
 	g.Inc()
-	return &trackedStream{Stream: s, idle: r.streamIdle(), done: func() { c.inflight.Add(-1); g.Dec() }}
+	return &trackedStream{Stream: s, idle: r.streamIdle(), buffers: r.copyBuffers, done: func() { c.inflight.Add(-1); g.Dec() }}
 }
 
 // trackedStream counts a stream as in flight until it is closed, and cuts
 // it when the agent sends nothing for idle.
 type trackedStream struct {
 	*yamux.Stream
-	idle time.Duration // read only by the goroutine reading the stream
-	once sync.Once
-	done func()
+	idle    time.Duration // read only by the goroutine reading the stream
+	buffers *httpx.BufferPool
+	once    sync.Once
+	done    func()
 }
 
 func (t *trackedStream) setIdle(d time.Duration) { t.idle = d }
@@ -144,6 +146,18 @@ func (t *trackedStream) Read(p []byte) (int, error) {
 	t.Stream.SetReadDeadline(time.Now().Add(t.idle))
 	return t.Stream.Read(p)
 }
+
+// ReadFrom sends a request body in writes of up to 128 KiB: each write
+// is a yamux frame and a hand-off to the session's send loop, and
+// Request.Write would otherwise write through a 4 KiB buffer.
+func (t *trackedStream) ReadFrom(r io.Reader) (int64, error) {
+	buf := t.buffers.Get()
+	defer t.buffers.Put(buf)
+	return io.CopyBuffer(onlyWriter{t.Stream}, r, buf)
+}
+
+// onlyWriter hides a writer's ReadFrom, so io.CopyBuffer uses the buffer.
+type onlyWriter struct{ io.Writer }
 
 func (t *trackedStream) Close() error {
 	t.once.Do(t.done)
