@@ -57,6 +57,7 @@ type setup struct {
 	adminAddr           string
 	direct, viaFerry    *http.Client
 	pprof               bool
+	rounds              int // runs of each throughput workload, alternating
 }
 
 // relayGauge reads one unlabelled gauge from the relay's /metrics.
@@ -84,6 +85,7 @@ func main() {
 	clones := flag.Int("clones", 32, "parallel git clones")
 	repoMiB := flag.Int("repo-mib", 50, "size of the cloned repository, MiB")
 	pprof := flag.Bool("pprof", false, "enable the profiler on the relay's and agent's admin listeners and print their addresses")
+	rounds := flag.Int("rounds", 3, "alternating direct/ferry runs of each throughput workload; the median is reported")
 	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart); default all")
 	flag.Parse()
 	want := func(name string) bool { return *only == "" || slices.Contains(strings.Split(*only, ","), name) }
@@ -93,6 +95,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+	s.rounds = max(1, *rounds)
 	defer s.stop()
 	var results []Result
 	add := func(r Result, err error) {
@@ -366,17 +369,32 @@ func (s *setup) do(c *http.Client, method, url string, body io.Reader, length in
 	return c.Do(req)
 }
 
-// both runs a measurement direct and through ferry.
+// both runs a measurement direct and through ferry, alternately, rounds
+// times, and returns the median of each: on a shared machine one run of
+// either can be off by a third.
 func (s *setup) both(f func(c *http.Client, url func(string) string) (float64, error)) (float64, float64, error) {
-	d, err := f(s.direct, s.directURL)
-	if err != nil {
-		return 0, 0, fmt.Errorf("direct: %w", err)
+	var ds, fs []float64
+	for i := 0; i < s.rounds; i++ {
+		d, err := f(s.direct, s.directURL)
+		if err != nil {
+			return 0, 0, fmt.Errorf("direct: %w", err)
+		}
+		v, err := f(s.viaFerry, s.ferryURL)
+		if err != nil {
+			return median(ds), 0, fmt.Errorf("ferry: %w", err)
+		}
+		ds, fs = append(ds, d), append(fs, v)
 	}
-	v, err := f(s.viaFerry, s.ferryURL)
-	if err != nil {
-		return d, 0, fmt.Errorf("ferry: %w", err)
+	return median(ds), median(fs), nil
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
 	}
-	return d, v, nil
+	xs = slices.Clone(xs)
+	slices.Sort(xs)
+	return xs[len(xs)/2]
 }
 
 func ratio(name, unit string, d, f, target float64) Result {
