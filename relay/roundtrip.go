@@ -85,6 +85,7 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	bw.Reset(s)
 	if err := proto.WriteHeader(bw, rt.header); err != nil {
+		bw.Reset(nil)
 		t.r.heads.Put(bw)
 		closeBody(body)
 		return fail(err)
@@ -118,9 +119,10 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			t.r.heads.Put(bw)
 			closeBody(body)
 			// A body that could not be read whole must not look complete
-			// to the agent; after a refusal (errNotSent) the stream
-			// carries the response still.
-			if err != nil && !errors.Is(err, errNotSent) {
+			// to the agent; after a refusal the stream carries the
+			// response still. (Request.Write hides the gate's error in
+			// an unexported type, so the gate is asked.)
+			if err != nil && !gate.refused() {
 				s.Close()
 			}
 		}()
@@ -143,7 +145,11 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			return fail(fmt.Errorf("read agent response: %w", err))
 		}
-		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			// The relay never asks for an upgrade.
+			return fail(errors.New("agent switched protocols unasked"))
+		}
+		if resp.StatusCode >= 200 {
 			break
 		}
 		if resp.StatusCode == http.StatusContinue && gate != nil {
@@ -183,6 +189,20 @@ func (b *streamBody) Close() error {
 
 // errNotSent: the agent answered before asking for the body.
 var errNotSent = errors.New("request body not sent: the agent answered first")
+
+// refused reports whether the agent answered before asking for the body
+// (false for a nil gate: no 100-continue).
+func (g *continueGate) refused() bool {
+	if g == nil {
+		return false
+	}
+	select {
+	case <-g.decided:
+		return !g.send
+	default:
+		return false
+	}
+}
 
 // continueGate holds a request body back until the agent answers
 // "100 Continue", or until continueWait passes without an answer.

@@ -60,8 +60,9 @@ func scannerDo(t *testing.T, r *Relay, method string, body io.Reader, hdr map[st
 	return resp.StatusCode, string(b)
 }
 
-// An agent whose response head never ends, or that sends informational
-// responses without end, gets a 502, not a relay that reads forever.
+// An agent whose response head never ends, that sends informational
+// responses without end, or that switches protocols unasked, gets a 502,
+// not a relay that reads forever.
 func TestRelayBoundsAgentResponseHead(t *testing.T) {
 	r := startPlainRelay(t, "15s")
 	sess, _ := fakeAgent(t, r, 0, 0)
@@ -69,6 +70,7 @@ func TestRelayBoundsAgentResponseHead(t *testing.T) {
 		"huge header":     "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", 80<<10) + "\r\n\r\n",
 		"endless 1xx":     strings.Repeat("HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", 50) + "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
 		"not HTTP at all": "SSH-2.0-OpenSSH_9.6\r\n",
+		"upgrade unasked": "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
 	} {
 		done := answerOne(t, sess, func(s *yamux.Stream, _ *bufio.Reader, _ *http.Request) {
 			io.WriteString(s, head)
