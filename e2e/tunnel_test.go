@@ -384,22 +384,11 @@ func TestFailedAuthIsRateLimited(t *testing.T) {
 	}
 }
 
-// readCounter counts reads of a request body.
-type readCounter struct {
-	r     io.Reader
-	reads atomic.Int64
-}
-
-func (c *readCounter) Read(p []byte) (int, error) {
-	c.reads.Add(1)
-	return c.r.Read(p)
-}
-
 // A push the policy refuses, sent with "Expect: 100-continue" as git sends
 // large pushes, is answered at once and its body never leaves the scanner.
 func TestRefusedUploadIsNeverSent(t *testing.T) {
 	e := newEnv(t)
-	body := &readCounter{r: strings.NewReader(strings.Repeat("p", 4<<20))}
+	body := &testrig.ReadCounter{R: strings.NewReader(strings.Repeat("p", 4<<20))}
 	req, _ := http.NewRequest("POST", e.scannerBase+"/scm/proj/app.git/git-receive-pack", body)
 	req.Header.Set("Authorization", "Bearer "+scannerToken)
 	req.Header.Set("Content-Type", "application/x-git-receive-pack-request")
@@ -417,7 +406,7 @@ func TestRefusedUploadIsNeverSent(t *testing.T) {
 	if resp.StatusCode != 403 || errorBody(t, string(b)).Error != httperr.PolicyDenied {
 		t.Fatalf("refused push: %d %s", resp.StatusCode, b)
 	}
-	if n := body.reads.Load(); n != 0 {
+	if n := body.Reads(); n != 0 {
 		t.Fatalf("the scanner's client was asked for the refused body (%d reads)", n)
 	}
 }

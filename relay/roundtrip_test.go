@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/yamux"
 
+	"github.com/ferry-tunnel/ferry/internal/testrig"
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
@@ -92,17 +93,6 @@ func TestRelayBoundsAgentResponseHead(t *testing.T) {
 	}
 }
 
-// countingBody counts reads of a scanner's request body.
-type countingBody struct {
-	r     io.Reader
-	reads atomic.Int64
-}
-
-func (b *countingBody) Read(p []byte) (int, error) {
-	b.reads.Add(1)
-	return b.r.Read(p)
-}
-
 // With "Expect: 100-continue", a body the agent refuses before asking for
 // it is never sent by the scanner; one it asks for arrives whole.
 func TestRelayKeepsExpectContinue(t *testing.T) {
@@ -120,13 +110,13 @@ func TestRelayKeepsExpectContinue(t *testing.T) {
 		n, _ := io.Copy(io.Discard, br)
 		got.Store(n)
 	})
-	refused := &countingBody{r: strings.NewReader(strings.Repeat("x", 1<<20))}
+	refused := &testrig.ReadCounter{R: strings.NewReader(strings.Repeat("x", 1<<20))}
 	status, body := scannerDo(t, r, "POST", refused, expect)
 	<-done
 	if status != 403 || body != "denied" {
 		t.Fatalf("refused upload: %d %q", status, body)
 	}
-	if n := refused.reads.Load(); n != 0 || got.Load() != 0 {
+	if n := refused.Reads(); n != 0 || got.Load() != 0 {
 		t.Fatalf("a refused body was read %d times by the scanner's client and %d bytes reached the agent", n, got.Load())
 	}
 
