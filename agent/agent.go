@@ -215,7 +215,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	wg.Wait()
 	a.bg.Wait()
 	diagSrv.Close()
-	a.upstreams().closeIdle()
+	a.CloseIdleConnections()
 	a.relayClient.CloseIdleConnections()
 	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
@@ -482,6 +482,10 @@ func (s *stats) snapshot() RequestStats {
 
 // Metrics exposes the agent's metrics (tests, embedding).
 func (a *Agent) Metrics() *metrics.Agent { return a.metrics }
+
+// CloseIdleConnections closes the idle connections to every upstream;
+// requests in flight keep theirs.
+func (a *Agent) CloseIdleConnections() { a.upstreams().closeIdle() }
 
 const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 <div class="sub">version {{.Version}} · relay <code>{{.Relay}}</code> · up since {{ts .StartedAt}} ({{ago .StartedAt}})</div>
