@@ -27,13 +27,11 @@ import (
 // refuses is never asked of the scanner), trailers and chunking (via
 // Request.Write and http.ReadResponse), and the stream cut when the
 // scanner goes away.
-type tunnelTransport struct {
-	r *Relay
-	// writers are the goroutines sending request bodies; Run waits for
-	// them at shutdown. A body may still be streaming after the response
-	// came (an agent that answers early).
-	writers *sync.WaitGroup
-}
+//
+// Request bodies stream from goroutines counted in the Relay's
+// bodyWriters, which Serve waits for at shutdown: a body may still be
+// streaming after the response came (an agent that answers early).
+type tunnelTransport struct{ r *Relay }
 
 const (
 	maxResponseHead = 64 << 10
@@ -108,9 +106,9 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// The body streams from its own goroutine, so that a response
 		// the agent sends before reading all of it (a refusal) is seen.
 		// Request.Write flushes the head before the body.
-		t.writers.Add(1)
+		t.r.bodyWriters.Add(1)
 		go func() {
-			defer t.writers.Done()
+			defer t.r.bodyWriters.Done()
 			err := out.Write(bw)
 			if err == nil {
 				err = bw.Flush()
@@ -214,8 +212,7 @@ type continueGate struct {
 }
 
 func newContinueGate(body io.ReadCloser) *continueGate {
-	g := &continueGate{body: body, decided: make(chan struct{})}
-	return g
+	return &continueGate{body: body, decided: make(chan struct{})}
 }
 
 func (g *continueGate) decide(send bool) {

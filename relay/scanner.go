@@ -69,7 +69,7 @@ func (r *Relay) newProxy() *httputil.ReverseProxy {
 			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
 			pr.Out.Header.Set("X-Ferry-Public-Base", rt.publicBase)
 		},
-		Transport: tunnelTransport{r: r, writers: &r.bodyWriters},
+		Transport: tunnelTransport{r: r},
 		// 0: responses of unknown length (git's streams) are flushed at
 		// once by ReverseProxy anyway; known-length ones need no flush per
 		// write, which would cost a frame (and a syscall) each.
@@ -153,11 +153,8 @@ func (t *trackedStream) Read(p []byte) (int, error) {
 func (t *trackedStream) ReadFrom(r io.Reader) (int64, error) {
 	buf := t.buffers.Get()
 	defer t.buffers.Put(buf)
-	return io.CopyBuffer(onlyWriter{t.Stream}, r, buf)
+	return io.CopyBuffer(t.Stream, r, buf)
 }
-
-// onlyWriter hides a writer's ReadFrom, so io.CopyBuffer uses the buffer.
-type onlyWriter struct{ io.Writer }
 
 func (t *trackedStream) Close() error {
 	t.once.Do(t.done)
