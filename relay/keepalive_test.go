@@ -77,6 +77,8 @@ func (c *countingConn) Read(p []byte) (int, error) {
 // bytes received after the welcome.
 func fakeAgent(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration) (*yamux.Session, *atomic.Int64) {
 	t.Helper()
+	tun := r.auth.Load().tunnels["t"]
+	before := len(tun.snapshot())
 	ctx, cancel := context.WithCancel(context.Background())
 	ws, _, err := websocket.Dial(ctx, "ws://"+r.AgentAddr()+proto.ConnectPath, &websocket.DialOptions{
 		HTTPHeader:   map[string][]string{"Authorization": {"Bearer agent-token"}},
@@ -109,6 +111,14 @@ func fakeAgent(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration) (*
 	}
 	if m, err := proto.ReadMessage(ctrl); err != nil || m.Type != proto.MsgWelcome {
 		t.Fatalf("hello answered with %q, %v", m.Type, err)
+	}
+	// The welcome comes just before the relay routes requests to the
+	// connection: wait for that too.
+	for deadline := time.Now().Add(5 * time.Second); len(tun.snapshot()) == before; {
+		if time.Now().After(deadline) {
+			t.Fatal("relay did not take the agent connection into its tunnel")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 	conn.n.Store(0)
 	return sess, &conn.n

@@ -43,6 +43,18 @@ func answerOne(t *testing.T, sess *yamux.Session, answer func(s *yamux.Stream, b
 	return done
 }
 
+// waitAnswered waits for answerOne's agent to be done with its request:
+// a request answered without reaching the agent fails here, not by
+// hanging the test.
+func waitAnswered(t *testing.T, done chan struct{}) {
+	t.Helper()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request never reached the agent")
+	}
+}
+
 func scannerDo(t *testing.T, r *Relay, method string, body io.Reader, hdr map[string]string) (int, string) {
 	t.Helper()
 	req, _ := http.NewRequest(method, "http://"+r.ScannerAddr()+"/t/t/bitbucket/rest/api/1.0/projects", body)
@@ -77,7 +89,7 @@ func TestRelayBoundsAgentResponseHead(t *testing.T) {
 			io.WriteString(s, head)
 		})
 		status, body := scannerDo(t, r, "GET", nil, nil)
-		<-done
+		waitAnswered(t, done)
 		if status != http.StatusBadGateway || !strings.Contains(body, "upstream_error") {
 			t.Errorf("%s: scanner got %d %s; want 502 upstream_error", name, status, body)
 		}
@@ -87,7 +99,7 @@ func TestRelayBoundsAgentResponseHead(t *testing.T) {
 		io.WriteString(s, "HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 	})
 	status, body := scannerDo(t, r, "GET", nil, nil)
-	<-done
+	waitAnswered(t, done)
 	if status != 200 || body != "ok" {
 		t.Fatalf("after one 103: %d %q", status, body)
 	}
@@ -112,7 +124,7 @@ func TestRelayKeepsExpectContinue(t *testing.T) {
 	})
 	refused := &testrig.ReadCounter{R: strings.NewReader(strings.Repeat("x", 1<<20))}
 	status, body := scannerDo(t, r, "POST", refused, expect)
-	<-done
+	waitAnswered(t, done)
 	if status != 403 || body != "denied" {
 		t.Fatalf("refused upload: %d %q", status, body)
 	}
@@ -129,7 +141,7 @@ func TestRelayKeepsExpectContinue(t *testing.T) {
 		}
 	})
 	status, body = scannerDo(t, r, "POST", strings.NewReader(strings.Repeat("y", 3<<20)), expect)
-	<-done
+	waitAnswered(t, done)
 	if status != 200 || body != fmt.Sprint(3<<20) {
 		t.Fatalf("accepted upload: %d %q", status, body)
 	}
