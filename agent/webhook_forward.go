@@ -137,7 +137,8 @@ func (w *webhooks) send(ctx context.Context, sess *yamux.Session, d spool.Delive
 	if err != nil {
 		return 0, "", 0, fmt.Errorf("read relay's answer: %w", err)
 	}
-	defer resp.Body.Close()
+	// Not resp.Body.Close: on a ReadResponse body it reads to the end,
+	// which a relay could make long; closing the stream (deferred) ends it.
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
 	msg = strings.TrimSpace(string(b))
 	if msg == "" {

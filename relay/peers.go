@@ -63,7 +63,7 @@ func (r *Relay) newPeerProxy() (*httputil.ReverseProxy, *http.Transport) {
 		},
 		Transport:     tr,
 		FlushInterval: 0,
-		BufferPool:    httpx.NewBufferPool(128 << 10),
+		BufferPool:    r.copyBuffers,
 		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) {
 			rt := req.Context().Value(peerRouteKey{}).(*peerRoute)
 			var op *net.OpError
