@@ -2,43 +2,44 @@ package proto
 
 import (
 	"context"
+	"io"
 	"net"
 	"sync"
 )
 
-// CorkConn is a raw connection (beneath TLS) whose owner can hold a run of
-// writes and send them with one syscall. The WebSocket library masks a
-// client's message through a 4 KiB buffer, so a 1 MiB batch of frames
-// leaves as 256 TLS records; uncorked, each is its own write syscall, and
-// on both ends of a bulk transfer that was most of the CPU. Corked around
-// one batch, they leave together. Writes while not corked (the TLS
+// Cork holds a run of writes to a writer while corked and sends them as
+// one write when uncorked. Beneath TLS it turns a batch of records into
+// one syscall; above TLS it turns many small writes into one large one,
+// which TLS cuts into full-size records. Writes while not corked (the TLS
 // handshake, a pong, a close frame) go straight through.
-type CorkConn struct {
-	net.Conn
+type Cork struct {
+	w io.Writer
 
 	mu     sync.Mutex
 	corked bool
 	buf    *[]byte // held writes; from corkBuffers, returned when empty
 }
 
-// corkMax bounds what a corked conn holds: past it, writes go out as they
-// come. Big enough that syscalls stop mattering, small enough to keep in
-// the cache.
-const corkMax = 256 << 10
+// corkMax bounds what a cork holds: past it, writes go out as they come.
+// Big enough that syscalls stop mattering, small enough to keep in the
+// cache; the 8 KiB over 256 leave room for TLS's record overhead (22
+// bytes a record), so that 256 KiB of plaintext, sealed, is still held
+// whole.
+const corkMax = 264 << 10
 
-// corkBuffers is a cache of held-write buffers, shared by every conn so
+// corkBuffers is a cache of held-write buffers, shared by every cork so
 // that a thousand idle tunnels hold none.
 var corkBuffers = sync.Pool{New: func() any { b := make([]byte, 0, corkMax); return &b }}
 
-// NewCorkConn wraps c.
-func NewCorkConn(c net.Conn) *CorkConn { return &CorkConn{Conn: c} }
+// NewCork returns a cork on w, uncorked.
+func NewCork(w io.Writer) *Cork { return &Cork{w: w} }
 
 // Write holds p while corked, else writes it.
-func (c *CorkConn) Write(p []byte) (int, error) {
+func (c *Cork) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.corked {
-		return c.Conn.Write(p)
+		return c.w.Write(p)
 	}
 	if c.buf != nil && len(*c.buf)+len(p) > corkMax {
 		if err := c.flushLocked(); err != nil {
@@ -46,7 +47,7 @@ func (c *CorkConn) Write(p []byte) (int, error) {
 		}
 	}
 	if len(p) >= corkMax {
-		return c.Conn.Write(p)
+		return c.w.Write(p)
 	}
 	if c.buf == nil {
 		c.buf = corkBuffers.Get().(*[]byte)
@@ -56,7 +57,7 @@ func (c *CorkConn) Write(p []byte) (int, error) {
 }
 
 // Cork starts holding writes.
-func (c *CorkConn) Cork() {
+func (c *Cork) Cork() {
 	c.mu.Lock()
 	c.corked = true
 	c.mu.Unlock()
@@ -64,24 +65,80 @@ func (c *CorkConn) Cork() {
 
 // Uncork sends what is held and stops holding. Its error is the error of
 // the writes it held, which their writer was told had succeeded.
-func (c *CorkConn) Uncork() error {
+func (c *Cork) Uncork() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.corked = false
 	return c.flushLocked()
 }
 
-func (c *CorkConn) flushLocked() error {
+func (c *Cork) flushLocked() error {
 	if c.buf == nil {
 		return nil
 	}
 	b := c.buf
 	c.buf = nil
-	_, err := c.Conn.Write(*b)
+	_, err := c.w.Write(*b)
 	*b = (*b)[:0]
 	corkBuffers.Put(b)
 	return err
 }
+
+// Corker is what the frame batcher holds around each batch: one cork, or
+// a stack of them (Corks).
+type Corker interface {
+	Cork()
+	Uncork() error
+}
+
+// Corks is a stack of corks on one connection, the outermost (nearest the
+// writer) first: Uncork releases them in that order, so what the upper
+// one sends is still held by the one beneath.
+type Corks []Corker
+
+// Cork corks them all.
+func (cs Corks) Cork() {
+	for _, c := range cs {
+		c.Cork()
+	}
+}
+
+// Uncork uncorks them all, outermost first, and returns the first error.
+func (cs Corks) Uncork() error {
+	var first error
+	for _, c := range cs {
+		if err := c.Uncork(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// CorkConn is a raw connection (beneath TLS) whose owner can hold a run of
+// writes and send them with one syscall. The WebSocket library masks a
+// client's message through a 4 KiB buffer, so a 1 MiB batch of frames
+// would leave as 256 TLS records, each its own write syscall; on both ends
+// of a bulk transfer that was most of the CPU.
+type CorkConn struct {
+	net.Conn
+	cork Cork
+}
+
+// NewCorkConn wraps c.
+func NewCorkConn(c net.Conn) *CorkConn {
+	cc := &CorkConn{Conn: c}
+	cc.cork.w = c
+	return cc
+}
+
+// Write holds p while corked, else writes it.
+func (c *CorkConn) Write(p []byte) (int, error) { return c.cork.Write(p) }
+
+// Cork starts holding writes.
+func (c *CorkConn) Cork() { c.cork.Cork() }
+
+// Uncork sends what is held and stops holding.
+func (c *CorkConn) Uncork() error { return c.cork.Uncork() }
 
 // CorkListener wraps every accepted connection in a CorkConn.
 type CorkListener struct{ net.Listener }
@@ -97,25 +154,38 @@ func (l CorkListener) Accept() (net.Conn, error) {
 
 type corkKey struct{}
 
-// CorkSlot carries, through a context, the CorkConn a dial or an accept
-// created, to whoever builds the tunnel on top of it.
+// CorkSlot carries, through a context, the corks a dial or an accept
+// created (the raw connection's, and above TLS the upgraded body's), to
+// whoever builds the tunnel on top of them.
 type CorkSlot struct {
-	mu   sync.Mutex
-	conn *CorkConn
+	mu    sync.Mutex
+	corks Corks // the latest added first: the outermost
 }
 
-// Set records c.
-func (s *CorkSlot) Set(c *CorkConn) {
+// Add records c as the outermost cork so far; a nil c is ignored.
+func (s *CorkSlot) Add(c Corker) {
+	if c == nil {
+		return
+	}
+	if cc, ok := c.(*CorkConn); ok && cc == nil {
+		return
+	}
 	s.mu.Lock()
-	s.conn = c
+	s.corks = append(Corks{c}, s.corks...)
 	s.mu.Unlock()
 }
 
-// Conn is what Set recorded, or nil.
-func (s *CorkSlot) Conn() *CorkConn {
+// Corker is what was added, outermost first, or nil if nothing was.
+func (s *CorkSlot) Corker() Corker {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.conn
+	switch len(s.corks) {
+	case 0:
+		return nil
+	case 1:
+		return s.corks[0]
+	}
+	return append(Corks(nil), s.corks...)
 }
 
 // WithCorkSlot returns ctx carrying s.

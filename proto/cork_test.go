@@ -79,6 +79,36 @@ func TestCorkLargeWriteKeepsOrder(t *testing.T) {
 	}
 }
 
+// A cork above another (above and beneath TLS): the slot uncorks the
+// outer one first, so what it releases is still held by the inner one and
+// the whole batch leaves in one write.
+func TestStackedCorksLeaveAsOneWrite(t *testing.T) {
+	raw := &writeLog{}
+	inner := NewCorkConn(raw)
+	outer := NewCork(inner)
+	slot := &CorkSlot{}
+	slot.Add(inner) // added in the order a dial makes them
+	slot.Add(outer)
+	slot.Add((*CorkConn)(nil)) // none found: ignored
+	c := slot.Corker()
+	c.Cork()
+	for _, p := range []string{"frame one,", "frame two,", "frame three"} {
+		outer.Write([]byte(p))
+	}
+	if len(raw.writes) != 0 {
+		t.Fatalf("%d writes left while corked", len(raw.writes))
+	}
+	if err := c.Uncork(); err != nil {
+		t.Fatal(err)
+	}
+	if len(raw.writes) != 1 || string(raw.writes[0]) != "frame one,frame two,frame three" {
+		t.Fatalf("batch left in %d writes: %q", len(raw.writes), raw.writes)
+	}
+	if (&CorkSlot{}).Corker() != nil {
+		t.Fatal("an empty slot must give no corker (nil, so the batcher skips it)")
+	}
+}
+
 func TestUncorkReportsFailedWrites(t *testing.T) {
 	c := NewCorkConn(failConn{})
 	c.Cork()

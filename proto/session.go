@@ -85,9 +85,10 @@ func (l yamuxLogger) emit(s string) {
 // (backpressure). A write error is returned by the next Write and closes
 // the conn.
 //
-// cork, if not nil, is the raw connection beneath c: each batch is written
-// with it corked, so the batch leaves in one syscall.
-func Coalesce(c net.Conn, cork *CorkConn) *BatchConn {
+// cork, if not nil, holds the writes beneath c (see Cork): each batch is
+// written with it corked, so the batch leaves in full TLS records and one
+// syscall.
+func Coalesce(c net.Conn, cork Corker) *BatchConn {
 	b := &BatchConn{Conn: c, cork: cork}
 	b.space = sync.NewCond(&b.mu)
 	return b
@@ -103,7 +104,7 @@ const (
 // and optionally an idle limit on the way in (SetReadIdle).
 type BatchConn struct {
 	net.Conn
-	cork     *CorkConn
+	cork     Corker
 	readIdle atomic.Int64   // nanoseconds; 0: reads wait as long as it takes
 	flusher  sync.WaitGroup // the running flusher, if any
 
@@ -247,11 +248,11 @@ func (b *BatchConn) Close() error {
 }
 
 // WebSocketConn adapts an accepted or dialled WebSocket to the net.Conn
-// yamux runs on. ctx bounds the connection's life; cork, if not nil, is
-// the raw connection beneath the WebSocket (see Coalesce). Close is immediate
+// yamux runs on. ctx bounds the connection's life; cork, if not nil,
+// holds the writes beneath the WebSocket (see Coalesce). Close is immediate
 // (CloseNow): yamux closes its conn when a session dies, often because the
 // peer is gone, and a close handshake would then block for up to 10 s.
-func WebSocketConn(ctx context.Context, c *websocket.Conn, cork *CorkConn) *BatchConn {
+func WebSocketConn(ctx context.Context, c *websocket.Conn, cork Corker) *BatchConn {
 	return Coalesce(closeNowConn{websocket.NetConn(ctx, c, websocket.MessageBinary), c}, cork)
 }
 

@@ -73,9 +73,9 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 		log.Warn("agent WebSocket upgrade failed", "err", err)
 		return
 	}
-	var cork *proto.CorkConn
+	var cork proto.Corker
 	if slot := proto.CorkSlotFrom(req.Context()); slot != nil {
-		cork = slot.Conn()
+		cork = slot.Corker()
 	}
 	// The session outlives this handler, on a goroutine of its own: this
 	// one's stack grew deep in the TLS handshake, and an idle tunnel would
@@ -88,7 +88,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	}()
 }
 
-func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork *proto.CorkConn, remote string, th token.Hash) error {
+func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork proto.Corker, remote string, th token.Hash) error {
 	ctx, cancel := context.WithCancel(r.life)
 	defer cancel()
 	conn := proto.WebSocketConn(ctx, ws, cork)

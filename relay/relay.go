@@ -216,7 +216,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	agentSrv := r.newServer(agentMux, 16<<10)
 	agentSrv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
 		slot := &proto.CorkSlot{}
-		slot.Set(proto.CorkOf(c))
+		slot.Add(proto.CorkOf(c))
 		return proto.WithCorkSlot(ctx, slot)
 	}
 	servers := []*http.Server{
