@@ -42,8 +42,9 @@ type upstreamSet struct {
 
 func newUpstreamSet(cfg *config.Agent, log *slog.Logger, pool *httpx.BufferPool) (*upstreamSet, error) {
 	s := &upstreamSet{byName: map[string]*upstream{}}
+	bodies := httpx.NewBufferPool(upstreamBodyChunk)
 	for i := range cfg.Upstreams {
-		u, err := newUpstream(&cfg.Upstreams[i], cfg.Timeouts, log, pool)
+		u, err := newUpstream(&cfg.Upstreams[i], cfg.Timeouts, log, pool, bodies)
 		if err != nil {
 			return nil, err
 		}
@@ -72,7 +73,12 @@ type forwardKey struct{}
 // upstream; each costs the upstream a socket and both ends ~40 KiB.
 const upstreamIdleConns = 128
 
-func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger, pool *httpx.BufferPool) (*upstream, error) {
+// upstreamBodyChunk is the largest piece of a request body sent to an
+// upstream in one write (and one syscall); a buffer of it is held only
+// while a body is being sent.
+const upstreamBodyChunk = 256 << 10
+
+func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger, pool, bodies *httpx.BufferPool) (*upstream, error) {
 	base, err := url.Parse(cfg.URL)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", cfg.Name, err)
@@ -85,11 +91,14 @@ func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger,
 		}
 		u.bases = append(u.bases, au)
 	}
+	dial := httpx.IdleDialer(&net.Dialer{Timeout: t.Dial, KeepAlive: 30 * time.Second}, max(t.Idle, cfg.ResponseTimeout))
 	u.transport = &http.Transport{
-		Proxy:                 nil, // upstreams are internal; HTTPS_PROXY is for the relay only
-		DialContext:           httpx.IdleDialer(&net.Dialer{Timeout: t.Dial, KeepAlive: 30 * time.Second}, max(t.Idle, cfg.ResponseTimeout)),
-		TLSClientConfig:       &tls.Config{RootCAs: cfg.CA, MinVersion: tls.VersionTLS12},
-		TLSHandshakeTimeout:   t.TLSHandshake,
+		Proxy:       nil, // upstreams are internal; HTTPS_PROXY is for the relay only
+		DialContext: dial,
+		// https upstreams: the transport's TLS, but request bodies leave
+		// in large writes (see upstreamTLSDialer). TLS 1.2+, no ALPN:
+		// HTTP/1.1, as the transport would speak with a custom dialer.
+		DialTLSContext:        upstreamTLSDialer(dial, &tls.Config{RootCAs: cfg.CA, MinVersion: tls.VersionTLS12}, t.TLSHandshake, bodies),
 		ResponseHeaderTimeout: cfg.ResponseTimeout,
 		ExpectContinueTimeout: time.Second,
 		// Scanners send tens of requests at once: an idle pool smaller than

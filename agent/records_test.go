@@ -1,0 +1,268 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// recordCounter is a server-side raw conn that counts the TLS application
+// data records arriving on it, by reading the 5-byte record headers.
+type recordCounter struct {
+	net.Conn
+	mu      sync.Mutex
+	hdr     []byte // a record header being assembled
+	skip    int    // bytes of the current record's body still to pass
+	records int    // application data records seen
+}
+
+func (c *recordCounter) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for b := p[:n]; len(b) > 0; {
+		if c.skip > 0 {
+			k := min(c.skip, len(b))
+			c.skip -= k
+			b = b[k:]
+			continue
+		}
+		k := min(5-len(c.hdr), len(b))
+		c.hdr = append(c.hdr, b[:k]...)
+		b = b[k:]
+		if len(c.hdr) == 5 {
+			if c.hdr[0] == 23 { // application_data
+				c.records++
+			}
+			c.skip = int(binary.BigEndian.Uint16(c.hdr[3:5]))
+			c.hdr = c.hdr[:0]
+		}
+	}
+	return n, err
+}
+
+func (c *recordCounter) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.records
+}
+
+// countingListener hands out its accepted conns as recordCounters.
+type countingListener struct {
+	net.Listener
+	conns chan *recordCounter
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	rc := &recordCounter{Conn: c}
+	l.conns <- rc
+	return rc, nil
+}
+
+// tlsServer serves h over TLS on loopback; conns yields each accepted raw
+// conn.
+func tlsServer(t *testing.T, pki *testrig.PKI, h http.Handler) (addr string, conns chan *recordCounter) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns = make(chan *recordCounter, 16)
+	srv := &http.Server{Handler: h, TLSConfig: pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.ServeTLS(countingListener{ln, conns}, "", "")
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	return ln.Addr().String(), conns
+}
+
+// A request body leaves for the upstream in large writes: without the
+// cork beneath TLS each 16 KiB record was a write syscall of its own.
+func TestUpstreamBodiesLeaveInLargeWrites(t *testing.T) {
+	pki, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := tlsServer(t, pki, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, err := io.Copy(h, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintf(w, "%d %x", n, h.Sum(nil))
+	}))
+	var writes atomic.Int64
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return writeCounter{c, &writes}, nil
+	}
+	tr := &http.Transport{DialTLSContext: upstreamTLSDialer(dial, pki.ClientTLS(), 5*time.Second, httpx.NewBufferPool(upstreamBodyChunk))}
+	defer tr.CloseIdleConnections()
+
+	body := bytes.Repeat([]byte("ferry moves bodies whole. "), (8<<20)/26)
+	req, _ := http.NewRequest("POST", "https://"+addr+"/sink", bytes.NewReader(body))
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := fmt.Sprintf("%d %x", len(body), sha256.Sum256(body)); string(got) != want {
+		t.Fatalf("upstream got %q, want %q", got, want)
+	}
+	// 8 MiB in 16 KiB records is 512 records; in pieces of 256 KiB, one
+	// write each, it is 32 writes (plus the handshake and the head).
+	if n := writes.Load(); n > int64(len(body)/upstreamBodyChunk)+16 {
+		t.Errorf("an 8 MiB body took %d writes to the upstream; want about %d", n, len(body)/upstreamBodyChunk)
+	}
+}
+
+type writeCounter struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c writeCounter) Write(p []byte) (int, error) {
+	c.n.Add(1)
+	return c.Conn.Write(p)
+}
+
+// The dialer still verifies the upstream's certificate against the
+// configured CA and the host name, and says what failed.
+func TestUpstreamTLSVerifiesTheServer(t *testing.T) {
+	pki, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := tlsServer(t, pki, http.NotFoundHandler())
+	dial := (&net.Dialer{}).DialContext
+	pool := httpx.NewBufferPool(upstreamBodyChunk)
+	_, port, _ := net.SplitHostPort(addr)
+	cases := map[string]struct {
+		cfg  *tls.Config
+		addr string
+	}{
+		"untrusted CA":   {other.ClientTLS(), addr},
+		"wrong hostname": {pki.ClientTLS(), net.JoinHostPort("127.0.0.2", port)},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			if c.addr != addr {
+				if ln, err := net.Listen("tcp", c.addr); err != nil {
+					t.Skip("no 127.0.0.2 here:", err)
+				} else {
+					ln.Close()
+				}
+				// 127.0.0.2 reaches the same server only through a
+				// dialer that rewrites the address.
+				dial = func(ctx context.Context, network, _ string) (net.Conn, error) {
+					return (&net.Dialer{}).DialContext(ctx, network, addr)
+				}
+			}
+			conn, err := upstreamTLSDialer(dial, c.cfg, 5*time.Second, pool)(context.Background(), "tcp", c.addr)
+			if err == nil {
+				conn.Close()
+				t.Fatal("handshake with an unverifiable server succeeded")
+			}
+			if !strings.Contains(err.Error(), "TLS handshake with "+c.addr) || !strings.Contains(err.Error(), "certificate") {
+				t.Errorf("error %q does not say the handshake failed on the certificate", err)
+			}
+		})
+	}
+}
+
+// A batch of frames the agent sends leaves in full TLS records: the
+// WebSocket client masks through a 4 KiB buffer, and without the cork
+// above TLS each 4 KiB became a record of its own.
+func TestAgentFramesLeaveInFullRecords(t *testing.T) {
+	pki, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	received := make(chan []byte, 1)
+	addr, conns := tlsServer(t, pki, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.CloseNow()
+		ws.SetReadLimit(-1)
+		_, b, err := ws.Read(r.Context())
+		if err != nil {
+			received <- nil
+			return
+		}
+		received <- b
+		ws.Read(r.Context()) // until the client goes
+	}))
+	cfg := &config.Agent{Relay: config.RelayClient{CA: pki.Pool}, Timeouts: config.AgentTimeouts{Dial: 5 * time.Second, TLSHandshake: 5 * time.Second, Upgrade: 5 * time.Second}}
+	client, err := newRelayClient(cfg, func(*url.URL) (*url.URL, error) { return nil, nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.CloseIdleConnections()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	slot := &proto.CorkSlot{}
+	ws, _, err := websocket.Dial(proto.WithCorkSlot(ctx, slot), "wss://"+addr+"/", &websocket.DialOptions{HTTPClient: client})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := <-conns
+	conn := proto.WebSocketConn(ctx, ws, slot.Corker())
+	defer conn.Close()
+	before := raw.count()
+
+	batch := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB, one message
+	if _, err := conn.Write(batch); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-received:
+		if !bytes.Equal(b, batch) {
+			t.Fatalf("relay received %d bytes, want the 1 MiB batch", len(b))
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("batch never arrived")
+	}
+	// 1 MiB is 64 full records; in 4 KiB records it was 256.
+	if n := raw.count() - before; n > 72 {
+		t.Errorf("a 1 MiB batch arrived in %d TLS records; want about 64", n)
+	}
+}
