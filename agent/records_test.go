@@ -207,6 +207,38 @@ func TestUpstreamTLSVerifiesTheServer(t *testing.T) {
 	}
 }
 
+// An upstream that accepts the connection and never answers the
+// handshake is given up on after the handshake timeout, with that said.
+func TestUpstreamTLSHandshakeTimesOut(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	held := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			held <- c // silent: never a ServerHello
+		}
+	}()
+	dial := upstreamTLSDialer((&net.Dialer{}).DialContext, &tls.Config{}, 200*time.Millisecond, httpx.NewBufferPool(upstreamBodyChunk))
+	conn, err := dial(context.Background(), "tcp", ln.Addr().String())
+	if err == nil {
+		conn.Close()
+		t.Fatal("handshake with a silent server succeeded")
+	}
+	if !strings.Contains(err.Error(), "timed out after 200ms") {
+		t.Errorf("error %q does not say the handshake timed out", err)
+	}
+	select {
+	case c := <-held:
+		c.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server never saw the connection")
+	}
+}
+
 // A batch of frames the agent sends leaves in full TLS records: the
 // WebSocket client masks through a 4 KiB buffer, and without the cork
 // above TLS each 4 KiB became a record of its own.
