@@ -13,7 +13,8 @@ import (
 // which TLS cuts into full-size records. Writes while not corked (the TLS
 // handshake, a pong, a close frame) go straight through.
 type Cork struct {
-	w io.Writer
+	w      io.Writer
+	direct int // a write this long or longer is not held (what is held goes first)
 
 	mu     sync.Mutex
 	corked bool
@@ -31,8 +32,11 @@ const corkMax = 264 << 10
 // that a thousand idle tunnels hold none.
 var corkBuffers = sync.Pool{New: func() any { b := make([]byte, 0, corkMax); return &b }}
 
-// NewCork returns a cork on w, uncorked.
-func NewCork(w io.Writer) *Cork { return &Cork{w: w} }
+// NewCork returns a cork on w, uncorked, for use above TLS: a write of a
+// full record (16 KiB) or more goes straight through after what is held,
+// since TLS cuts it into full records anyway, and copying it would only
+// cost.
+func NewCork(w io.Writer) *Cork { return &Cork{w: w, direct: 16 << 10} }
 
 // Write holds p while corked, else writes it.
 func (c *Cork) Write(p []byte) (int, error) {
@@ -46,7 +50,10 @@ func (c *Cork) Write(p []byte) (int, error) {
 			return 0, err
 		}
 	}
-	if len(p) >= corkMax {
+	if len(p) >= c.direct {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
 		return c.w.Write(p)
 	}
 	if c.buf == nil {
@@ -127,7 +134,7 @@ type CorkConn struct {
 // NewCorkConn wraps c.
 func NewCorkConn(c net.Conn) *CorkConn {
 	cc := &CorkConn{Conn: c}
-	cc.cork.w = c
+	cc.cork.w, cc.cork.direct = c, corkMax
 	return cc
 }
 

@@ -109,6 +109,27 @@ func TestStackedCorksLeaveAsOneWrite(t *testing.T) {
 	}
 }
 
+// Above TLS, a write of a full record or more is not copied into the
+// cork: what is held goes first, then the write, in order.
+func TestCorkPassesFullRecords(t *testing.T) {
+	raw := &writeLog{}
+	c := NewCork(raw)
+	c.Cork()
+	c.Write([]byte("frame header"))
+	big := bytes.Repeat([]byte("y"), 20<<10)
+	c.Write(big)
+	if len(raw.writes) != 2 || string(raw.writes[0]) != "frame header" || !bytes.Equal(raw.writes[1], big) {
+		t.Fatalf("want the held header, then the full-record write: %d writes", len(raw.writes))
+	}
+	c.Write([]byte("small"))
+	if len(raw.writes) != 2 {
+		t.Fatal("a small write after it was not held")
+	}
+	if err := c.Uncork(); err != nil || len(raw.writes) != 3 || string(raw.writes[2]) != "small" {
+		t.Fatalf("uncork: %v, %d writes", err, len(raw.writes))
+	}
+}
+
 func TestUncorkReportsFailedWrites(t *testing.T) {
 	c := NewCorkConn(failConn{})
 	c.Cork()

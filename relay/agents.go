@@ -67,14 +67,15 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "relay is shutting down; reconnect to another replica")
 		return
 	}
-	ws, err := websocket.Accept(w, req, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
+	slot := proto.CorkSlotFrom(req.Context())
+	ws, err := websocket.Accept(leanHijack{w, slot}, req, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
 	if err != nil {
 		r.sessions.Done()
 		log.Warn("agent WebSocket upgrade failed", "err", err)
 		return
 	}
 	var cork proto.Corker
-	if slot := proto.CorkSlotFrom(req.Context()); slot != nil {
+	if slot != nil {
 		cork = slot.Corker()
 	}
 	// The session outlives this handler, on a goroutine of its own: this
