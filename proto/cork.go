@@ -14,6 +14,7 @@ import (
 // handshake, a pong, a close frame) go straight through.
 type Cork struct {
 	w      io.Writer
+	limit  int // at most this much is held: past it, what is held goes out
 	direct int // a write this long or longer is not held (what is held goes first)
 
 	mu     sync.Mutex
@@ -21,22 +22,24 @@ type Cork struct {
 	buf    *[]byte // held writes; from corkBuffers, returned when empty
 }
 
-// corkMax bounds what a cork holds: past it, writes go out as they come.
-// Big enough that syscalls stop mattering, small enough to keep in the
-// cache; the 8 KiB over 256 leave room for TLS's record overhead (22
-// bytes a record), so that 256 KiB of plaintext, sealed, is still held
-// whole.
+// corkMax bounds what a cork beneath TLS holds: past it, writes go out as
+// they come. Big enough that syscalls stop mattering, small enough to keep
+// in the cache; the 8 KiB over 256 leave room for TLS's record overhead
+// (22 bytes a record), so that 256 KiB of plaintext (what a cork above TLS
+// holds at most), sealed, is still held whole. Every held-write buffer
+// has this capacity.
 const corkMax = 264 << 10
 
 // corkBuffers is a cache of held-write buffers, shared by every cork so
 // that a thousand idle tunnels hold none.
 var corkBuffers = sync.Pool{New: func() any { b := make([]byte, 0, corkMax); return &b }}
 
-// NewCork returns a cork on w, uncorked, for use above TLS: a write of a
-// full record (16 KiB) or more goes straight through after what is held,
+// NewCork returns a cork on w, uncorked, for use above TLS: it holds up
+// to 256 KiB, a whole number of full records, and a write of a full
+// record (16 KiB) or more goes straight through after what is held,
 // since TLS cuts it into full records anyway, and copying it would only
 // cost.
-func NewCork(w io.Writer) *Cork { return &Cork{w: w, direct: 16 << 10} }
+func NewCork(w io.Writer) *Cork { return &Cork{w: w, limit: 256 << 10, direct: 16 << 10} }
 
 // Write holds p while corked, else writes it.
 func (c *Cork) Write(p []byte) (int, error) {
@@ -45,7 +48,7 @@ func (c *Cork) Write(p []byte) (int, error) {
 	if !c.corked {
 		return c.w.Write(p)
 	}
-	if c.buf != nil && len(*c.buf)+len(p) > corkMax {
+	if c.buf != nil && len(*c.buf)+len(p) > c.limit {
 		if err := c.flushLocked(); err != nil {
 			return 0, err
 		}
@@ -134,7 +137,7 @@ type CorkConn struct {
 // NewCorkConn wraps c.
 func NewCorkConn(c net.Conn) *CorkConn {
 	cc := &CorkConn{Conn: c}
-	cc.cork.w, cc.cork.direct = c, corkMax
+	cc.cork.w, cc.cork.limit, cc.cork.direct = c, corkMax, corkMax
 	return cc
 }
 
