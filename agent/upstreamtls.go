@@ -17,7 +17,7 @@ import (
 // DialTLSContext, so that a request body leaves in as few syscalls as
 // TLS allows. Left to the transport, a body is copied 32 KiB at a time
 // and TLS sends each 16 KiB record with a write syscall of its own: an
-// upload through the agent took ~60,000 write syscalls a second, the
+// upload through the agent took ~25,000 write syscalls a second, the
 // largest part of its CPU. Here the connection takes a body in pieces of
 // up to the pool's size (ReadFrom) and sends each piece's records with one
 // syscall (a cork beneath TLS). The transport sends no request through a

@@ -11,8 +11,8 @@ import (
 
 // leanHijack is the ResponseWriter the relay gives websocket.Accept. The
 // WebSocket keeps the buffers the hijack returns for the connection's
-// life; the HTTP server's are 4 KiB each, 8 KiB of every idle agent's
-// ~35 KiB of live heap. Here they are small. Writes go through a cork,
+// life; the HTTP server's are 4 KiB each, 8 KiB of the ~26 KiB of live
+// heap an idle agent cost. Here they are small. Writes go through a cork,
 // added to the connection's slot, so that the small write buffer does not
 // cut a batch of frames into small TLS records: the batch reaches TLS in
 // one write, as with the agent's cork above TLS.
