@@ -5,14 +5,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -25,51 +23,10 @@ import (
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// recordCounter is a server-side raw conn that counts the TLS application
-// data records arriving on it, by reading the 5-byte record headers.
-type recordCounter struct {
-	net.Conn
-	mu      sync.Mutex
-	hdr     []byte // a record header being assembled
-	skip    int    // bytes of the current record's body still to pass
-	records int    // application data records seen
-}
-
-func (c *recordCounter) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for b := p[:n]; len(b) > 0; {
-		if c.skip > 0 {
-			k := min(c.skip, len(b))
-			c.skip -= k
-			b = b[k:]
-			continue
-		}
-		k := min(5-len(c.hdr), len(b))
-		c.hdr = append(c.hdr, b[:k]...)
-		b = b[k:]
-		if len(c.hdr) == 5 {
-			if c.hdr[0] == 23 { // application_data
-				c.records++
-			}
-			c.skip = int(binary.BigEndian.Uint16(c.hdr[3:5]))
-			c.hdr = c.hdr[:0]
-		}
-	}
-	return n, err
-}
-
-func (c *recordCounter) count() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.records
-}
-
-// countingListener hands out its accepted conns as recordCounters.
+// countingListener hands out its accepted conns as record counters.
 type countingListener struct {
 	net.Listener
-	conns chan *recordCounter
+	conns chan *testrig.TLSRecords
 }
 
 func (l countingListener) Accept() (net.Conn, error) {
@@ -77,20 +34,20 @@ func (l countingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	rc := &recordCounter{Conn: c}
+	rc := &testrig.TLSRecords{Conn: c}
 	l.conns <- rc
 	return rc, nil
 }
 
 // tlsServer serves h over TLS on loopback; conns yields each accepted raw
 // conn.
-func tlsServer(t *testing.T, pki *testrig.PKI, h http.Handler) (addr string, conns chan *recordCounter) {
+func tlsServer(t *testing.T, pki *testrig.PKI, h http.Handler) (addr string, conns chan *testrig.TLSRecords) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	conns = make(chan *recordCounter, 16)
+	conns = make(chan *testrig.TLSRecords, 16)
 	srv := &http.Server{Handler: h, TLSConfig: pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second}
 	done := make(chan struct{})
 	go func() {
@@ -296,11 +253,11 @@ func TestAgentFramesLeaveInFullRecords(t *testing.T) {
 	// TLS starts a connection with small records (dynamic record sizing,
 	// the first 128 KiB); past them, records are full.
 	send(bytes.Repeat([]byte("warm"), 64<<10))
-	before := raw.count()
+	before := raw.Records()
 	send(bytes.Repeat([]byte("0123456789abcdef"), 1<<16)) // 1 MiB, one message
 	// 1 MiB and the frame head are 65 full records; in 4 KiB records they
 	// were 257.
-	if n := raw.count() - before; n > 65 {
+	if n := raw.Records() - before; n > 65 {
 		t.Errorf("a 1 MiB batch arrived in %d TLS records; want about 64", n)
 	}
 }

@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"net"
 	"net/http"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,43 +14,6 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/testrig"
 	"github.com/ferry-tunnel/ferry/proto"
 )
-
-// tlsRecords counts the TLS application data records read through it.
-type tlsRecords struct {
-	net.Conn
-	mu      sync.Mutex
-	hdr     []byte
-	skip    int
-	records int
-}
-
-func (c *tlsRecords) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for b := p[:n]; len(b) > 0; {
-		if c.skip > 0 {
-			k := min(c.skip, len(b))
-			c.skip, b = c.skip-k, b[k:]
-			continue
-		}
-		k := min(5-len(c.hdr), len(b))
-		c.hdr, b = append(c.hdr, b[:k]...), b[k:]
-		if len(c.hdr) == 5 {
-			if c.hdr[0] == 23 {
-				c.records++
-			}
-			c.skip, c.hdr = int(binary.BigEndian.Uint16(c.hdr[3:5])), c.hdr[:0]
-		}
-	}
-	return n, err
-}
-
-func (c *tlsRecords) count() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.records
-}
 
 // With the small buffers the relay's upgrade keeps, a batch of frames to
 // the agent still leaves in full TLS records, whole: a 12 KiB batch in one
@@ -112,7 +73,7 @@ func TestUpgradedConnSendsFullRecords(t *testing.T) {
 		<-done
 	}()
 
-	raws := make(chan *tlsRecords, 1)
+	raws := make(chan *testrig.TLSRecords, 1)
 	tr := &http.Transport{
 		TLSClientConfig: pki.ClientTLS(),
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -120,7 +81,7 @@ func TestUpgradedConnSendsFullRecords(t *testing.T) {
 			if err != nil {
 				return nil, err
 			}
-			rc := &tlsRecords{Conn: c}
+			rc := &testrig.TLSRecords{Conn: c}
 			raws <- rc
 			return rc, nil
 		},
@@ -136,7 +97,7 @@ func TestUpgradedConnSendsFullRecords(t *testing.T) {
 	raw := <-raws
 	ws.SetReadLimit(-1)
 	for i, batch := range batches {
-		before := raw.count()
+		before := raw.Records()
 		_, got, err := ws.Read(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -147,7 +108,7 @@ func TestUpgradedConnSendsFullRecords(t *testing.T) {
 		if !bytes.Equal(got, batch) {
 			t.Fatalf("agent received %d bytes, want the %d-byte batch", len(got), len(batch))
 		}
-		n := raw.count() - before
+		n := raw.Records() - before
 		if want := []int{1, 72}[i]; n > want {
 			t.Errorf("a %d-byte batch arrived in %d TLS records; want at most %d", len(batch), n, want)
 		}
