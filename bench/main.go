@@ -170,14 +170,18 @@ func (r *repeatReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func start(bin string, pprof bool) (*setup, error) {
+func start(bin string, pprof bool) (_ *setup, err error) {
 	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent"), pprof: pprof}
+	defer func() {
+		if err != nil { // no daemon outlives a failed start
+			s.stop()
+		}
+	}()
 	for _, b := range []string{s.relayBin, s.agentBin} {
 		if _, err := os.Stat(b); err != nil {
 			return nil, fmt.Errorf("%s missing: run make build", b)
 		}
 	}
-	var err error
 	if s.dir, err = os.MkdirTemp("", "ferry-bench-"); err != nil {
 		return nil, err
 	}
