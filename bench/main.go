@@ -392,7 +392,7 @@ func (s *setup) both(f func(c *http.Client, url func(string) string) (float64, e
 	return median(ds), median(fs), nil
 }
 
-// median sorts xs.
+// median is the middle of xs, which it sorts in place.
 func median(xs []float64) float64 {
 	if len(xs) == 0 {
 		return 0

@@ -82,7 +82,10 @@ func TestUpgradedConnSendsFullRecords(t *testing.T) {
 				return nil, err
 			}
 			rc := &testrig.TLSRecords{Conn: c}
-			raws <- rc
+			select { // a second dial, if any, is not counted
+			case raws <- rc:
+			default:
+			}
 			return rc, nil
 		},
 	}
