@@ -9,7 +9,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -25,9 +24,8 @@ var (
 	agentIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$`)
 )
 
-// handleConnect is the agent endpoint: authenticate, upgrade, handshake,
-// then hold the connection until it ends. The handler runs for the whole
-// life of the agent connection.
+// handleConnect is the agent endpoint: authenticate, upgrade, handshake;
+// the connection then lives on without this handler (see startAgent).
 func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	rid := httperr.NewRequestID()
 	w.Header().Set(httperr.RequestIDHeader, rid)
@@ -78,38 +76,48 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	if slot != nil {
 		cork = slot.Corker()
 	}
-	// The session outlives this handler, on a goroutine of its own: this
-	// one's stack grew deep in the TLS handshake, and an idle tunnel would
-	// keep it for months. The relay's sessions group owns it.
-	go func() {
-		defer r.sessions.Done()
-		if err := r.serveAgent(log.With("tunnel", t.id), t, ws, cork, req.RemoteAddr, th); err != nil {
-			log.Info("agent connection ended", "tunnel", t.id, "err", err)
-		}
-	}()
+	if err := r.startAgent(log.With("tunnel", t.id), t, ws, cork, req.RemoteAddr, th); err != nil {
+		log.Info("agent connection ended", "tunnel", t.id, "err", err)
+	}
 }
 
-func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork proto.Corker, remote string, th token.Hash) error {
-	ctx, cancel := context.WithCancel(r.life)
-	defer cancel()
-	conn := proto.WebSocketConn(ctx, ws, cork)
+// startAgent runs an upgraded agent connection's handshake and puts the
+// agent in its tunnel. It returns then: from here the connection runs
+// on yamux's goroutines, and the session tears itself down when it ends
+// (see agentSession). This goroutine, whose stack grew deep in the TLS
+// handshake, does not stay for the months a tunnel may live.
+func (r *Relay) startAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork proto.Corker, remote string, th token.Hash) error {
+	a := &agentSession{r: r, t: t, log: log}
+	out := proto.WebSocketConn(r.life, ws, cork)
+	conn := &sessionConn{out: out, closed: a.ended}
+	conn.in = proto.WatchFrames(out, a.frame)
 	// No pings from here: agents ping, and a silent agent is cut by the
 	// read deadline set after the hello (older agents get pinged).
 	sess, err := yamux.Server(conn, proto.YamuxConfig(log, 0))
 	if err != nil {
-		conn.Close() // also stops the conn's flusher
+		out.Close() // also stops the conn's flusher
+		r.sessions.Done()
 		return fmt.Errorf("start session: %w", err)
 	}
-	defer sess.Close()
+	a.sess = sess
+	established := false
+	defer func() {
+		if !established {
+			sess.Close()
+			r.sessions.Done()
+		}
+	}()
 
-	ac, rebalanced, err := r.handshake(ctx, t, sess, remote, th)
+	rebalanced, err := r.handshake(a, remote, th)
 	if err != nil {
 		r.metrics.AgentConnects.WithLabelValues(t.id, "handshake_failed").Inc()
 		log.Warn("agent handshake failed", "err", err)
 		return err
 	}
-	log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
-	if r.mayRebalance(ctx, rebalanced) {
+	ac := a.ac
+	a.log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
+	log = a.log
+	if r.mayRebalance(r.life, rebalanced) {
 		if !t.addUnlessSameAgent(ac) {
 			// Behind a load balancer the agent's reconnect likely lands on
 			// another replica, so one replica restart does not take the
@@ -126,62 +134,20 @@ func (r *Relay) serveAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork
 	} else {
 		t.add(ac)
 	}
+	established = true
 	r.metrics.AgentConnects.WithLabelValues(t.id, "accepted").Inc()
-	conns := r.metrics.AgentConnections.WithLabelValues(t.id)
-	conns.Inc()
-	defer conns.Dec()
+	r.metrics.AgentConnections.WithLabelValues(t.id).Inc()
 	r.syncRegistry(t)
-	defer func() {
-		t.remove(ac)
-		r.syncRegistry(t)
-	}()
 	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(ac.upstreamNames(), ","))
 	if ac.keepalive > 0 {
 		// Its pings (and their answers) keep load balancers from timing
 		// the tunnel out; two missed in a row, plus a grace, and it is
 		// gone (40 s at the default 15 s).
-		conn.SetReadIdle(2*ac.keepalive + min(ac.keepalive, proto.WriteTimeout))
-	} else {
-		var pinger sync.WaitGroup
-		defer pinger.Wait() // the session is closed by then
-		pinger.Go(func() { pingLoop(ctx, sess, r.cfg.Timeouts.Keepalive) })
+		out.SetReadIdle(2*ac.keepalive + min(ac.keepalive, proto.WriteTimeout))
 	}
-
-	// The control stream stays open; read it so that the agent's messages
-	// (and its closing) are noticed. Owned here: it ends with the session.
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			m, err := proto.ReadMessage(ac.ctrl)
-			if err != nil {
-				return
-			}
-			switch m.Type {
-			case proto.MsgDraining:
-				ac.draining.Store(true)
-				ac.send(proto.Message{Type: proto.MsgDraining})
-				r.syncRegistry(t)
-				log.Info("agent is draining; no new requests go to this connection", "in_flight", ac.inflight.Load())
-			case proto.MsgUpstreams:
-				ups, err := upstreamSet(m.Upstreams)
-				if err != nil {
-					log.Warn("agent announced invalid upstreams; keeping the previous list", "err", err)
-					continue
-				}
-				ac.upstreams.Store(&ups)
-				log.Info("agent announced new upstreams", "upstreams", strings.Join(ac.upstreamNames(), ","))
-			default:
-				log.Debug("control message from agent", "type", m.Type)
-			}
-		}
-	}()
-	// Agents open streams for webhook deliveries; served until the
-	// session ends.
-	r.acceptAgentStreams(ctx, log, t, sess)
-	sess.Close()
-	<-done
-	log.Info("agent disconnected", "served", ac.served.Load())
+	if !a.establish() {
+		a.finish() // it closed while joining the tunnel
+	}
 	return nil
 }
 
@@ -229,43 +195,47 @@ func (r *Relay) syncRegistry(t *tunnel) {
 	}
 }
 
-// handshake reads the agent's hello on its control stream and answers.
-// rebalanced is the hello's count of rebalance goaways in a row.
-func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, remote string, th token.Hash) (*agentConn, int, error) {
-	hctx, cancel := context.WithTimeout(ctx, r.cfg.Timeouts.AgentHandshake)
+// handshake reads the agent's hello on its control stream and answers,
+// setting a.ac. It returns the hello's count of rebalance goaways in a
+// row.
+func (r *Relay) handshake(a *agentSession, remote string, th token.Hash) (int, error) {
+	t, sess := a.t, a.sess
+	hctx, cancel := context.WithTimeout(r.life, r.cfg.Timeouts.AgentHandshake)
 	defer cancel()
 	ctrl, err := sess.AcceptStreamWithContext(hctx)
 	if err != nil {
-		return nil, 0, fmt.Errorf("wait for control stream: %w", err)
+		return 0, fmt.Errorf("wait for control stream: %w", err)
 	}
+	a.accepted = 1
+	a.ctrl.s = ctrl
 	ctrl.SetDeadline(time.Now().Add(r.cfg.Timeouts.AgentHandshake))
-	hdr, err := proto.ReadHeader(ctrl)
+	hdr, err := proto.ReadHeader(&a.ctrl)
 	if err != nil {
-		return nil, 0, err
+		return 0, err
 	}
 	if hdr.Kind != proto.KindControl {
-		return nil, 0, fmt.Errorf("first stream is %s, want control", hdr.Kind)
+		return 0, fmt.Errorf("first stream is %s, want control", hdr.Kind)
 	}
-	hello, err := proto.ReadMessage(ctrl)
+	hello, err := proto.ReadMessage(&a.ctrl)
 	if err != nil {
-		return nil, 0, err
+		return 0, err
 	}
 	reject := func(reason string) error {
 		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgReject, Reason: reason})
 		return errors.New("rejected hello: " + reason)
 	}
 	if hello.Type != proto.MsgHello {
-		return nil, 0, reject("first control message must be hello, got " + hello.Type)
+		return 0, reject("first control message must be hello, got " + hello.Type)
 	}
 	if !agentIDRE.MatchString(hello.AgentID) {
-		return nil, 0, reject("agent_id must be 1-128 letters, digits or ._@:-")
+		return 0, reject("agent_id must be 1-128 letters, digits or ._@:-")
 	}
 	ups, err := upstreamSet(hello.Upstreams)
 	if err != nil {
-		return nil, 0, reject(err.Error())
+		return 0, reject(err.Error())
 	}
 	if len(hello.Version) > 64 || !agentIDRE.MatchString("v"+hello.Version) {
-		return nil, 0, reject("version must be up to 64 letters, digits or ._@:-")
+		return 0, reject("version must be up to 64 letters, digits or ._@:-")
 	}
 	ac := &agentConn{
 		id:          httperr.NewRequestID(),
@@ -279,15 +249,16 @@ func (r *Relay) handshake(ctx context.Context, t *tunnel, sess *yamux.Session, r
 		ctrl:        ctrl,
 	}
 	if hello.KeepaliveMS < 0 || hello.KeepaliveMS > 10*60*1000 {
-		return nil, 0, reject("keepalive_ms must be 0-600000")
+		return 0, reject("keepalive_ms must be 0-600000")
 	}
 	ac.keepalive = time.Duration(hello.KeepaliveMS) * time.Millisecond
 	ac.upstreams.Store(&ups)
 	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: r.id, Tunnel: t.id, ConnectionID: ac.id}); err != nil {
-		return nil, 0, err
+		return 0, err
 	}
 	ctrl.SetDeadline(time.Time{})
-	return ac, hello.Rebalanced, nil
+	a.ac = ac
+	return hello.Rebalanced, nil
 }
 
 // upstreamSet validates the upstream names an agent announces.

@@ -77,6 +77,15 @@ func (c *countingConn) Read(p []byte) (int, error) {
 // bytes received after the welcome.
 func fakeAgent(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration) (*yamux.Session, *atomic.Int64) {
 	t.Helper()
+	sess, _, n := fakeAgentCtrl(t, r, keepaliveMS, ping)
+	return sess, n
+}
+
+// fakeAgentCtrl is fakeAgent returning the control stream too; early
+// are control messages written right behind the hello, before the
+// welcome.
+func fakeAgentCtrl(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration, early ...proto.Message) (*yamux.Session, *yamux.Stream, *atomic.Int64) {
+	t.Helper()
 	tun := r.auth.Load().tunnels["t"]
 	before := len(tun.snapshot())
 	ctx, cancel := context.WithCancel(context.Background())
@@ -106,8 +115,10 @@ func fakeAgent(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration) (*
 		t.Fatal(err)
 	}
 	hello := proto.Message{Type: proto.MsgHello, AgentID: "fake", Version: "test", Upstreams: []string{"bitbucket"}, KeepaliveMS: keepaliveMS}
-	if err := proto.WriteMessage(ctrl, hello); err != nil {
-		t.Fatal(err)
+	for _, m := range append([]proto.Message{hello}, early...) {
+		if err := proto.WriteMessage(ctrl, m); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if m, err := proto.ReadMessage(ctrl); err != nil || m.Type != proto.MsgWelcome {
 		t.Fatalf("hello answered with %q, %v", m.Type, err)
@@ -121,7 +132,7 @@ func fakeAgent(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration) (*
 		time.Sleep(5 * time.Millisecond)
 	}
 	conn.n.Store(0)
-	return sess, &conn.n
+	return sess, ctrl, &conn.n
 }
 
 func closedWithin(sess *yamux.Session, d time.Duration) bool {

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -45,36 +44,6 @@ func newWebhookClient() *http.Client {
 			IdleConnTimeout:       90 * time.Second,
 		},
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-	}
-}
-
-// acceptAgentStreams serves the streams an agent opens (webhook
-// deliveries) until the session ends, then waits for those in flight.
-func (r *Relay) acceptAgentStreams(ctx context.Context, log *slog.Logger, t *tunnel, sess *yamux.Session) {
-	ctx, cancel := context.WithCancel(ctx)
-	sem := make(chan struct{}, maxWebhookStreams)
-	var wg sync.WaitGroup
-	defer func() {
-		cancel() // the agent is gone: its answer cannot be delivered
-		wg.Wait()
-	}()
-	for {
-		s, err := sess.AcceptStream()
-		if err != nil {
-			return
-		}
-		select {
-		case sem <- struct{}{}:
-		default:
-			log.Warn("agent has too many webhook deliveries in flight; refusing this one (the agent retries)", "limit", maxWebhookStreams)
-			s.Close()
-			continue
-		}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			r.serveWebhook(ctx, log, t, s)
-		}()
 	}
 }
 

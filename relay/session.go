@@ -1,0 +1,273 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// agentSession is the relay's side of one agent connection once the
+// hello is done. Nothing waits on an idle one: the session's conn tells it
+// (through a proto.FrameWatch) when the agent opens a stream or writes on
+// its control stream, and a worker goroutine runs only until it has caught
+// up with that. When the conn closes, the session tears itself down. An
+// idle agent so costs yamux's two goroutines, not four: at thousands of
+// agents per relay, stacks are most of the memory.
+type agentSession struct {
+	r    *Relay
+	t    *tunnel
+	ac   *agentConn
+	log  *slog.Logger
+	sess *yamux.Session
+
+	// Written by the watch (yamux's receive loop), read by the worker.
+	ctrlID   uint32       // the agent's first stream, its control stream; watch only
+	opened   atomic.Int64 // streams the agent opened, the control stream included
+	ctrlSeen atomic.Int64 // bytes that arrived for the control stream
+
+	// The worker's own; the handshake's before the session is established.
+	accepted int64 // streams taken from yamux, the control stream included
+	ctrl     countingReader
+	ctrlDone bool // the control stream ended or was unreadable
+
+	webhooks atomic.Int32 // deliveries in flight
+
+	mu          sync.Mutex
+	established bool // handshake done; the worker may run
+	gone        bool // the conn closed
+	running     bool // a worker goroutine is running
+	kicked      bool // something arrived since the worker last looked
+	webhookCtx  context.Context
+	stopHooks   context.CancelFunc
+	wg          sync.WaitGroup // the worker, webhook deliveries, a pinger
+}
+
+// countingReader counts what the relay has read of the control stream,
+// so the worker knows when it has read everything that arrived.
+type countingReader struct {
+	s *yamux.Stream
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.s.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// sessionConn is what an agent's yamux session reads and writes: frames
+// watched on the way in, batched on the way out. yamux closes it once,
+// when the session ends.
+type sessionConn struct {
+	in     *proto.FrameWatch
+	out    *proto.BatchConn
+	closed func()
+	once   sync.Once
+}
+
+func (c *sessionConn) Read(p []byte) (int, error)  { return c.in.Read(p) }
+func (c *sessionConn) Write(p []byte) (int, error) { return c.out.Write(p) }
+func (c *sessionConn) Close() error {
+	err := c.out.Close()
+	c.once.Do(c.closed)
+	return err
+}
+
+// frame is the watch: it runs on yamux's receive loop for each incoming
+// frame header, before yamux handles the frame, and must not block.
+func (a *agentSession) frame(h proto.FrameHeader) {
+	switch {
+	case h.Opens():
+		if a.ctrlID == 0 {
+			a.ctrlID = h.StreamID // yamux hands out streams in the order they open
+		}
+		a.opened.Add(1)
+	case h.IsData() && h.Length > 0 && h.StreamID == a.ctrlID:
+		a.ctrlSeen.Add(int64(h.Length))
+	default:
+		return
+	}
+	a.kick()
+}
+
+// kick makes sure a worker will look at what arrived.
+func (a *agentSession) kick() {
+	a.mu.Lock()
+	a.kicked = true
+	start := a.established && !a.gone && !a.running
+	if start {
+		a.running = true
+		a.wg.Add(1)
+	}
+	a.mu.Unlock()
+	if start {
+		go a.work()
+	}
+}
+
+// work serves what arrived, and returns when nothing more has.
+func (a *agentSession) work() {
+	defer a.wg.Done()
+	for {
+		a.mu.Lock()
+		if !a.kicked || a.gone {
+			a.running = false
+			a.mu.Unlock()
+			return
+		}
+		a.kicked = false
+		a.mu.Unlock()
+		a.acceptStreams()
+		a.readControl()
+	}
+}
+
+// acceptWait bounds waiting for a stream the watch saw opened: yamux
+// refuses one (resets it) when its backlog is full, and then it never
+// comes.
+const acceptWait = 5 * time.Second
+
+// acceptStreams takes the streams the agent opened (webhook deliveries)
+// from yamux and serves each on a goroutine of its own.
+func (a *agentSession) acceptStreams() {
+	for a.accepted < a.opened.Load() {
+		ctx, cancel := context.WithTimeout(a.r.life, acceptWait)
+		s, err := a.sess.AcceptStreamWithContext(ctx)
+		cancel()
+		a.accepted++
+		if err != nil {
+			if a.sess.IsClosed() || a.r.life.Err() != nil {
+				return
+			}
+			a.log.Debug("a stream the agent opened was refused by yamux (backlog full)", "err", err)
+			continue
+		}
+		if a.webhooks.Add(1) > maxWebhookStreams {
+			a.webhooks.Add(-1)
+			a.log.Warn("agent has too many webhook deliveries in flight; refusing this one (the agent retries)", "limit", maxWebhookStreams)
+			s.Close()
+			continue
+		}
+		ctx, ok := a.hookContext()
+		if !ok {
+			a.webhooks.Add(-1)
+			s.Close()
+			return
+		}
+		a.wg.Go(func() {
+			defer a.webhooks.Add(-1)
+			a.r.serveWebhook(ctx, a.log, a.t, s)
+		})
+	}
+}
+
+// hookContext is the context webhook deliveries run under: it ends when
+// the agent is gone, as its answer can no longer be delivered. Made on
+// the first delivery; false once the session is over.
+func (a *agentSession) hookContext() (context.Context, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.gone {
+		return nil, false
+	}
+	if a.webhookCtx == nil {
+		a.webhookCtx, a.stopHooks = context.WithCancel(a.r.life)
+	}
+	return a.webhookCtx, true
+}
+
+// readControl reads the control messages that arrived. A message the
+// watch has seen only part of is waited for: the rest is on its way.
+func (a *agentSession) readControl() {
+	for !a.ctrlDone && a.ctrl.n < a.ctrlSeen.Load() {
+		m, err := proto.ReadMessage(&a.ctrl)
+		if err != nil {
+			a.ctrlDone = true
+			if !a.sess.IsClosed() && !errors.Is(err, io.EOF) {
+				a.log.Warn("unreadable control message from agent; no longer reading its control stream", "err", err)
+			}
+			return
+		}
+		a.handleControl(m)
+	}
+}
+
+func (a *agentSession) handleControl(m proto.Message) {
+	ac := a.ac
+	switch m.Type {
+	case proto.MsgDraining:
+		ac.draining.Store(true)
+		ac.send(proto.Message{Type: proto.MsgDraining})
+		a.r.syncRegistry(a.t)
+		a.log.Info("agent is draining; no new requests go to this connection", "in_flight", ac.inflight.Load())
+	case proto.MsgUpstreams:
+		ups, err := upstreamSet(m.Upstreams)
+		if err != nil {
+			a.log.Warn("agent announced invalid upstreams; keeping the previous list", "err", err)
+			return
+		}
+		ac.upstreams.Store(&ups)
+		a.log.Info("agent announced new upstreams", "upstreams", strings.Join(ac.upstreamNames(), ","))
+	default:
+		a.log.Debug("control message from agent", "type", m.Type)
+	}
+}
+
+// establish hands the session over to its watch once the agent is in the
+// tunnel. It reports false if the conn closed first; the caller then
+// tears down.
+func (a *agentSession) establish() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.gone {
+		return false
+	}
+	a.established = true
+	if a.ac.keepalive == 0 {
+		// An older agent that does not ping is pinged.
+		a.wg.Go(func() { pingLoop(a.r.life, a.sess, a.r.cfg.Timeouts.Keepalive) })
+	}
+	// What arrived during the handshake (a draining message, a webhook
+	// delivery) is served now.
+	if a.kicked && !a.running {
+		a.running = true
+		a.wg.Add(1)
+		go a.work()
+	}
+	return true
+}
+
+// ended is the conn's close: it runs once, inside yamux's Session.Close,
+// so the teardown gets a goroutine of its own.
+func (a *agentSession) ended() {
+	a.mu.Lock()
+	a.gone = true
+	est := a.established
+	if a.stopHooks != nil {
+		a.stopHooks()
+	}
+	a.mu.Unlock()
+	if est {
+		go a.finish()
+	}
+}
+
+// finish takes an established connection out of its tunnel once the
+// session is over and everything it started has stopped.
+func (a *agentSession) finish() {
+	defer a.r.sessions.Done()
+	a.wg.Wait()
+	a.t.remove(a.ac)
+	a.r.syncRegistry(a.t)
+	a.r.metrics.AgentConnections.WithLabelValues(a.t.id).Dec()
+	a.log.Info("agent disconnected", "served", a.ac.served.Load())
+}

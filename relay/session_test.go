@@ -1,0 +1,134 @@
+package relay
+
+import (
+	"bytes"
+	"io"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/proto"
+)
+
+// settledGoroutines waits (bounded) for the goroutine count to come down
+// to at most want, and returns the last count seen.
+func settledGoroutines(want int) int {
+	n := runtime.NumGoroutine()
+	for deadline := time.Now().Add(time.Second); n > want && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+		n = runtime.NumGoroutine()
+	}
+	return n
+}
+
+// An idle agent connection costs the relay yamux's two goroutines and
+// nothing else: no handler, no control reader, no stream acceptor parked
+// for the months a tunnel lives. (The fake agents here, in the same
+// process, run two each: yamux's, without pings.)
+func TestIdleAgentCostsTheRelayTwoGoroutines(t *testing.T) {
+	r := startPlainRelay(t, "1m")
+	fakeAgent(t, r, 15000, 0) // the relay's own goroutines are all up by now
+	base := steadyGoroutines()
+	const agents = 8
+	for range agents {
+		fakeAgent(t, r, 15000, 0)
+	}
+	if n := settledGoroutines(base + agents*4); n > base+agents*4 {
+		buf := make([]byte, 1<<20)
+		t.Fatalf("%d idle agents hold %.1f goroutines each (relay and fake agent together), want 4:\n%s",
+			agents, float64(n-base)/agents, buf[:runtime.Stack(buf, true)])
+	}
+}
+
+// Control messages an idle agent sends are read, including one that
+// arrives in pieces, and the relay answers a draining agent.
+func TestIdleAgentControlMessagesAreRead(t *testing.T) {
+	r := startPlainRelay(t, "1m")
+	_, ctrl, _ := fakeAgentCtrl(t, r, 15000, 0)
+	ac := r.auth.Load().tunnels["t"].snapshot()[0]
+	time.Sleep(100 * time.Millisecond) // idle: nothing of the relay's waits on the stream
+
+	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgUpstreams, Upstreams: []string{"bitbucket", "jira"}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the announced upstreams", func() bool { return slices.Equal(ac.upstreamNames(), []string{"bitbucket", "jira"}) })
+
+	var msg bytes.Buffer
+	proto.WriteMessage(&msg, proto.Message{Type: proto.MsgDraining})
+	ctrl.Write(msg.Bytes()[:3])
+	time.Sleep(100 * time.Millisecond)
+	ctrl.Write(msg.Bytes()[3:])
+	ctrl.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if m, err := proto.ReadMessage(ctrl); err != nil || m.Type != proto.MsgDraining {
+		t.Fatalf("a draining agent got %q, %v; want the relay's draining answer", m.Type, err)
+	}
+	if !ac.draining.Load() {
+		t.Fatal("relay still routes to a draining agent")
+	}
+}
+
+// A control message written right behind the hello, while the relay is
+// still busy with the handshake, is not lost.
+func TestControlMessageBehindTheHelloIsRead(t *testing.T) {
+	r := startPlainRelay(t, "1m")
+	fakeAgentCtrl(t, r, 15000, 0, proto.Message{Type: proto.MsgUpstreams, Upstreams: []string{"jira"}})
+	ac := r.auth.Load().tunnels["t"].snapshot()[0]
+	waitFor(t, "the upstreams announced behind the hello", func() bool { return slices.Equal(ac.upstreamNames(), []string{"jira"}) })
+}
+
+// Streams an idle agent opens are taken and served (here: refused as not
+// webhook deliveries), many at once, and what served them ends after.
+func TestStreamsAnIdleAgentOpensAreServed(t *testing.T) {
+	r := startPlainRelay(t, "1m")
+	sess, _ := fakeAgent(t, r, 15000, 0)
+	base := runtime.NumGoroutine()
+	var streams []*yamux.Stream
+	for range 40 { // more than maxWebhookStreams
+		s, err := sess.OpenStream()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := proto.WriteHeader(s, proto.Header{Kind: proto.KindHTTP, Upstream: "bitbucket"}); err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, s)
+	}
+	for i, s := range streams {
+		s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := io.Copy(io.Discard, s); err != nil || n != 0 {
+			t.Fatalf("stream %d: relay answered %d bytes, %v; want it closed unanswered", i, n, err)
+		}
+		s.Close()
+	}
+	if n := settledGoroutines(base); n > base {
+		t.Fatalf("%d goroutines more than before the streams, once all were served", n-base)
+	}
+}
+
+// steadyGoroutines waits (bounded) for the goroutine count to hold still
+// for 100 ms, and returns it.
+func steadyGoroutines() int {
+	n := runtime.NumGoroutine()
+	for i := 0; i < 50; i++ {
+		time.Sleep(100 * time.Millisecond)
+		m := runtime.NumGoroutine()
+		if m == n {
+			break
+		}
+		n = m
+	}
+	return n
+}
+
+func waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !ok(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
