@@ -74,7 +74,7 @@ func TestAgentSIGTERMDrainsSlowDownload(t *testing.T) {
 	base := "http://" + started["scanner_listen"].(string) + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
 	agentProc := startProc(t, "agent", agentBin, "--config", w.write("agent.yaml", w.agentYAML(started["agent_listen"].(string), "")))
 	agentProc.waitLog("connected to relay")
-	waitFor(t, "both connections", func() bool { return len(agentProcLogs(agentProc, "connected to relay")) == 2 })
+	waitFor(t, "both connections", func() bool { return len(procLogs(agentProc, "connected to relay")) == 2 })
 
 	client := newClient()
 	defer client.CloseIdleConnections()
@@ -88,8 +88,12 @@ func TestAgentSIGTERMDrainsSlowDownload(t *testing.T) {
 	}
 	agentProc.cmd.Process.Signal(syscall.SIGTERM)
 	agentProc.waitLog("agent draining: no new requests; waiting for those in flight")
-
-	// New requests during the drain are refused at once, not queued.
+	// A request the relay routed before the agent's word arrived is
+	// served (the agent loses nothing on its way); once the relay has it
+	// on both connections, new requests are refused at once, not queued.
+	waitFor(t, "the relay to take both connections out of routing", func() bool {
+		return len(procLogs(relayProc, "agent is draining; no new requests go to this connection")) == 2
+	})
 	start := time.Now()
 	during := startRawGET(t, client, base, scannerToken)
 	io.Copy(io.Discard, during.Body)
@@ -115,7 +119,7 @@ func TestAgentSIGTERMDrainsSlowDownload(t *testing.T) {
 	relayProc.signal(syscall.SIGTERM)
 }
 
-func agentProcLogs(p *proc, msg string) []map[string]any {
+func procLogs(p *proc, msg string) []map[string]any {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var out []map[string]any
@@ -178,7 +182,7 @@ func TestOneOfTwoAgentsDiesMidLoad(t *testing.T) {
 	agentA := startProc(t, "agent-a", agentBin, "--config", w.write("agent-a.yaml", strings.Replace(cfg, "agent_id: test-agent", "agent_id: agent-a", 1)))
 	agentB := startProc(t, "agent-b", agentBin, "--config", w.write("agent-b.yaml", strings.Replace(cfg, "agent_id: test-agent", "agent_id: agent-b", 1)))
 	waitFor(t, "four connections", func() bool {
-		return len(agentProcLogs(agentA, "connected to relay"))+len(agentProcLogs(agentB, "connected to relay")) == 4
+		return len(procLogs(agentA, "connected to relay"))+len(procLogs(agentB, "connected to relay")) == 4
 	})
 	url := "http://" + started["scanner_listen"].(string) + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app/branches"
 	const workers = 8

@@ -121,7 +121,7 @@ func TestScaleOutWithRedis(t *testing.T) {
 	agentCfg := w.write("agent-direct.yaml", w.agentYAML(a.agentAddr, ""))
 	agentProc := startProc(t, "agent", agentBin, "--config", agentCfg)
 	waitFor(t, "two connections on A", func() bool { return a.connections(t) == 2 })
-	if n := len(agentProcLogs(agentProc, "reconnecting after goaway")); n < 3 {
+	if n := len(procLogs(agentProc, "reconnecting after goaway")); n < 3 {
 		t.Errorf("agent was asked to rebalance %d times, want 3 before A keeps it", n)
 	}
 	// Scanner on B: REST and a real git clone go through A.
