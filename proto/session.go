@@ -253,16 +253,5 @@ func (b *BatchConn) Close() error {
 // (CloseNow): yamux closes its conn when a session dies, often because the
 // peer is gone, and a close handshake would then block for up to 10 s.
 func WebSocketConn(ctx context.Context, c *websocket.Conn, cork Corker) *BatchConn {
-	return Coalesce(closeNowConn{websocket.NetConn(ctx, c, websocket.MessageBinary), c}, cork)
-}
-
-type closeNowConn struct {
-	net.Conn
-	ws *websocket.Conn
-}
-
-func (c closeNowConn) Close() error {
-	err := c.ws.CloseNow()
-	c.Conn.Close()
-	return err
+	return Coalesce(newWSConn(ctx, c), cork)
 }
