@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -76,7 +76,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	if slot != nil {
 		cork = slot.Corker()
 	}
-	if err := r.startAgent(log.With("tunnel", t.id), t, ws, cork, req.RemoteAddr, th); err != nil {
+	if err := r.startAgent(newAgentSession(r, t, req.RemoteAddr, rid), ws, cork, th); err != nil {
 		log.Info("agent connection ended", "tunnel", t.id, "err", err)
 	}
 }
@@ -86,8 +86,8 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 // on yamux's goroutines, and the session tears itself down when it ends
 // (see agentSession). This goroutine, whose stack grew deep in the TLS
 // handshake, does not stay for the months a tunnel may live.
-func (r *Relay) startAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork proto.Corker, remote string, th token.Hash) error {
-	a := &agentSession{r: r, t: t, log: log}
+func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corker, th token.Hash) error {
+	t, log := a.t, a.log
 	out := proto.WebSocketConn(r.life, ws, cork)
 	conn := &sessionConn{out: out, closed: a.ended}
 	conn.in = proto.WatchFrames(out, a.frame)
@@ -108,15 +108,14 @@ func (r *Relay) startAgent(log *slog.Logger, t *tunnel, ws *websocket.Conn, cork
 		}
 	}()
 
-	rebalanced, err := r.handshake(a, remote, th)
+	rebalanced, err := r.handshake(a, th)
 	if err != nil {
 		r.metrics.AgentConnects.WithLabelValues(t.id, "handshake_failed").Inc()
 		log.Warn("agent handshake failed", "err", err)
 		return err
 	}
 	ac := a.ac
-	a.log = log.With("connection_id", ac.id, "agent_id", ac.agentID)
-	log = a.log
+	a.who.Store(ac)
 	if r.mayRebalance(r.life, rebalanced) {
 		if !t.addUnlessSameAgent(ac) {
 			// Behind a load balancer the agent's reconnect likely lands on
@@ -198,7 +197,7 @@ func (r *Relay) syncRegistry(t *tunnel) {
 // handshake reads the agent's hello on its control stream and answers,
 // setting a.ac. It returns the hello's count of rebalance goaways in a
 // row.
-func (r *Relay) handshake(a *agentSession, remote string, th token.Hash) (int, error) {
+func (r *Relay) handshake(a *agentSession, th token.Hash) (int, error) {
 	t, sess := a.t, a.sess
 	hctx, cancel := context.WithTimeout(r.life, r.cfg.Timeouts.AgentHandshake)
 	defer cancel()
@@ -242,7 +241,7 @@ func (r *Relay) handshake(a *agentSession, remote string, th token.Hash) (int, e
 		tunnel:      t,
 		agentID:     hello.AgentID,
 		version:     hello.Version,
-		remote:      remote,
+		remote:      a.remote,
 		tokenHash:   th,
 		connectedAt: time.Now(),
 		sess:        sess,
@@ -257,23 +256,27 @@ func (r *Relay) handshake(a *agentSession, remote string, th token.Hash) (int, e
 		return 0, err
 	}
 	ctrl.SetDeadline(time.Time{})
+	ctrl.Shrink() // the hello's buffer; see readControl
 	a.ac = ac
 	return hello.Rebalanced, nil
 }
 
-// upstreamSet validates the upstream names an agent announces.
-func upstreamSet(names []string) (map[string]bool, error) {
+// upstreamSet validates the upstream names an agent announces and
+// returns them sorted, without repeats. A sorted slice, not a map: an
+// agent announces a few names, and a small map costs ten times the bytes,
+// times thousands of agents.
+func upstreamSet(names []string) ([]string, error) {
 	if len(names) == 0 || len(names) > 64 {
 		return nil, errors.New("an agent must announce 1-64 upstreams")
 	}
-	ups := map[string]bool{}
 	for _, u := range names {
 		if !nameRE.MatchString(u) {
 			return nil, fmt.Errorf("upstream name %q is invalid", u)
 		}
-		ups[u] = true
 	}
-	return ups, nil
+	ups := slices.Clone(names)
+	slices.Sort(ups)
+	return slices.Clip(slices.Compact(ups)), nil
 }
 
 func (r *Relay) tunnelForAgent(h token.Hash) *tunnel {

@@ -23,11 +23,14 @@ import (
 // idle agent so costs yamux's two goroutines, not four: at thousands of
 // agents per relay, stacks are most of the memory.
 type agentSession struct {
-	r    *Relay
-	t    *tunnel
-	ac   *agentConn
-	log  *slog.Logger
-	sess *yamux.Session
+	r      *Relay
+	t      *tunnel
+	ac     *agentConn
+	remote string
+	rid    string // the upgrade request's id
+	log    *slog.Logger
+	who    atomic.Pointer[agentConn] // ac, for log lines, once the hello is done
+	sess   *yamux.Session
 
 	// Written by the watch (yamux's receive loop), read by the worker.
 	ctrlID   uint32       // the agent's first stream, its control stream; watch only
@@ -50,6 +53,37 @@ type agentSession struct {
 	stopHooks   context.CancelFunc
 	wg          sync.WaitGroup // the worker, webhook deliveries, a pinger
 }
+
+// newAgentSession is the session of an upgraded connection from remote
+// (request id rid) to tunnel t, before its hello.
+func newAgentSession(r *Relay, t *tunnel, remote, rid string) *agentSession {
+	a := &agentSession{r: r, t: t, remote: remote, rid: rid}
+	a.log = slog.New(sessionLog{a})
+	return a
+}
+
+// sessionLog is an agent session's log handler: it adds the connection's
+// attributes when a line is written. slog's With would keep them
+// formatted, in a handler copy per logger: most of a kilobyte for each of
+// thousands of idle agents, for lines that come rarely.
+type sessionLog struct{ a *agentSession }
+
+func (h sessionLog) handler() slog.Handler {
+	attrs := []slog.Attr{slog.String("remote", h.a.remote), slog.String("request_id", h.a.rid), slog.String("tunnel", h.a.t.id)}
+	if ac := h.a.who.Load(); ac != nil {
+		attrs = append(attrs, slog.String("connection_id", ac.id), slog.String("agent_id", ac.agentID))
+	}
+	return h.a.r.log.Handler().WithAttrs(attrs)
+}
+
+func (h sessionLog) Enabled(ctx context.Context, l slog.Level) bool {
+	return h.a.r.log.Handler().Enabled(ctx, l)
+}
+func (h sessionLog) Handle(ctx context.Context, rec slog.Record) error {
+	return h.handler().Handle(ctx, rec)
+}
+func (h sessionLog) WithAttrs(as []slog.Attr) slog.Handler { return h.handler().WithAttrs(as) }
+func (h sessionLog) WithGroup(name string) slog.Handler    { return h.handler().WithGroup(name) }
 
 // countingReader counts what the relay has read of the control stream,
 // so the worker knows when it has read everything that arrived.
@@ -199,6 +233,9 @@ func (a *agentSession) readControl() {
 		}
 		a.handleControl(m)
 	}
+	// yamux keeps a stream's receive buffer, sized by the largest frame
+	// it held, until told: an idle agent's control stream holds nothing.
+	a.ctrl.s.Shrink()
 }
 
 func (a *agentSession) handleControl(m proto.Message) {

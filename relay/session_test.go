@@ -2,9 +2,12 @@ package relay
 
 import (
 	"bytes"
+	"encoding/json"
 	"io"
+	"log/slog"
 	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,5 +133,60 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 			t.Fatalf("gave up waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Announced upstreams are kept sorted and without repeats; routing finds
+// exactly those.
+func TestAnnouncedUpstreams(t *testing.T) {
+	ups, err := upstreamSet([]string{"jira", "bitbucket", "jira", "artifactory"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &agentConn{}
+	c.upstreams.Store(&ups)
+	if got := c.upstreamNames(); !slices.Equal(got, []string{"artifactory", "bitbucket", "jira"}) {
+		t.Fatalf("upstreams %v", got)
+	}
+	for name, want := range map[string]bool{"bitbucket": true, "jira": true, "artifactory": true, "bitbucke": false, "": false, "zz": false} {
+		if c.serves(name) != want {
+			t.Errorf("serves(%q) = %v, want %v", name, !want, want)
+		}
+	}
+	for _, bad := range [][]string{nil, {"Bad Name"}, {"ok", "../x"}} {
+		if _, err := upstreamSet(bad); err == nil {
+			t.Errorf("upstreams %q accepted", bad)
+		}
+	}
+}
+
+// An agent session's log lines carry the connection's attributes, and
+// the agent's once its hello is done.
+func TestSessionLogLinesNameTheConnection(t *testing.T) {
+	var buf bytes.Buffer
+	r := &Relay{log: slog.New(slog.NewJSONHandler(&buf, nil))}
+	a := newAgentSession(r, &tunnel{id: "t1"}, "192.0.2.7:5000", "rid-1")
+	a.log.Info("before hello")
+	a.who.Store(&agentConn{id: "conn-1", agentID: "broker-a"})
+	a.log.With("delivery_id", "d1").Info("after hello")
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("log: %q", buf.String())
+	}
+	var first, second map[string]any
+	json.Unmarshal([]byte(lines[0]), &first)
+	json.Unmarshal([]byte(lines[1]), &second)
+	for k, v := range map[string]any{"remote": "192.0.2.7:5000", "request_id": "rid-1", "tunnel": "t1"} {
+		if first[k] != v || second[k] != v {
+			t.Errorf("%s: %v and %v, want %v", k, first[k], second[k], v)
+		}
+	}
+	if _, ok := first["agent_id"]; ok {
+		t.Errorf("agent id logged before the hello: %v", first)
+	}
+	for k, v := range map[string]any{"connection_id": "conn-1", "agent_id": "broker-a", "delivery_id": "d1"} {
+		if second[k] != v {
+			t.Errorf("%s: %v, want %v", k, second[k], v)
+		}
 	}
 }

@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -31,7 +30,7 @@ type agentConn struct {
 	tunnel      *tunnel
 	agentID     string
 	version     string
-	upstreams   atomic.Pointer[map[string]bool] // replaced when the agent reloads
+	upstreams   atomic.Pointer[[]string] // sorted (upstreamSet); replaced when the agent reloads
 	remote      string
 	tokenHash   token.Hash // which agent token opened it (revocation on reload)
 	connectedAt time.Time
@@ -116,12 +115,14 @@ func (t *tunnel) snapshot() []*agentConn {
 }
 
 // serves reports whether the agent announced this upstream.
-func (c *agentConn) serves(upstream string) bool { return (*c.upstreams.Load())[upstream] }
-
-// upstreamNames lists the announced upstreams, sorted.
-func (c *agentConn) upstreamNames() []string {
-	return slices.Sorted(maps.Keys(*c.upstreams.Load()))
+func (c *agentConn) serves(upstream string) bool {
+	_, ok := slices.BinarySearch(*c.upstreams.Load(), upstream)
+	return ok
 }
+
+// upstreamNames lists the announced upstreams, sorted. The slice is
+// shared: callers read it only.
+func (c *agentConn) upstreamNames() []string { return *c.upstreams.Load() }
 
 // goAway tells the agent to reconnect elsewhere; this connection gets no
 // new streams, and those in flight finish on it.
