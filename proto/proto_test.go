@@ -94,7 +94,7 @@ func TestControlRoundTripAndLimits(t *testing.T) {
 	}
 }
 
-// recordConn records each Write as one message, like websocket.NetConn.
+// recordConn records each Write as one message, like wsConn.
 type recordConn struct {
 	net.Conn
 	mu     sync.Mutex
