@@ -114,8 +114,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 		log.Warn("agent handshake failed", "err", err)
 		return err
 	}
-	ac := a.ac
-	a.who.Store(ac)
+	ac := a.ac.Load()
 	if r.mayRebalance(r.life, rebalanced) {
 		if !t.addUnlessSameAgent(ac) {
 			// Behind a load balancer the agent's reconnect likely lands on
@@ -257,7 +256,7 @@ func (r *Relay) handshake(a *agentSession, th token.Hash) (int, error) {
 	}
 	ctrl.SetDeadline(time.Time{})
 	ctrl.Shrink() // the hello's buffer; see readControl
-	a.ac = ac
+	a.ac.Store(ac)
 	return hello.Rebalanced, nil
 }
 

@@ -15,22 +15,23 @@ import (
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// agentSession is the relay's side of one agent connection once the
-// hello is done. Nothing waits on an idle one: the session's conn tells it
+// agentSession is the relay's side of one agent connection. Once the
+// hello is done nothing waits on an idle one: the session's conn tells it
 // (through a proto.FrameWatch) when the agent opens a stream or writes on
 // its control stream, and a worker goroutine runs only until it has caught
 // up with that. When the conn closes, the session tears itself down. An
-// idle agent so costs yamux's two goroutines, not four: at thousands of
-// agents per relay, stacks are most of the memory.
+// idle agent so costs yamux's two goroutines, not four: a parked goroutine
+// keeps a 2-8 KiB stack, times thousands of agents per relay.
 type agentSession struct {
 	r      *Relay
 	t      *tunnel
-	ac     *agentConn
 	remote string
 	rid    string // the upgrade request's id
 	log    *slog.Logger
-	who    atomic.Pointer[agentConn] // ac, for log lines, once the hello is done
 	sess   *yamux.Session
+	// ac is the agent as its hello describes it; atomic because log lines
+	// (yamux's too) may be written while the handshake sets it.
+	ac atomic.Pointer[agentConn]
 
 	// Written by the watch (yamux's receive loop), read by the worker.
 	ctrlID   uint32       // the agent's first stream, its control stream; watch only
@@ -70,7 +71,7 @@ type sessionLog struct{ a *agentSession }
 
 func (h sessionLog) handler() slog.Handler {
 	attrs := []slog.Attr{slog.String("remote", h.a.remote), slog.String("request_id", h.a.rid), slog.String("tunnel", h.a.t.id)}
-	if ac := h.a.who.Load(); ac != nil {
+	if ac := h.a.ac.Load(); ac != nil {
 		attrs = append(attrs, slog.String("connection_id", ac.id), slog.String("agent_id", ac.agentID))
 	}
 	return h.a.r.log.Handler().WithAttrs(attrs)
@@ -136,14 +137,17 @@ func (a *agentSession) frame(h proto.FrameHeader) {
 // kick makes sure a worker will look at what arrived.
 func (a *agentSession) kick() {
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	a.kicked = true
-	start := a.established && !a.gone && !a.running
-	if start {
+	a.startWorkerLocked()
+}
+
+// startWorkerLocked starts a worker if there is something to look at and
+// none is running, once the session is established and until it is gone.
+func (a *agentSession) startWorkerLocked() {
+	if a.kicked && a.established && !a.gone && !a.running {
 		a.running = true
 		a.wg.Add(1)
-	}
-	a.mu.Unlock()
-	if start {
 		go a.work()
 	}
 }
@@ -239,7 +243,7 @@ func (a *agentSession) readControl() {
 }
 
 func (a *agentSession) handleControl(m proto.Message) {
-	ac := a.ac
+	ac := a.ac.Load()
 	switch m.Type {
 	case proto.MsgDraining:
 		ac.draining.Store(true)
@@ -269,17 +273,13 @@ func (a *agentSession) establish() bool {
 		return false
 	}
 	a.established = true
-	if a.ac.keepalive == 0 {
+	if a.ac.Load().keepalive == 0 {
 		// An older agent that does not ping is pinged.
 		a.wg.Go(func() { pingLoop(a.r.life, a.sess, a.r.cfg.Timeouts.Keepalive) })
 	}
 	// What arrived during the handshake (a draining message, a webhook
 	// delivery) is served now.
-	if a.kicked && !a.running {
-		a.running = true
-		a.wg.Add(1)
-		go a.work()
-	}
+	a.startWorkerLocked()
 	return true
 }
 
@@ -303,8 +303,9 @@ func (a *agentSession) ended() {
 func (a *agentSession) finish() {
 	defer a.r.sessions.Done()
 	a.wg.Wait()
-	a.t.remove(a.ac)
+	ac := a.ac.Load()
+	a.t.remove(ac)
 	a.r.syncRegistry(a.t)
 	a.r.metrics.AgentConnections.WithLabelValues(a.t.id).Dec()
-	a.log.Info("agent disconnected", "served", a.ac.served.Load())
+	a.log.Info("agent disconnected", "served", ac.served.Load())
 }

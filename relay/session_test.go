@@ -167,7 +167,7 @@ func TestSessionLogLinesNameTheConnection(t *testing.T) {
 	r := &Relay{log: slog.New(slog.NewJSONHandler(&buf, nil))}
 	a := newAgentSession(r, &tunnel{id: "t1"}, "192.0.2.7:5000", "rid-1")
 	a.log.Info("before hello")
-	a.who.Store(&agentConn{id: "conn-1", agentID: "broker-a"})
+	a.ac.Store(&agentConn{id: "conn-1", agentID: "broker-a"})
 	a.log.With("delivery_id", "d1").Info("after hello")
 	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
 	if len(lines) != 2 {
