@@ -206,7 +206,7 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 		return false, err
 	}
 	conn := proto.WebSocketConn(ctx, ws, cork.Corker())
-	sess, err := yamux.Client(conn, proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive))
+	sess, err := yamux.Client(conn, proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive, proto.AgentStreamWindow))
 	if err != nil {
 		conn.Close() // also stops the conn's flusher
 		return false, fmt.Errorf("start session: %w", err)

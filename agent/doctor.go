@@ -195,7 +195,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 		return
 	}
 	wsConn := proto.WebSocketConn(hctx, ws, nil)
-	sess, err := yamux.Client(wsConn, proto.YamuxConfig(logging.Discard(), a.config().Timeouts.Keepalive))
+	sess, err := yamux.Client(wsConn, proto.YamuxConfig(logging.Discard(), a.config().Timeouts.Keepalive, proto.AgentStreamWindow))
 	if err != nil {
 		wsConn.Close()
 		d.fail("relay", err.Error(), "")

@@ -47,7 +47,7 @@ func startFakeRelay(t *testing.T) *fakeRelay {
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
-		sess, _ := yamux.Server(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second))
+		sess, _ := yamux.Server(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second, proto.RelayStreamWindow))
 		defer sess.Close()
 		ctrl, err := sess.AcceptStream()
 		if err != nil {

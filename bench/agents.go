@@ -61,7 +61,7 @@ func connectOne(ctx context.Context, s *setup, client *http.Client, i int) (*idl
 	if err != nil {
 		return nil, err
 	}
-	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second))
+	sess, err := yamux.Client(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second, proto.AgentStreamWindow))
 	if err != nil {
 		return nil, err
 	}

@@ -37,12 +37,12 @@ func TestFrameWatchSeesStreamsAndTheirBytes(t *testing.T) {
 			data[h.StreamID] += h.Length
 		}
 	})
-	server, err := yamux.Server(watchedPipe{watch, sc}, YamuxConfig(slog.New(slog.DiscardHandler), 0))
+	server, err := yamux.Server(watchedPipe{watch, sc}, YamuxConfig(slog.New(slog.DiscardHandler), 0, RelayStreamWindow))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer server.Close()
-	client, err := yamux.Client(cc, YamuxConfig(slog.New(slog.DiscardHandler), 0))
+	client, err := yamux.Client(cc, YamuxConfig(slog.New(slog.DiscardHandler), 0, RelayStreamWindow))
 	if err != nil {
 		t.Fatal(err)
 	}

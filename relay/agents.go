@@ -93,7 +93,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 	conn.in = proto.WatchFrames(out, a.frame)
 	// No pings from here: agents ping, and a silent agent is cut by the
 	// read deadline set after the hello (older agents get pinged).
-	sess, err := yamux.Server(conn, proto.YamuxConfig(log, 0))
+	sess, err := yamux.Server(conn, proto.YamuxConfig(log, 0, proto.RelayStreamWindow))
 	if err != nil {
 		out.Close() // also stops the conn's flusher
 		r.sessions.Done()

@@ -98,7 +98,7 @@ func fakeAgentCtrl(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration
 		t.Fatal(err)
 	}
 	conn := &countingConn{Conn: proto.WebSocketConn(ctx, ws, nil)}
-	sess, err := yamux.Client(conn, proto.YamuxConfig(logging.Discard(), ping))
+	sess, err := yamux.Client(conn, proto.YamuxConfig(logging.Discard(), ping, proto.AgentStreamWindow))
 	if err != nil {
 		cancel()
 		t.Fatal(err)
