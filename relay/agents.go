@@ -204,7 +204,6 @@ func (r *Relay) handshake(a *agentSession, th token.Hash) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("wait for control stream: %w", err)
 	}
-	a.accepted = 1
 	a.ctrl.s = ctrl
 	ctrl.SetDeadline(time.Now().Add(r.cfg.Timeouts.AgentHandshake))
 	hdr, err := proto.ReadHeader(&a.ctrl)

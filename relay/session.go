@@ -18,10 +18,11 @@ import (
 // agentSession is the relay's side of one agent connection. Once the
 // hello is done nothing waits on an idle one: the session's conn tells it
 // (through a proto.FrameWatch) when the agent opens a stream or writes on
-// its control stream, and a worker goroutine runs only until it has caught
-// up with that. When the conn closes, the session tears itself down. An
-// idle agent so costs yamux's two goroutines, not four: a parked goroutine
-// keeps a 2-8 KiB stack, times thousands of agents per relay.
+// its control stream, and a worker goroutine for each runs only while
+// there is something to do. When the conn closes, the session tears
+// itself down. An idle agent so costs yamux's two goroutines, not four: a
+// parked goroutine keeps a 2-8 KiB stack, times thousands of agents per
+// relay.
 type agentSession struct {
 	r      *Relay
 	t      *tunnel
@@ -33,26 +34,32 @@ type agentSession struct {
 	// (yamux's too) may be written while the handshake sets it.
 	ac atomic.Pointer[agentConn]
 
-	// Written by the watch (yamux's receive loop), read by the worker.
+	// Written by the watch (yamux's receive loop), read by the workers.
 	ctrlID   uint32       // the agent's first stream, its control stream; watch only
-	opened   atomic.Int64 // streams the agent opened, the control stream included
 	ctrlSeen atomic.Int64 // bytes that arrived for the control stream
 
-	// The worker's own; the handshake's before the session is established.
-	accepted int64 // streams taken from yamux, the control stream included
+	// The control worker's own; the handshake's before the session is
+	// established.
 	ctrl     countingReader
 	ctrlDone bool // the control stream ended or was unreadable
 
 	webhooks atomic.Int32 // deliveries in flight
 
 	mu          sync.Mutex
-	established bool // handshake done; the worker may run
-	gone        bool // the conn closed
-	running     bool // a worker goroutine is running
-	kicked      bool // something arrived since the worker last looked
+	established bool   // handshake done; the workers may run
+	gone        bool   // the conn closed
+	control     worker // reads control messages
+	acceptor    worker // takes the streams the agent opens
 	webhookCtx  context.Context
 	stopHooks   context.CancelFunc
-	wg          sync.WaitGroup // the worker, webhook deliveries, a pinger
+	wg          sync.WaitGroup // the workers, webhook deliveries, a pinger
+}
+
+// worker is the state of a goroutine started on demand: kicked when
+// there is something for it, running while it is.
+type worker struct {
+	kicked, running bool
+	pass            func() // one pass over what there is to do
 }
 
 // newAgentSession is the session of an upgraded connection from remote
@@ -60,6 +67,8 @@ type agentSession struct {
 func newAgentSession(r *Relay, t *tunnel, remote, rid string) *agentSession {
 	a := &agentSession{r: r, t: t, remote: remote, rid: rid}
 	a.log = slog.New(sessionLog{a})
+	a.control.pass = a.readControl
+	a.acceptor.pass = a.acceptStreams
 	return a
 }
 
@@ -123,71 +132,67 @@ func (a *agentSession) frame(h proto.FrameHeader) {
 	switch {
 	case h.Opens():
 		if a.ctrlID == 0 {
-			a.ctrlID = h.StreamID // yamux hands out streams in the order they open
+			a.ctrlID = h.StreamID // the handshake takes it; see handshake
+			return
 		}
-		a.opened.Add(1)
+		a.kick(&a.acceptor)
 	case h.IsData() && h.Length > 0 && h.StreamID == a.ctrlID:
 		a.ctrlSeen.Add(int64(h.Length))
-	default:
-		return
+		a.kick(&a.control)
 	}
-	a.kick()
 }
 
-// kick makes sure a worker will look at what arrived.
-func (a *agentSession) kick() {
+// kick makes sure w will look at what arrived.
+func (a *agentSession) kick(w *worker) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.kicked = true
-	a.startWorkerLocked()
+	w.kicked = true
+	a.startLocked(w)
 }
 
-// startWorkerLocked starts a worker if there is something to look at and
-// none is running, once the session is established and until it is gone.
-func (a *agentSession) startWorkerLocked() {
-	if a.kicked && a.established && !a.gone && !a.running {
-		a.running = true
-		a.wg.Add(1)
-		go a.work()
+// startLocked starts w if it was kicked and is not running, once the
+// session is established and until it is gone.
+func (a *agentSession) startLocked(w *worker) {
+	if w.kicked && a.established && !a.gone && !w.running {
+		w.running = true
+		a.wg.Go(func() { a.run(w) })
 	}
 }
 
-// work serves what arrived, and returns when nothing more has.
-func (a *agentSession) work() {
-	defer a.wg.Done()
+// run makes passes until one began with nothing new since the last.
+func (a *agentSession) run(w *worker) {
 	for {
 		a.mu.Lock()
-		if !a.kicked || a.gone {
-			a.running = false
+		if !w.kicked || a.gone {
+			w.running = false
 			a.mu.Unlock()
 			return
 		}
-		a.kicked = false
+		w.kicked = false
 		a.mu.Unlock()
-		a.acceptStreams()
-		a.readControl()
+		w.pass()
 	}
 }
 
-// acceptWait bounds waiting for a stream the watch saw opened: yamux
-// refuses one (resets it) when its backlog is full, and then it never
-// comes.
-const acceptWait = 5 * time.Second
+// acceptLinger is how long the acceptor waits for a stream once the watch
+// has seen one open. yamux takes a stream as soon as it has read the
+// frames before it (a large frame on a slow link may take a while); it
+// may also refuse one (reset it: its backlog of 256 is full), and that one
+// never comes. A stream seen open while the acceptor waits makes it wait
+// again; one that comes after the acceptor left waits for the next stream
+// the agent opens (its retry, at worst), and is taken first.
+const acceptLinger = 2 * time.Second
 
-// acceptStreams takes the streams the agent opened (webhook deliveries)
-// from yamux and serves each on a goroutine of its own.
+// acceptStreams takes the streams the agent opens (webhook deliveries)
+// from yamux, serving each on a goroutine of its own, until none comes
+// for acceptLinger.
 func (a *agentSession) acceptStreams() {
-	for a.accepted < a.opened.Load() {
-		ctx, cancel := context.WithTimeout(a.r.life, acceptWait)
+	for {
+		ctx, cancel := context.WithTimeout(a.r.life, acceptLinger)
 		s, err := a.sess.AcceptStreamWithContext(ctx)
 		cancel()
-		a.accepted++
 		if err != nil {
-			if a.sess.IsClosed() || a.r.life.Err() != nil {
-				return
-			}
-			a.log.Debug("a stream the agent opened was refused by yamux (backlog full)", "err", err)
-			continue
+			return // nothing to take, or the session is over
 		}
 		if a.webhooks.Add(1) > maxWebhookStreams {
 			a.webhooks.Add(-1)
@@ -279,7 +284,8 @@ func (a *agentSession) establish() bool {
 	}
 	// What arrived during the handshake (a draining message, a webhook
 	// delivery) is served now.
-	a.startWorkerLocked()
+	a.startLocked(&a.control)
+	a.startLocked(&a.acceptor)
 	return true
 }
 

@@ -16,11 +16,11 @@ import (
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// settledGoroutines waits (bounded) for the goroutine count to come down
-// to at most want, and returns the last count seen.
-func settledGoroutines(want int) int {
+// settledGoroutines waits up to within for the goroutine count to come
+// down to at most want, and returns the last count seen.
+func settledGoroutines(want int, within time.Duration) int {
 	n := runtime.NumGoroutine()
-	for deadline := time.Now().Add(time.Second); n > want && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(within); n > want && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
 		n = runtime.NumGoroutine()
 	}
@@ -39,7 +39,7 @@ func TestIdleAgentCostsTheRelayTwoGoroutines(t *testing.T) {
 	for range agents {
 		fakeAgent(t, r, 15000, 0)
 	}
-	if n := settledGoroutines(base + agents*4); n > base+agents*4 {
+	if n := settledGoroutines(base+agents*4, time.Second); n > base+agents*4 {
 		buf := make([]byte, 1<<20)
 		t.Fatalf("%d idle agents hold %.1f goroutines each (relay and fake agent together), want 4:\n%s",
 			agents, float64(n-base)/agents, buf[:runtime.Stack(buf, true)])
@@ -83,7 +83,8 @@ func TestControlMessageBehindTheHelloIsRead(t *testing.T) {
 }
 
 // Streams an idle agent opens are taken and served (here: refused as not
-// webhook deliveries), many at once, and what served them ends after.
+// webhook deliveries), many at once, and what served them ends after
+// (the acceptor once it has lingered).
 func TestStreamsAnIdleAgentOpensAreServed(t *testing.T) {
 	r := startPlainRelay(t, "1m")
 	sess, _ := fakeAgent(t, r, 15000, 0)
@@ -106,7 +107,7 @@ func TestStreamsAnIdleAgentOpensAreServed(t *testing.T) {
 		}
 		s.Close()
 	}
-	if n := settledGoroutines(base); n > base {
+	if n := settledGoroutines(base, acceptLinger+3*time.Second); n > base {
 		t.Fatalf("%d goroutines more than before the streams, once all were served", n-base)
 	}
 }
