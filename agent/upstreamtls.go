@@ -82,24 +82,11 @@ func (c *corkedTLS) Write(p []byte) (int, error) {
 
 // ReadFrom copies r (a request body) in pieces as large as one read of r
 // returns, up to the pool's buffer size. It never waits to fill a
-// buffer: what a read returned is sent before the next read.
+// buffer: what a read returned is sent before the next read. (The
+// wrappers hide this ReadFrom and r's WriteTo from io.CopyBuffer, so that
+// it uses buf and Write.)
 func (c *corkedTLS) ReadFrom(r io.Reader) (int64, error) {
 	buf := c.pool.Get()
 	defer c.pool.Put(buf)
-	var total int64
-	for {
-		n, rerr := r.Read(buf)
-		if n > 0 {
-			if _, werr := c.Write(buf[:n]); werr != nil {
-				return total, werr
-			}
-			total += int64(n)
-		}
-		if rerr == io.EOF {
-			return total, nil
-		}
-		if rerr != nil {
-			return total, rerr
-		}
-	}
+	return io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{r}, buf)
 }

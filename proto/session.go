@@ -84,9 +84,9 @@ func (l yamuxLogger) emit(s string) {
 	l.log.Log(context.Background(), level, s, "component", "yamux")
 }
 
-// Coalesce wraps a message-oriented conn (wsConn, like websocket.NetConn, turns every
-// Write into one WebSocket message, one TLS record and one syscall) so
-// that yamux frames are batched: Write queues the frame and a flusher
+// Coalesce wraps a message-oriented conn (wsConn turns every Write into
+// one WebSocket message, one TLS record and one syscall) so that yamux
+// frames are batched: Write queues the frame and a flusher
 // goroutine writes everything queued as one message. Nothing waits on a
 // timer: an idle tunnel sends a lone frame at once, a busy one sends many
 // frames per message. The flusher runs only while there is something to
