@@ -220,21 +220,32 @@ func start(bin string, pprof bool) (_ *setup, err error) {
 	}
 	write("relay-token", s.agentTok)
 	write("pat", s.pat)
-	s.relayCfg = write("relay.yaml", fmt.Sprintf(`agent_listen: "127.0.0.1:0"
+	// Fixed addresses below the ephemeral range: a restarted relay comes
+	// back where its agent and clients look, as after a deploy, and no
+	// outgoing connection can take its port while it is down.
+	agentAddr, err := testrig.StableAddr()
+	if err != nil {
+		return nil, err
+	}
+	scanAddr, err := testrig.StableAddr()
+	if err != nil {
+		return nil, err
+	}
+	s.relayCfg = write("relay.yaml", fmt.Sprintf(`agent_listen: %q
 tls: {cert_file: %s, key_file: %s}
-scanner_listen: "127.0.0.1:0"
+scanner_listen: %q
 admin_listen: "127.0.0.1:0"
 tunnels: [{id: bench, agent_tokens: [%q]}]
 scanners: [{name: bench, token: %q, tunnels: [bench]}]
 limits: {max_streams_per_tunnel: 100000}
 admin_pprof: %t
-`, s.pki.CertFile, s.pki.KeyFile, token.Of(s.agentTok).String(), token.Of(s.scannerTok).String(), pprof))
+`, agentAddr, s.pki.CertFile, s.pki.KeyFile, scanAddr, token.Of(s.agentTok).String(), token.Of(s.scannerTok).String(), pprof))
 	if err := s.startRelay(s.relayCfg); err != nil {
 		return nil, err
 	}
 	diag := "127.0.0.1:0"
 	if pprof {
-		if diag, err = freeAddr(); err != nil {
+		if diag, err = testrig.StableAddr(); err != nil {
 			return nil, err
 		}
 		fmt.Fprintf(os.Stderr, "bench: profiles at http://%s/debug/pprof/ (relay) and http://%s/debug/pprof/ (agent)\n", s.adminAddr, diag)
@@ -290,16 +301,6 @@ func (s *setup) saveProfile(name, file string) error {
 	}
 	fmt.Fprintf(os.Stderr, "bench: relay %s profile written to %s\n", name, file)
 	return nil
-}
-
-// freeAddr is a loopback address nothing listens on now.
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // startRelay runs the relay and learns its addresses from its log.
@@ -680,10 +681,9 @@ func (s *setup) idleAgentsOnce(n int) (float64, string, error) {
 
 func (s *setup) restartToFirstRequest() (Result, error) {
 	r := Result{Workload: "relay restart to first successful request", Unit: "s", Target: "≤ 1.5 s"}
-	cfg := s.fixedRelayConfig()
 	s.stopRelay()
 	start := time.Now()
-	if err := s.startRelay(cfg); err != nil {
+	if err := s.startRelay(s.relayCfg); err != nil {
 		return r, err
 	}
 	s.viaFerry.CloseIdleConnections()
@@ -695,17 +695,6 @@ func (s *setup) restartToFirstRequest() (Result, error) {
 	return r, nil
 }
 
-// fixedRelayConfig is the relay's config on the addresses it listens on
-// now, so a restarted relay is where its agent and clients look, as
-// after a deploy.
-func (s *setup) fixedRelayConfig() string {
-	fixed := strings.Replace(strings.Replace(mustRead(s.relayCfg), `agent_listen: "127.0.0.1:0"`, fmt.Sprintf("agent_listen: %q", s.agentAddr), 1),
-		`scanner_listen: "127.0.0.1:0"`, fmt.Sprintf("scanner_listen: %q", s.scanAddr), 1)
-	cfg := filepath.Join(s.dir, "relay-fixed.yaml")
-	os.WriteFile(cfg, []byte(fixed), 0o600)
-	return cfg
-}
-
 func (s *setup) stopRelay() {
 	s.relay.Process.Signal(syscall.SIGTERM)
 	s.relay.Wait()
@@ -713,14 +702,8 @@ func (s *setup) stopRelay() {
 
 // restartRelay gives the next workload a fresh relay process.
 func (s *setup) restartRelay() error {
-	cfg := s.fixedRelayConfig()
 	s.stopRelay()
-	return s.startRelay(cfg)
-}
-
-func mustRead(p string) string {
-	b, _ := os.ReadFile(p)
-	return string(b)
+	return s.startRelay(s.relayCfg)
 }
 
 func printTable(rs []Result) {

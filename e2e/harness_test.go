@@ -310,5 +310,16 @@ func listenLocal(t testing.TB) net.Listener {
 	return ln
 }
 
+// stableAddr is a free loopback address a restarted server can come back
+// on (see testrig.StableAddr).
+func stableAddr(t testing.TB) string {
+	t.Helper()
+	addr, err := testrig.StableAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
+}
+
 // removeBinaries is replaced by the binary-level tests' cleanup.
 var removeBinaries = func() {}

@@ -204,11 +204,11 @@ func TestOneOfTwoAgentsDiesMidLoad(t *testing.T) {
 func TestKill9AndRestartDuringTraffic(t *testing.T) {
 	relayBin, agentBin := binaries(t)
 	w := newWorld(t)
-	relayProc := startProc(t, "relay", relayBin, "--config", w.write("relay.yaml", w.relayYAML("127.0.0.1:0")))
-	started := relayProc.waitLog("relay started")
-	agentAddr, scannerAddr := started["agent_listen"].(string), started["scanner_listen"].(string)
 	// The restarted relay must come back on the same addresses.
-	fixed := w.write("relay-fixed.yaml", w.relayYAMLWith(agentAddr, scannerAddr, ""))
+	agentAddr, scannerAddr := stableAddr(t), stableAddr(t)
+	fixed := w.write("relay.yaml", w.relayYAMLWith(agentAddr, scannerAddr, ""))
+	relayProc := startProc(t, "relay", relayBin, "--config", fixed)
+	relayProc.waitLog("relay started")
 	agentCfg := w.write("agent.yaml", w.agentYAML(agentAddr, ""))
 	agentProc := startProc(t, "agent", agentBin, "--config", agentCfg)
 	agentProc.waitLog("connected to relay")

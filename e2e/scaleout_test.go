@@ -22,14 +22,8 @@ type replica struct {
 	proc                                    *proc
 }
 
-func freeAddr(t *testing.T) string {
-	ln := listenLocal(t)
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 func newReplica(t *testing.T, w *world, name, redisURL string) *replica {
-	rp := &replica{name: name, agentAddr: freeAddr(t), scannerAddr: freeAddr(t), adminAddr: freeAddr(t), peer: freeAddr(t)}
+	rp := &replica{name: name, agentAddr: stableAddr(t), scannerAddr: stableAddr(t), adminAddr: stableAddr(t), peer: stableAddr(t)}
 	y := w.relayYAMLWith(rp.agentAddr, rp.scannerAddr, "")
 	y = strings.Replace(y, `admin_listen: "127.0.0.1:0"`, fmt.Sprintf("admin_listen: %q", rp.adminAddr), 1)
 	y += fmt.Sprintf("registry: {backend: redis, redis_url: %q, advertise_url: \"http://%s\"}\n", redisURL, rp.peer)

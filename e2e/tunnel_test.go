@@ -294,8 +294,8 @@ func TestUpstreamFailures(t *testing.T) {
 
 func TestAgentReconnectsAfterRelayRestart(t *testing.T) {
 	w := newWorld(t)
-	r, rrun := w.startRelay("127.0.0.1:0")
-	addr := r.AgentAddr()
+	addr := stableAddr(t) // the restarted relay comes back here
+	_, rrun := w.startRelay(addr)
 	a, arun := w.startAgent(addr, "")
 	defer arun.shutdown(t)
 	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })

@@ -120,10 +120,11 @@ func spoolFiles(t *testing.T, dir string) []string {
 func TestWebhooksThroughOutagesAndCrashes(t *testing.T) {
 	relayBin, agentBin := binaries(t)
 	w := newWebhookWorld(t)
-	relayProc := startProc(t, "relay", relayBin, "--config", w.write("relay.yaml", w.relayConfig("127.0.0.1:0", "127.0.0.1:0")))
-	started := relayProc.waitLog("relay started")
-	agentAddr, scannerAddr := started["agent_listen"].(string), started["scanner_listen"].(string)
-	fixedRelay := w.write("relay-fixed.yaml", w.relayConfig(agentAddr, scannerAddr))
+	// The restarted relay must come back on the same addresses.
+	agentAddr, scannerAddr := stableAddr(t), stableAddr(t)
+	fixedRelay := w.write("relay.yaml", w.relayConfig(agentAddr, scannerAddr))
+	relayProc := startProc(t, "relay", relayBin, "--config", fixedRelay)
+	relayProc.waitLog("relay started")
 	agentCfg := w.write("agent.yaml", w.agentConfig(agentAddr, ""))
 	agentProc := startProc(t, "agent", agentBin, "--config", agentCfg)
 	diag := agentProc.waitLog("agent started")["diagnostics"].(string)

@@ -20,14 +20,13 @@ type Redis struct {
 	done chan struct{}
 }
 
-// StartRedis runs redis-server on a free loopback port.
+// StartRedis runs redis-server on a free loopback port it can be
+// restarted on.
 func StartRedis(dir string) (*Redis, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := StableAddr()
 	if err != nil {
 		return nil, err
 	}
-	addr := ln.Addr().String()
-	ln.Close()
 	r := &Redis{Addr: addr, dir: dir}
 	return r, r.Start()
 }

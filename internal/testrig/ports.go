@@ -1,0 +1,54 @@
+package testrig
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// StableAddr is a free loopback address for a server that must come back
+// on the same address after a restart (a relay killed and started again,
+// redis restarted under a relay). The port is below the kernel's
+// ephemeral range: a port the kernel handed out for ":0" is also one it
+// may hand to the next outgoing connection, which then holds it while
+// the server is down and the restart fails with "address already in use".
+func StableAddr() (string, error) {
+	low := ephemeralLow()
+	const floor = 10000
+	if low <= floor+1000 {
+		return "", fmt.Errorf("ephemeral port range starts at %d: no room below it for fixed test ports", low)
+	}
+	for range 200 {
+		port := floor + rand.IntN(low-floor)
+		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue // taken by another test or service; try another
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		return addr, nil
+	}
+	return "", errors.New("no free loopback port below the ephemeral range after 200 tries")
+}
+
+// ephemeralLow is the first port the kernel uses for outgoing connections
+// (Linux's default 32768 where the setting cannot be read).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 1 {
+		return 32768
+	}
+	n, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 32768
+	}
+	return n
+}
