@@ -6,6 +6,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -19,7 +20,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -446,8 +446,17 @@ func (s *setup) upload(size int64) (Result, error) {
 }
 
 func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
+	var relayCPU, agentCPU time.Duration // over the runs through ferry
+	var served int64
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
 		var n, bad atomic.Int64
+		if c == s.viaFerry {
+			relay0, agent0 := s.daemonCPU()
+			defer func() {
+				relay1, agent1 := s.daemonCPU()
+				relayCPU, agentCPU, served = relayCPU+relay1-relay0, agentCPU+agent1-agent0, served+n.Load()+bad.Load()
+			}()
+		}
 		stop := time.Now().Add(dur)
 		var wg sync.WaitGroup
 		for i := 0; i < workers; i++ {
@@ -476,43 +485,96 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 		}
 		return float64(n.Load()) / dur.Seconds(), nil
 	})
-	return ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35), err
+	r := ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35)
+	if served > 0 {
+		r.Note = fmt.Sprintf("CPU per request: relay %d µs, agent %d µs", relayCPU.Microseconds()/served, agentCPU.Microseconds()/served)
+	}
+	return r, err
 }
 
+// latency measures n sequential small GETs direct and through ferry. The
+// notes break the added time down by measuring two shorter paths through
+// ferry the same way: a request the relay answers itself (a tunnel that
+// does not exist: 404) and one the agent refuses (a path its rules do not
+// allow: 403), which crosses the tunnel and back but not to the upstream.
+// They also give the CPU the relay and agent spend per request at this
+// load (one request at a time), to set beside the figure under load.
 func (s *setup) latency(n int) (Result, Result, error) {
-	measure := func(c *http.Client, url func(string) string) ([]time.Duration, error) {
+	measure := func(c *http.Client, url string, want int) ([]time.Duration, error) {
 		out := make([]time.Duration, 0, n)
 		for i := 0; i < n+50; i++ {
 			start := time.Now()
-			resp, err := s.do(c, "GET", url("/bench/small"), nil, -1)
+			resp, err := s.do(c, "GET", url, nil, -1)
 			if err != nil {
 				return nil, err
 			}
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
+			if resp.StatusCode != want {
+				return nil, fmt.Errorf("GET %s: status %d, want %d", url, resp.StatusCode, want)
+			}
 			if i >= 50 { // warm-up
 				out = append(out, time.Since(start))
 			}
 		}
-		sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+		slices.Sort(out)
 		return out, nil
 	}
-	d, err := measure(s.direct, s.directURL)
-	if err != nil {
+	fail := func(err error) (Result, Result, error) {
 		return Result{Workload: "latency p50"}, Result{Workload: "latency p99"}, err
 	}
-	f, err := measure(s.viaFerry, s.ferryURL)
+	d, err := measure(s.direct, s.directURL("/bench/small"), http.StatusOK)
 	if err != nil {
-		return Result{Workload: "latency p50"}, Result{Workload: "latency p99"}, err
+		return fail(fmt.Errorf("direct: %w", err))
 	}
+	relayOnly, err := measure(s.viaFerry, "http://"+s.scanAddr+"/t/no-such-tunnel/bitbucket/bench/small", http.StatusNotFound)
+	if err != nil {
+		return fail(fmt.Errorf("relay only: %w", err))
+	}
+	refused, err := measure(s.viaFerry, s.ferryURL("/not-allowed"), http.StatusForbidden)
+	if err != nil {
+		return fail(fmt.Errorf("refused by the agent: %w", err))
+	}
+	relay0, agent0 := s.daemonCPU()
+	f, err := measure(s.viaFerry, s.ferryURL("/bench/small"), http.StatusOK)
+	if err != nil {
+		return fail(fmt.Errorf("ferry: %w", err))
+	}
+	relay1, agent1 := s.daemonCPU()
+	cpu := fmt.Sprintf("CPU per request: relay %d µs, agent %d µs", (relay1-relay0).Microseconds()/int64(n+50), (agent1-agent0).Microseconds()/int64(n+50))
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	p := func(xs []time.Duration, q float64) time.Duration { return xs[int(q*float64(len(xs)-1))] }
 	mk := func(name string, q, target float64) Result {
 		dd, ff := ms(p(d, q)), ms(p(f, q))
 		return Result{Workload: name, Unit: "ms", Direct: dd, Ferry: ff, Ratio: 0,
-			Target: fmt.Sprintf("added ≤ %.1f ms", target), Met: ff-dd <= target, Note: fmt.Sprintf("added %.3f ms", ff-dd)}
+			Target: fmt.Sprintf("added ≤ %.1f ms", target), Met: ff-dd <= target,
+			Note: fmt.Sprintf("added %.3f ms; through ferry: relay answering itself %.3f ms, agent refusing %.3f ms; %s",
+				ff-dd, ms(p(relayOnly, q)), ms(p(refused, q)), cpu)}
 	}
 	return mk("small GET latency p50, 1 client", 0.50, 0.3), mk("small GET latency p99, 1 client", 0.99, 2), nil
+}
+
+// daemonCPU is the CPU time (user and system) the relay and agent
+// processes have used so far.
+func (s *setup) daemonCPU() (relay, agent time.Duration) {
+	return procCPU(s.relay.Process.Pid), procCPU(s.agent.Process.Pid)
+}
+
+// procCPU reads a process's utime and stime from /proc, in clock ticks of
+// USER_HZ, which is 100 on Linux.
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name, field 2, may hold spaces: count from after it.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * (time.Second / 100)
 }
 
 func (s *setup) cloneBench(n, mib int) (Result, error) {
