@@ -57,7 +57,8 @@ type setup struct {
 	adminAddr           string
 	direct, viaFerry    *http.Client
 	pprof               bool
-	rounds              int // runs of each throughput workload, alternating
+	env                 []string // added to the relay's and agent's environment
+	rounds              int      // runs of each throughput workload, alternating
 }
 
 // relayGauge reads one unlabelled gauge from the relay's /metrics.
@@ -77,6 +78,19 @@ func (s *setup) relayGauge(name string) float64 {
 	return 0
 }
 
+// envFlag collects -env NAME=value flags.
+type envFlag []string
+
+func (e *envFlag) String() string { return strings.Join(*e, " ") }
+
+func (e *envFlag) Set(v string) error {
+	if name, _, ok := strings.Cut(v, "="); !ok || name == "" {
+		return fmt.Errorf("want NAME=value, got %q", v)
+	}
+	*e = append(*e, v)
+	return nil
+}
+
 func main() {
 	bin := flag.String("bin", "bin", "directory with ferry-relay and ferry-agent")
 	out := flag.String("out", "bench/results.json", "where to write the results")
@@ -86,11 +100,13 @@ func main() {
 	repoMiB := flag.Int("repo-mib", 50, "size of the cloned repository, MiB")
 	pprof := flag.Bool("pprof", false, "enable the profiler on the relay's and agent's admin listeners and print their addresses")
 	rounds := flag.Int("rounds", 3, "alternating direct/ferry runs of each throughput workload; the median is reported")
+	var env envFlag
+	flag.Var(&env, "env", "NAME=value added to the relay's and agent's environment, e.g. GOMAXPROCS=1 (repeatable): to try runtime settings on this machine")
 	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart); default all")
 	flag.Parse()
 	want := func(name string) bool { return *only == "" || slices.Contains(strings.Split(*only, ","), name) }
 	raiseFileLimit()
-	s, err := start(*bin, *pprof)
+	s, err := start(*bin, *pprof, env)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -140,7 +156,7 @@ func main() {
 		fmt.Println("\n(partial run: bench/results.json not written)")
 		return
 	}
-	if err := writeJSON(*out, results); err != nil {
+	if err := writeJSON(*out, results, env); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -170,8 +186,8 @@ func (r *repeatReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func start(bin string, pprof bool) (_ *setup, err error) {
-	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent"), pprof: pprof}
+func start(bin string, pprof bool, env []string) (_ *setup, err error) {
+	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent"), pprof: pprof, env: env}
 	defer func() {
 		if err != nil { // no daemon outlives a failed start
 			s.stop()
@@ -267,6 +283,7 @@ diagnostics: {listen: %q, pprof: %t}
 		return nil, err
 	}
 	s.agent = exec.Command(s.agentBin, "--config", s.agentCfg)
+	s.agent.Env = append(os.Environ(), s.env...)
 	s.agent.Stderr = agentLog
 	if err := s.agent.Start(); err != nil {
 		return nil, err
@@ -306,6 +323,7 @@ func (s *setup) saveProfile(name, file string) error {
 // startRelay runs the relay and learns its addresses from its log.
 func (s *setup) startRelay(cfg string) error {
 	s.relay = exec.Command(s.relayBin, "--config", cfg)
+	s.relay.Env = append(os.Environ(), s.env...)
 	pipe, err := s.relay.StderrPipe()
 	if err != nil {
 		return err
@@ -786,7 +804,7 @@ func printTable(rs []Result) {
 	}
 }
 
-func writeJSON(path string, rs []Result) error {
+func writeJSON(path string, rs []Result, env []string) error {
 	commit, _ := exec.Command("git", "rev-parse", "HEAD").Output()
 	cpu := ""
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
@@ -802,6 +820,9 @@ func writeJSON(path string, rs []Result) error {
 		"commit":  strings.TrimSpace(string(commit)),
 		"machine": map[string]any{"cpus": runtime.NumCPU(), "cpu": cpu, "go": runtime.Version(), "os": runtime.GOOS + "/" + runtime.GOARCH},
 		"results": rs,
+	}
+	if len(env) > 0 {
+		doc["daemon_env"] = env // figures of a tuned run, not the defaults
 	}
 	b, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
