@@ -429,8 +429,41 @@ func ratio(name, unit string, d, f, target float64) Result {
 	return r
 }
 
+// cpuMeter adds up the relay's and agent's CPU time over the runs
+// through ferry: a figure of ferry's own cost that the machine's noise,
+// which moves the rates by a third, hardly moves.
+type cpuMeter struct {
+	s            *setup
+	relay, agent time.Duration
+	runs         int
+}
+
+// measure starts measuring a run with client c; the returned func ends
+// it. Runs direct are not measured.
+func (m *cpuMeter) measure(c *http.Client) (end func()) {
+	if c != m.s.viaFerry {
+		return func() {}
+	}
+	relay0, agent0 := m.s.daemonCPU()
+	return func() {
+		relay1, agent1 := m.s.daemonCPU()
+		m.relay, m.agent, m.runs = m.relay+relay1-relay0, m.agent+agent1-agent0, m.runs+1
+	}
+}
+
+// perGiB is the note for a bulk workload of size bytes a run.
+func (m *cpuMeter) perGiB(size int64) string {
+	if m.runs == 0 || size == 0 {
+		return ""
+	}
+	gib := float64(size) * float64(m.runs) / (1 << 30)
+	return fmt.Sprintf("CPU per GiB: relay %.2f s, agent %.2f s", m.relay.Seconds()/gib, m.agent.Seconds()/gib)
+}
+
 func (s *setup) download(size int64) (Result, error) {
+	cpu := &cpuMeter{s: s}
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
+		defer cpu.measure(c)()
 		start := time.Now()
 		resp, err := s.do(c, "GET", url("/bench/blob?size="+strconv.FormatInt(size, 10)), nil, -1)
 		if err != nil {
@@ -443,11 +476,15 @@ func (s *setup) download(size int64) (Result, error) {
 		}
 		return float64(n) / 1e6 / time.Since(start).Seconds(), nil
 	})
-	return ratio(fmt.Sprintf("download %d MiB", size>>20), "MB/s", d, f, 0.40), err
+	r := ratio(fmt.Sprintf("download %d MiB", size>>20), "MB/s", d, f, 0.40)
+	r.Note = cpu.perGiB(size)
+	return r, err
 }
 
 func (s *setup) upload(size int64) (Result, error) {
+	cpu := &cpuMeter{s: s}
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
+		defer cpu.measure(c)()
 		start := time.Now()
 		resp, err := s.do(c, "POST", url("/bench/sink"), &repeatReader{left: size}, size)
 		if err != nil {
@@ -460,20 +497,19 @@ func (s *setup) upload(size int64) (Result, error) {
 		}
 		return float64(size) / 1e6 / time.Since(start).Seconds(), nil
 	})
-	return ratio(fmt.Sprintf("upload %d MiB", size>>20), "MB/s", d, f, 0.35), err
+	r := ratio(fmt.Sprintf("upload %d MiB", size>>20), "MB/s", d, f, 0.35)
+	r.Note = cpu.perGiB(size)
+	return r, err
 }
 
 func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
-	var relayCPU, agentCPU time.Duration // over the runs through ferry
-	var served int64
+	cpu := &cpuMeter{s: s}
+	var served int64 // through ferry
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
 		var n, bad atomic.Int64
+		defer cpu.measure(c)()
 		if c == s.viaFerry {
-			relay0, agent0 := s.daemonCPU()
-			defer func() {
-				relay1, agent1 := s.daemonCPU()
-				relayCPU, agentCPU, served = relayCPU+relay1-relay0, agentCPU+agent1-agent0, served+n.Load()+bad.Load()
-			}()
+			defer func() { served += n.Load() + bad.Load() }()
 		}
 		stop := time.Now().Add(dur)
 		var wg sync.WaitGroup
@@ -505,7 +541,7 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 	})
 	r := ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35)
 	if served > 0 {
-		r.Note = fmt.Sprintf("CPU per request: relay %d µs, agent %d µs", relayCPU.Microseconds()/served, agentCPU.Microseconds()/served)
+		r.Note = fmt.Sprintf("CPU per request: relay %d µs, agent %d µs", cpu.relay.Microseconds()/served, cpu.agent.Microseconds()/served)
 	}
 	return r, err
 }
