@@ -71,7 +71,10 @@ type Relay struct {
 	// copyBuffers: the buffers bodies cross the relay in, both ways.
 	copyBuffers *httpx.BufferPool
 	// heads: the buffered writers request heads are written with.
-	heads    sync.Pool
+	heads sync.Pool
+	// replies: the buffered readers agents' responses are read with,
+	// back once a response was read to its end (see streamBody).
+	replies  sync.Pool
 	stopping atomic.Bool
 }
 

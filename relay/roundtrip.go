@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/proto"
@@ -130,7 +131,11 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	// the agent has its own upstream timeout below it) and in size.
 	s.setIdle(t.r.cfg.Timeouts.AgentResponse)
 	head := &headLimit{r: s, left: maxResponseHead}
-	br := bufio.NewReaderSize(head, 4<<10)
+	br, _ := t.r.replies.Get().(*bufio.Reader)
+	if br == nil {
+		br = bufio.NewReaderSize(nil, 4<<10)
+	}
+	br.Reset(head)
 	var resp *http.Response
 	for n := 0; ; n++ {
 		resp, err = http.ReadResponse(br, &out)
@@ -163,24 +168,46 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	head.lift()
 	s.setIdle(t.r.streamIdle())
-	resp.Body = &streamBody{ReadCloser: resp.Body, s: s, stopCut: stopCut}
+	resp.Body = &streamBody{ReadCloser: resp.Body, s: s, stopCut: stopCut, release: func() {
+		br.Reset(nil)
+		t.r.replies.Put(br)
+	}}
 	return resp, nil
 }
 
 // streamBody is a response body read from its stream. Close closes the
 // stream rather than the body: http's Close of a response body reads it to
 // the end, which for a clone the scanner abandoned is gigabytes.
+//
+// The body reads through a pooled bufio.Reader, which release gives back
+// at Close if the body was read to its end: http's body never reads its
+// source again once it returned io.EOF, so no later Read can reach the
+// reader's next user. A body closed part-read (or while a Read is under
+// way) leaves its reader to the GC.
 type streamBody struct {
 	io.ReadCloser
-	s       *trackedStream
+	s       io.Closer
 	stopCut func() bool
 	once    sync.Once
+	release func()
+	ended   atomic.Bool // a Read returned io.EOF
+}
+
+func (b *streamBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.ended.Store(true)
+	}
+	return n, err
 }
 
 func (b *streamBody) Close() error {
 	b.once.Do(func() {
 		b.stopCut()
 		b.s.Close()
+		if b.ended.Load() {
+			b.release()
+		}
 	})
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -146,3 +147,92 @@ func TestRelayKeepsExpectContinue(t *testing.T) {
 		t.Fatalf("accepted upload: %d %q", status, body)
 	}
 }
+
+// Response readers are pooled: under concurrent requests, some bodies read
+// whole and some abandoned part-read, every body read whole is intact.
+func TestRelayResponsesIntactWithReaderReuse(t *testing.T) {
+	r := startPlainRelay(t, "15s")
+	sess, _ := fakeAgent(t, r, 0, 0)
+	const scanners, each = 6, 15
+	var wg sync.WaitGroup
+	for range scanners * each {
+		wg.Add(1)
+		done := answerOne(t, sess, func(s *yamux.Stream, _ *bufio.Reader, req *http.Request) {
+			// Each body is its request's id over and over, some chunked.
+			id := req.URL.Query().Get("id")
+			body := strings.Repeat(id+";", 20000)
+			if strings.HasSuffix(id, "0") {
+				fmt.Fprintf(s, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(body), body)
+				return
+			}
+			fmt.Fprintf(s, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+		})
+		go func() {
+			defer wg.Done()
+			<-done
+		}()
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: scanners}}
+	defer client.CloseIdleConnections()
+	errs := make(chan error, scanners*each)
+	var scans sync.WaitGroup
+	for i := range scanners {
+		scans.Add(1)
+		go func() {
+			defer scans.Done()
+			for j := range each {
+				id := fmt.Sprintf("%d-%d", i, j)
+				req, _ := http.NewRequest("GET", "http://"+r.ScannerAddr()+"/t/t/bitbucket/rest/api/1.0/projects?id="+id, nil)
+				req.Header.Set("Authorization", "Bearer scanner-token")
+				resp, err := client.Do(req)
+				if err != nil {
+					errs <- err
+					continue
+				}
+				if j%3 == 1 { // abandoned part-read
+					io.ReadFull(resp.Body, make([]byte, 100))
+					resp.Body.Close()
+					continue
+				}
+				b, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if want := strings.Repeat(id+";", 20000); err != nil || string(b) != want {
+					errs <- fmt.Errorf("request %s: %d bytes (%v), want %d of its own", id, len(b), err, len(want))
+				}
+			}
+		}()
+	}
+	scans.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	wg.Wait()
+}
+
+// A body closed before its end does not give its reader back: a Read
+// still under way, or a later one, would read into the next user's. One
+// read to its end does.
+func TestStreamBodyReleasesOnlyEndedBodies(t *testing.T) {
+	for _, c := range []struct {
+		read    int
+		release bool
+	}{{read: 1}, {read: 3}, {read: 4, release: true}} {
+		released, closed := false, false
+		b := &streamBody{ReadCloser: io.NopCloser(strings.NewReader("abc")), s: closerFunc(func() { closed = true }),
+			stopCut: func() bool { return true }, release: func() { released = true }}
+		b.Read(make([]byte, c.read)) // "abc" in one read; EOF on the next
+		if c.read == 4 {
+			b.Read(make([]byte, 1))
+		}
+		b.Close()
+		b.Close()
+		if released != c.release || !closed {
+			t.Errorf("read %d: released %v, stream closed %v; want released %v", c.read, released, closed, c.release)
+		}
+	}
+}
+
+type closerFunc func()
+
+func (f closerFunc) Close() error { f(); return nil }
