@@ -55,6 +55,7 @@ type setup struct {
 	relay, agent        *exec.Cmd
 	agentAddr, scanAddr string
 	adminAddr           string
+	diagAddr            string // the agent's diagnostics listener
 	direct, viaFerry    *http.Client
 	pprof               bool
 	env                 []string // added to the relay's and agent's environment
@@ -62,8 +63,12 @@ type setup struct {
 }
 
 // relayGauge reads one unlabelled gauge from the relay's /metrics.
-func (s *setup) relayGauge(name string) float64 {
-	resp, err := http.Get("http://" + s.adminAddr + "/metrics")
+func (s *setup) relayGauge(name string) float64 { return metric(s.adminAddr, name) }
+
+// metric reads one unlabelled metric from the /metrics at addr; 0 if it
+// cannot.
+func metric(addr, name string) float64 {
+	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {
 		return 0
 	}
@@ -259,11 +264,12 @@ admin_pprof: %t
 	if err := s.startRelay(s.relayCfg); err != nil {
 		return nil, err
 	}
-	diag := "127.0.0.1:0"
+	diag, err := testrig.StableAddr()
+	if err != nil {
+		return nil, err
+	}
+	s.diagAddr = diag
 	if pprof {
-		if diag, err = testrig.StableAddr(); err != nil {
-			return nil, err
-		}
 		fmt.Fprintf(os.Stderr, "bench: profiles at http://%s/debug/pprof/ (relay) and http://%s/debug/pprof/ (agent)\n", s.adminAddr, diag)
 	}
 	s.agentCfg = write("agent.yaml", fmt.Sprintf(`relay: {url: "wss://%s/v1/connect", token_file: %s, ca_file: %s, connections: 2}
@@ -429,13 +435,15 @@ func ratio(name, unit string, d, f, target float64) Result {
 	return r
 }
 
-// cpuMeter adds up the relay's and agent's CPU time over the runs
-// through ferry: a figure of ferry's own cost that the machine's noise,
-// which moves the rates by a third, hardly moves.
+// cpuMeter adds up the relay's and agent's CPU time, and the bytes their
+// heaps allocated, over the runs through ferry: figures of ferry's own
+// cost that the machine's noise, which moves the rates by a third, hardly
+// moves.
 type cpuMeter struct {
-	s            *setup
-	relay, agent time.Duration
-	runs         int
+	s                      *setup
+	relay, agent           time.Duration
+	relayAlloc, agentAlloc float64
+	runs                   int
 }
 
 // measure starts measuring a run with client c; the returned func ends
@@ -444,11 +452,24 @@ func (m *cpuMeter) measure(c *http.Client) (end func()) {
 	if c != m.s.viaFerry {
 		return func() {}
 	}
+	const allocated = "go_memstats_alloc_bytes_total"
 	relay0, agent0 := m.s.daemonCPU()
+	ra0, aa0 := metric(m.s.adminAddr, allocated), metric(m.s.diagAddr, allocated)
 	return func() {
 		relay1, agent1 := m.s.daemonCPU()
 		m.relay, m.agent, m.runs = m.relay+relay1-relay0, m.agent+agent1-agent0, m.runs+1
+		m.relayAlloc += metric(m.s.adminAddr, allocated) - ra0
+		m.agentAlloc += metric(m.s.diagAddr, allocated) - aa0
 	}
+}
+
+// perRequest is the note for n requests through ferry.
+func (m *cpuMeter) perRequest(n int64) string {
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf("per request: CPU relay %d µs, agent %d µs; heap allocated relay %.1f KB, agent %.1f KB",
+		m.relay.Microseconds()/n, m.agent.Microseconds()/n, m.relayAlloc/float64(n)/1e3, m.agentAlloc/float64(n)/1e3)
 }
 
 // perGiB is the note for a bulk workload of size bytes a run.
@@ -540,9 +561,7 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 		return float64(n.Load()) / dur.Seconds(), nil
 	})
 	r := ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35)
-	if served > 0 {
-		r.Note = fmt.Sprintf("CPU per request: relay %d µs, agent %d µs", cpu.relay.Microseconds()/served, cpu.agent.Microseconds()/served)
-	}
+	r.Note = cpu.perRequest(served)
 	return r, err
 }
 
@@ -589,13 +608,14 @@ func (s *setup) latency(n int) (Result, Result, error) {
 	if err != nil {
 		return fail(fmt.Errorf("refused by the agent: %w", err))
 	}
-	relay0, agent0 := s.daemonCPU()
+	cpu := &cpuMeter{s: s}
+	end := cpu.measure(s.viaFerry)
 	f, err := measure(s.viaFerry, s.ferryURL("/bench/small"), http.StatusOK)
+	end()
 	if err != nil {
 		return fail(fmt.Errorf("ferry: %w", err))
 	}
-	relay1, agent1 := s.daemonCPU()
-	cpu := fmt.Sprintf("CPU per request: relay %d µs, agent %d µs", (relay1-relay0).Microseconds()/int64(n+50), (agent1-agent0).Microseconds()/int64(n+50))
+	perRequest := cpu.perRequest(int64(n + 50))
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	p := func(xs []time.Duration, q float64) time.Duration { return xs[int(q*float64(len(xs)-1))] }
 	mk := func(name string, q, target float64) Result {
@@ -603,7 +623,7 @@ func (s *setup) latency(n int) (Result, Result, error) {
 		return Result{Workload: name, Unit: "ms", Direct: dd, Ferry: ff, Ratio: 0,
 			Target: fmt.Sprintf("added ≤ %.1f ms", target), Met: ff-dd <= target,
 			Note: fmt.Sprintf("added %.3f ms; through ferry: relay answering itself %.3f ms, agent refusing %.3f ms; %s",
-				ff-dd, ms(p(relayOnly, q)), ms(p(refused, q)), cpu)}
+				ff-dd, ms(p(relayOnly, q)), ms(p(refused, q)), perRequest)}
 	}
 	return mk("small GET latency p50, 1 client", 0.50, 0.3), mk("small GET latency p99, 1 client", 0.99, 2), nil
 }
