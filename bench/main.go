@@ -435,11 +435,11 @@ func ratio(name, unit string, d, f, target float64) Result {
 	return r
 }
 
-// cpuMeter adds up the relay's and agent's CPU time, and the bytes their
+// costMeter adds up the relay's and agent's CPU time, and the bytes their
 // heaps allocated, over the runs through ferry: figures of ferry's own
 // cost that the machine's noise, which moves the rates by a third, hardly
 // moves.
-type cpuMeter struct {
+type costMeter struct {
 	s                      *setup
 	relay, agent           time.Duration
 	relayAlloc, agentAlloc float64
@@ -448,7 +448,7 @@ type cpuMeter struct {
 
 // measure starts measuring a run with client c; the returned func ends
 // it. Runs direct are not measured.
-func (m *cpuMeter) measure(c *http.Client) (end func()) {
+func (m *costMeter) measure(c *http.Client) (end func()) {
 	if c != m.s.viaFerry {
 		return func() {}
 	}
@@ -464,7 +464,7 @@ func (m *cpuMeter) measure(c *http.Client) (end func()) {
 }
 
 // perRequest is the note for n requests through ferry.
-func (m *cpuMeter) perRequest(n int64) string {
+func (m *costMeter) perRequest(n int64) string {
 	if n == 0 {
 		return ""
 	}
@@ -473,7 +473,7 @@ func (m *cpuMeter) perRequest(n int64) string {
 }
 
 // perGiB is the note for a bulk workload of size bytes a run.
-func (m *cpuMeter) perGiB(size int64) string {
+func (m *costMeter) perGiB(size int64) string {
 	if m.runs == 0 || size == 0 {
 		return ""
 	}
@@ -482,7 +482,7 @@ func (m *cpuMeter) perGiB(size int64) string {
 }
 
 func (s *setup) download(size int64) (Result, error) {
-	cpu := &cpuMeter{s: s}
+	cpu := &costMeter{s: s}
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
 		defer cpu.measure(c)()
 		start := time.Now()
@@ -503,7 +503,7 @@ func (s *setup) download(size int64) (Result, error) {
 }
 
 func (s *setup) upload(size int64) (Result, error) {
-	cpu := &cpuMeter{s: s}
+	cpu := &costMeter{s: s}
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
 		defer cpu.measure(c)()
 		start := time.Now()
@@ -524,7 +524,7 @@ func (s *setup) upload(size int64) (Result, error) {
 }
 
 func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
-	cpu := &cpuMeter{s: s}
+	cpu := &costMeter{s: s}
 	var served int64 // through ferry
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
 		var n, bad atomic.Int64
@@ -608,7 +608,7 @@ func (s *setup) latency(n int) (Result, Result, error) {
 	if err != nil {
 		return fail(fmt.Errorf("refused by the agent: %w", err))
 	}
-	cpu := &cpuMeter{s: s}
+	cpu := &costMeter{s: s}
 	end := cpu.measure(s.viaFerry)
 	f, err := measure(s.viaFerry, s.ferryURL("/bench/small"), http.StatusOK)
 	end()
