@@ -11,6 +11,7 @@ import (
 	"github.com/ferry-tunnel/ferry/agent"
 	"github.com/ferry-tunnel/ferry/internal/cli"
 	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/gctune"
 	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/version"
 )
@@ -58,6 +59,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
+	// The GC's target follows the live heap, unless GOGC is set.
+	gc := gctune.Start(gctune.ForAgent())
+	defer gc.Stop()
 	log, level := logging.NewLeveled(stderr, cfg.Log)
 	a, err := agent.New(cfg, log)
 	if err != nil {

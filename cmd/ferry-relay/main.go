@@ -9,6 +9,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/cli"
 	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/gctune"
 	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/internal/version"
@@ -52,6 +53,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
+	// The GC's target follows the live heap, unless GOGC is set.
+	gc := gctune.Start(gctune.ForRelay())
+	defer gc.Stop()
 	log, level := logging.NewLeveled(stderr, cfg.Log)
 	r, err := relay.New(cfg, log)
 	if err != nil {
