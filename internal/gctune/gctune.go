@@ -41,10 +41,12 @@ type Policy struct {
 // its memory per agent is what sizes its host.
 func ForRelay() Policy { return Policy{Percent: 50, Floor: 16 << 20} }
 
-// ForAgent keeps the runtime's default share, at least 16 MiB: an agent's
-// heap is small (its buffers for bulk transfers are pooled), and what
-// counts is the CPU and latency of every request.
-func ForAgent() Policy { return Policy{Percent: 100, Floor: 16 << 20} }
+// ForAgent keeps the runtime's default share, at least 8 MiB: an agent's
+// heap is small (its buffers for bulk transfers are pooled) and what
+// counts is the CPU and latency of every request, but its peak RSS during
+// bulk transfers is what sizes the broker VM (16 MiB raised it from 38 to
+// 49 MiB over a download and an upload; 8 MiB kept it at 40).
+func ForAgent() Policy { return Policy{Percent: 100, Floor: 8 << 20} }
 
 // heapMinimum is the runtime's least heap target at GOGC=100; it scales
 // with GOGC, so a GOGC raised for a small heap must not raise it past the
