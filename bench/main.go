@@ -482,9 +482,9 @@ func (m *costMeter) perGiB(size int64) string {
 }
 
 func (s *setup) download(size int64) (Result, error) {
-	cpu := &costMeter{s: s}
+	cost := &costMeter{s: s}
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
-		defer cpu.measure(c)()
+		defer cost.measure(c)()
 		start := time.Now()
 		resp, err := s.do(c, "GET", url("/bench/blob?size="+strconv.FormatInt(size, 10)), nil, -1)
 		if err != nil {
@@ -498,14 +498,14 @@ func (s *setup) download(size int64) (Result, error) {
 		return float64(n) / 1e6 / time.Since(start).Seconds(), nil
 	})
 	r := ratio(fmt.Sprintf("download %d MiB", size>>20), "MB/s", d, f, 0.40)
-	r.Note = cpu.perGiB(size)
+	r.Note = cost.perGiB(size)
 	return r, err
 }
 
 func (s *setup) upload(size int64) (Result, error) {
-	cpu := &costMeter{s: s}
+	cost := &costMeter{s: s}
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
-		defer cpu.measure(c)()
+		defer cost.measure(c)()
 		start := time.Now()
 		resp, err := s.do(c, "POST", url("/bench/sink"), &repeatReader{left: size}, size)
 		if err != nil {
@@ -519,16 +519,16 @@ func (s *setup) upload(size int64) (Result, error) {
 		return float64(size) / 1e6 / time.Since(start).Seconds(), nil
 	})
 	r := ratio(fmt.Sprintf("upload %d MiB", size>>20), "MB/s", d, f, 0.35)
-	r.Note = cpu.perGiB(size)
+	r.Note = cost.perGiB(size)
 	return r, err
 }
 
 func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
-	cpu := &costMeter{s: s}
+	cost := &costMeter{s: s}
 	var served int64 // through ferry
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
 		var n, bad atomic.Int64
-		defer cpu.measure(c)()
+		defer cost.measure(c)()
 		if c == s.viaFerry {
 			defer func() { served += n.Load() + bad.Load() }()
 		}
@@ -561,7 +561,7 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 		return float64(n.Load()) / dur.Seconds(), nil
 	})
 	r := ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35)
-	r.Note = cpu.perRequest(served)
+	r.Note = cost.perRequest(served)
 	return r, err
 }
 
@@ -570,8 +570,9 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 // ferry the same way: a request the relay answers itself (a tunnel that
 // does not exist: 404) and one the agent refuses (a path its rules do not
 // allow: 403), which crosses the tunnel and back but not to the upstream.
-// They also give the CPU the relay and agent spend per request at this
-// load (one request at a time), to set beside the figure under load.
+// They also give the CPU the relay and agent spend, and the heap bytes
+// they allocate, per request at this load (one request at a time), to set
+// beside the figures under load.
 func (s *setup) latency(n int) (Result, Result, error) {
 	measure := func(c *http.Client, url string, want int) ([]time.Duration, error) {
 		out := make([]time.Duration, 0, n)
@@ -608,14 +609,14 @@ func (s *setup) latency(n int) (Result, Result, error) {
 	if err != nil {
 		return fail(fmt.Errorf("refused by the agent: %w", err))
 	}
-	cpu := &costMeter{s: s}
-	end := cpu.measure(s.viaFerry)
+	cost := &costMeter{s: s}
+	end := cost.measure(s.viaFerry)
 	f, err := measure(s.viaFerry, s.ferryURL("/bench/small"), http.StatusOK)
 	end()
 	if err != nil {
 		return fail(fmt.Errorf("ferry: %w", err))
 	}
-	perRequest := cpu.perRequest(int64(n + 50))
+	perRequest := cost.perRequest(int64(n + 50))
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	p := func(xs []time.Duration, q float64) time.Duration { return xs[int(q*float64(len(xs)-1))] }
 	mk := func(name string, q, target float64) Result {
