@@ -146,13 +146,14 @@ func Run(ctx context.Context, cfg *config.Agent, log *slog.Logger) error {
 func (a *Agent) Serve(ctx context.Context) error {
 	defer a.audit.Close()
 	tunnelSrv := &http.Server{
-		Handler:           a,
-		ConnContext:       connContext,
+		Handler:     a,
+		ConnContext: connContext,
+		// Keep-alive streams wait for their next request with no deadline:
+		// the relay closes those it no longer needs (relay/pool.go).
 		ReadHeaderTimeout: 30 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(a.log.Handler(), slog.LevelDebug),
 	}
-	tunnelSrv.SetKeepAlivesEnabled(false) // one request per stream
 	diagSrv := &http.Server{Handler: a.diagHandler(), ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10}
 	errc := make(chan error, 2)
 	go func() { errc <- tunnelSrv.Serve(a.streams) }()

@@ -322,9 +322,9 @@ func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, inflight *atomic.
 	}
 	s.SetReadDeadline(time.Time{})
 	switch h.Kind {
-	case proto.KindHTTP:
+	case proto.KindHTTP, proto.KindHTTPKeepAlive:
 		inflight.Add(1)
-		tc := &tunnelConn{Stream: s, header: h, release: func() { inflight.Add(-1) }}
+		tc := &tunnelConn{Stream: s, header: h, keepAlive: h.Kind == proto.KindHTTPKeepAlive, release: func() { inflight.Add(-1) }}
 		if !a.streams.offer(ctx, tc) {
 			tc.Close()
 		}
@@ -394,7 +394,7 @@ func (a *Agent) hello(sess *yamux.Session, rebalanced int) (*yamux.Stream, proto
 		return nil, proto.Message{}, err
 	}
 	hello := proto.Message{Type: proto.MsgHello, AgentID: a.config().AgentID, Version: version.Version, Upstreams: a.upstreams().names, Rebalanced: rebalanced,
-		KeepaliveMS: a.config().Timeouts.Keepalive.Milliseconds()}
+		KeepaliveMS: a.config().Timeouts.Keepalive.Milliseconds(), Capabilities: []string{proto.CapKeepAlive}}
 	if err := proto.WriteMessage(ctrl, hello); err != nil {
 		return nil, proto.Message{}, err
 	}

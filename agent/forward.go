@@ -22,6 +22,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/policy"
+	"github.com/ferry-tunnel/ferry/proto"
 )
 
 // upstream is one configured internal service and its proxy.
@@ -202,7 +203,7 @@ func classify(err error) string {
 // then forward it to its upstream with the upstream's credential.
 func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	hdr, _ := headerFrom(r.Context())
+	hdr, hdrErr := requestHeader(r)
 	// The relay closes its end when the scanner goes away; the server sees
 	// EOF and cancels the request. yamux has no reset, and a write blocked
 	// on a full window would wait forever for a reader that left: closing
@@ -217,6 +218,10 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rid = httperr.NewRequestID()
 	}
 	w.Header().Set(httperr.RequestIDHeader, rid)
+	if tc := connFrom(r.Context()); tc != nil && !tc.keepAlive {
+		// One request per stream, as the relay that opened it expects.
+		w.Header().Set("Connection", "close")
+	}
 	rec := &httpx.Recorder{ResponseWriter: w}
 	in := &httpx.CountingBody{ReadCloser: r.Body}
 	// On a copy: the server must keep its own body to handle "Expect:
@@ -241,6 +246,11 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	entry.Path = rawPath
 	u := a.upstreams().byName[hdr.Upstream]
 	switch {
+	case hdrErr != nil:
+		entry.Rule = "stream-header"
+		a.log.Warn("request from the relay without a valid header; refused", "request_id", rid, "err", hdrErr)
+		httperr.Respond(rec, r, http.StatusBadRequest, httperr.BadRequest, "the relay sent this request without a valid "+proto.StreamHeaderField+" header")
+		return
 	case u == nil:
 		entry.Rule = "unknown-upstream"
 		httperr.Respond(rec, r, http.StatusNotFound, httperr.UnknownUpstream, fmt.Sprintf("this agent has no upstream %q", hdr.Upstream))

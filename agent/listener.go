@@ -2,7 +2,10 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
+	"net/http"
 	"sync"
 
 	"github.com/hashicorp/yamux"
@@ -58,12 +61,16 @@ func (tunnelAddr) Network() string { return "ferry" }
 func (tunnelAddr) String() string  { return "tunnel" }
 
 // tunnelConn is a request stream with the header the relay sent on it.
-// release runs once, when the stream is closed.
+// On a keep-alive stream (proto.KindHTTPKeepAlive) requests follow one
+// another, each with its own header in proto.StreamHeaderField; on the
+// others the stream's header is the one request's. release runs once,
+// when the stream is closed.
 type tunnelConn struct {
 	*yamux.Stream
-	header  proto.Header
-	once    sync.Once
-	release func()
+	header    proto.Header
+	keepAlive bool
+	once      sync.Once
+	release   func()
 }
 
 func (c *tunnelConn) Close() error {
@@ -86,9 +93,28 @@ func connFrom(ctx context.Context) *tunnelConn {
 	return tc
 }
 
-func headerFrom(ctx context.Context) (proto.Header, bool) {
-	if tc := connFrom(ctx); tc != nil {
-		return tc.header, true
+// requestHeader returns the header a request came with: its own on a
+// keep-alive stream, the stream's otherwise. It removes the header field
+// from r, which only a keep-alive stream may carry (the relay strips
+// scanners' X-Ferry-* fields, and so does the agent before forwarding).
+func requestHeader(r *http.Request) (proto.Header, error) {
+	vs := r.Header.Values(proto.StreamHeaderField)
+	r.Header.Del(proto.StreamHeaderField)
+	tc := connFrom(r.Context())
+	switch {
+	case tc == nil:
+		return proto.Header{}, errors.New("request did not come through the tunnel")
+	case !tc.keepAlive:
+		return tc.header, nil
+	case len(vs) != 1:
+		return proto.Header{}, fmt.Errorf("request on a keep-alive stream has %d %s fields, want 1", len(vs), proto.StreamHeaderField)
 	}
-	return proto.Header{}, false
+	h, err := proto.ParseFieldValue(vs[0])
+	if err != nil {
+		return proto.Header{}, err
+	}
+	if h.Kind != proto.KindHTTP {
+		return proto.Header{}, fmt.Errorf("%s: kind %s, want %s", proto.StreamHeaderField, h.Kind, proto.KindHTTP)
+	}
+	return h, nil
 }

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/testrig"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -97,6 +98,28 @@ func httpStream(t *testing.T, upstream, request string) []byte {
 	return append(h, request...)
 }
 
+// keepAliveStream is the start of a keep-alive stream: its header alone.
+func keepAliveStream(t *testing.T, request string) []byte {
+	t.Helper()
+	h, err := proto.Header{Kind: proto.KindHTTPKeepAlive}.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(h, request...)
+}
+
+// withField adds a proto.StreamHeaderField naming upstream to a raw
+// request, after its request line.
+func withField(t *testing.T, upstream, rid, request string) string {
+	t.Helper()
+	v, err := proto.Header{Kind: proto.KindHTTP, Upstream: upstream, RequestID: rid, Scanner: "s"}.FieldValue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	line, rest, _ := strings.Cut(request, "\r\n")
+	return line + "\r\n" + proto.StreamHeaderField + ": " + v + "\r\n" + rest
+}
+
 func TestAgentDistrustsTheRelay(t *testing.T) {
 	dir := t.TempDir()
 	pki, err := testrig.NewPKI(dir)
@@ -159,6 +182,10 @@ diagnostics: {listen: "127.0.0.1:0"}
 		{"not HTTP after the header", httpStream(t, "bitbucket", "\x00\x01\x02 garbage\r\n\r\n"), 400},
 		{"a push on a read profile", httpStream(t, "bitbucket", "POST /scm/proj/app.git/git-receive-pack HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n0000"), 403},
 		{"credential smuggled in a header", httpStream(t, "bitbucket", "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer stolen\r\nX-Http-Method-Override: DELETE\r\n\r\n"), 400},
+		{"keep-alive request without its header", keepAliveStream(t, "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\n\r\n"), 400},
+		{"keep-alive request with a garbled header", keepAliveStream(t, "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\n"+proto.StreamHeaderField+": RlkBAg!!\r\n\r\n"), 400},
+		{"keep-alive request with two headers", keepAliveStream(t, withField(t, "bitbucket", "r1", withField(t, "bitbucket", "r2", "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\n\r\n"))), 400},
+		{"a request's own header on a plain stream", httpStream(t, "internal-admin", withField(t, "bitbucket", "r1", "GET /rest/api/1.0/projects HTTP/1.1\r\nHost: x\r\n\r\n")), 404},
 	}
 	before := len(bb.Seen())
 	for _, l := range lies {
@@ -183,5 +210,54 @@ diagnostics: {listen: "127.0.0.1:0"}
 	}
 	if a.Connected() != 1 {
 		t.Fatal("the agent dropped the connection")
+	}
+
+	// A plain stream carries one request: the answer says it closes.
+	if resp := exchange(t, sess, httpStream(t, "bitbucket", "GET /rest/api/1.0/projects/PROJ/repos/app HTTP/1.1\r\nHost: x\r\n\r\n")); resp == nil || !resp.Close {
+		t.Fatalf("a plain stream's answer does not close it: %v", resp)
+	}
+	// A keep-alive stream serves requests one after another, each judged
+	// by its own header, which never reaches Bitbucket.
+	s, err := sess.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(15 * time.Second))
+	br := bufio.NewReader(s)
+	before = len(bb.Seen())
+	for i, c := range []struct {
+		raw    string
+		status int
+	}{
+		{string(keepAliveStream(t, withField(t, "bitbucket", "keepalive0001", "GET /rest/api/1.0/projects/PROJ/repos/app HTTP/1.1\r\nHost: x\r\n\r\n"))), 200},
+		{withField(t, "internal-admin", "keepalive0002", "GET /rest/api/1.0/projects/PROJ/repos/app HTTP/1.1\r\nHost: x\r\n\r\n"), 404},
+		{"GET /rest/api/1.0/projects/PROJ/repos/app HTTP/1.1\r\nHost: x\r\n\r\n", 400},
+		{withField(t, "bitbucket", "keepalive0004", "GET /rest/api/1.0/projects/PROJ/repos/app HTTP/1.1\r\nHost: x\r\n\r\n"), 200},
+	} {
+		if _, err := io.WriteString(s, c.raw); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("keep-alive request %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.status || resp.Close {
+			t.Fatalf("keep-alive request %d: %d (closes: %v), want %d on a stream kept open", i, resp.StatusCode, resp.Close, c.status)
+		}
+		if rid := resp.Header.Get(httperr.RequestIDHeader); c.status != 400 && rid != fmt.Sprintf("keepalive%04d", i+1) {
+			t.Fatalf("keep-alive request %d answered as request %q", i, rid)
+		}
+	}
+	got := bb.Seen()[before:]
+	if len(got) != 2 {
+		t.Fatalf("Bitbucket saw %d requests from the keep-alive stream, want 2", len(got))
+	}
+	for _, r := range got {
+		if v := r.Header.Get(proto.StreamHeaderField); v != "" {
+			t.Fatalf("Bitbucket received %s: %q", proto.StreamHeaderField, v)
+		}
 	}
 }

@@ -410,3 +410,34 @@ func TestRefusedUploadIsNeverSent(t *testing.T) {
 		t.Fatalf("the scanner's client was asked for the refused body (%d reads)", n)
 	}
 }
+
+// Requests that follow one another on the agent's kept streams are each
+// judged and recorded as themselves: allowed and refused ones interleaved,
+// every audit entry under the request id its scanner saw.
+func TestRequestsOnKeptStreamsAreJudgedOneByOne(t *testing.T) {
+	e := newEnv(t)
+	waitCredentialCheck(t, e.agent)
+	want := map[string]int{} // request id: status
+	for i := range 12 {
+		path, status := "/rest/api/1.0/projects/PROJ/repos?limit=10", 200
+		if i%3 == 2 {
+			path, status = "/plugins/servlet/upm", 403
+		}
+		got, hdr, body := e.do("GET", e.scannerBase+path, scannerToken, nil, nil)
+		if got != status {
+			t.Fatalf("request %d (%s): %d %s, want %d", i, path, got, body, status)
+		}
+		want[hdr.Get(httperr.RequestIDHeader)] = status
+	}
+	if len(want) != 12 {
+		t.Fatalf("12 requests carried %d request ids", len(want))
+	}
+	for rid, status := range want {
+		waitFor(t, "audit entry for "+rid, func() bool {
+			return auditHas(t, e.dir, func(a audit.Entry) bool {
+				return a.RequestID == rid && a.Status == status && a.Scanner == "appsec" && a.Upstream == "bitbucket" &&
+					(a.Decision == "allow") == (status == 200)
+			})
+		})
+	}
+}

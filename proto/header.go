@@ -4,6 +4,8 @@
 package proto
 
 import (
+	"bytes"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -27,7 +29,22 @@ const (
 	KindHTTP Kind = 2
 	// KindWebhook is a webhook delivery, opened by the agent; HTTP/1.1 follows.
 	KindWebhook Kind = 3
+	// KindHTTPKeepAlive carries scanner requests one after another, opened
+	// by the relay for an agent that announced CapKeepAlive: HTTP/1.1 with
+	// keep-alive follows, and each request carries its own header in the
+	// StreamHeaderField field (the stream header's fields are not used).
+	KindHTTPKeepAlive Kind = 4
 )
+
+// CapKeepAlive is the hello capability of an agent that serves
+// KindHTTPKeepAlive streams.
+const CapKeepAlive = "http-keepalive"
+
+// StreamHeaderField is the HTTP request header field that carries a
+// request's Header on a KindHTTPKeepAlive stream: the binary encoding in
+// unpadded base64url. Both ends strip X-Ferry-* fields a scanner sent, so
+// only the relay can set it, and the agent never forwards it.
+const StreamHeaderField = "X-Ferry-Stream"
 
 func (k Kind) String() string {
 	switch k {
@@ -37,6 +54,8 @@ func (k Kind) String() string {
 		return "http"
 	case KindWebhook:
 		return "webhook"
+	case KindHTTPKeepAlive:
+		return "http-keepalive"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -117,6 +136,39 @@ func (h Header) MarshalBinary() ([]byte, error) {
 	out = append(out, headerMagic[0], headerMagic[1], headerVersion, byte(h.Kind))
 	out = binary.BigEndian.AppendUint16(out, uint16(len(body)))
 	return append(out, body...), nil
+}
+
+// FieldValue encodes h for StreamHeaderField.
+func (h Header) FieldValue() (string, error) {
+	b, err := h.MarshalBinary()
+	if err != nil {
+		return "", err
+	}
+	return base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+// maxFieldValue is the longest StreamHeaderField value a header can encode to.
+var maxFieldValue = base64.RawURLEncoding.EncodedLen(headerFixedLen + MaxHeaderBody)
+
+// ParseFieldValue decodes a StreamHeaderField value: one whole header,
+// nothing before or after it.
+func ParseFieldValue(v string) (Header, error) {
+	if len(v) > maxFieldValue {
+		return Header{}, fmt.Errorf("%w: %s of %d bytes exceeds %d", ErrMalformed, StreamHeaderField, len(v), maxFieldValue)
+	}
+	b, err := base64.RawURLEncoding.DecodeString(v)
+	if err != nil {
+		return Header{}, fmt.Errorf("%w: %s: %v", ErrMalformed, StreamHeaderField, err)
+	}
+	r := bytes.NewReader(b)
+	h, err := ReadHeader(r)
+	if err != nil {
+		return Header{}, err
+	}
+	if r.Len() != 0 {
+		return Header{}, fmt.Errorf("%w: %d bytes after the header in %s", ErrMalformed, r.Len(), StreamHeaderField)
+	}
+	return h, nil
 }
 
 // WriteHeader encodes h and writes it to w in one write.

@@ -2,6 +2,7 @@ package proto
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -63,6 +64,35 @@ func TestHeaderRejects(t *testing.T) {
 	}
 	if _, err := (Header{Kind: KindHTTP, Upstream: strings.Repeat("x", 2000)}).MarshalBinary(); err == nil {
 		t.Error("oversized field encoded without error")
+	}
+}
+
+func TestHeaderFieldValue(t *testing.T) {
+	in := Header{Kind: KindHTTP, Upstream: "bitbucket", RequestID: "0123abcd", Scanner: "appsec", Deadline: time.UnixMilli(1_900_000_000_123)}
+	v, err := in.FieldValue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.ContainsAny(v, "=+/ \r\n") {
+		t.Fatalf("field value %q is not unpadded base64url", v)
+	}
+	out, err := ParseFieldValue(v)
+	if err != nil || out != in {
+		t.Fatalf("round trip: got %+v, %v; want %+v", out, err, in)
+	}
+	two, _ := Header{Kind: KindHTTP, Upstream: "x"}.MarshalBinary()
+	for name, bad := range map[string]string{
+		"empty":          "",
+		"not base64":     "FY!!",
+		"padded":         v + "=",
+		"trailing bytes": base64.RawURLEncoding.EncodeToString(append(two, "ABC"...)),
+		"two headers":    base64.RawURLEncoding.EncodeToString(append(two, two...)),
+		"bad magic":      base64.RawURLEncoding.EncodeToString([]byte("GET / HTTP/1.1")),
+		"oversized":      strings.Repeat("A", maxFieldValue+4),
+	} {
+		if _, err := ParseFieldValue(bad); err == nil {
+			t.Errorf("%s: %q decoded without error", name, bad)
+		}
 	}
 }
 

@@ -249,6 +249,7 @@ func (r *Relay) handshake(a *agentSession, th token.Hash) (int, error) {
 		return 0, reject("keepalive_ms must be 0-600000")
 	}
 	ac.keepalive = time.Duration(hello.KeepaliveMS) * time.Millisecond
+	ac.keepAlive = slices.Contains(hello.Capabilities, proto.CapKeepAlive)
 	ac.upstreams.Store(&ups)
 	if err := proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: r.id, Tunnel: t.id, ConnectionID: ac.id}); err != nil {
 		return 0, err

@@ -86,6 +86,13 @@ func fakeAgent(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration) (*
 // welcome.
 func fakeAgentCtrl(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration, early ...proto.Message) (*yamux.Session, *yamux.Stream, *atomic.Int64) {
 	t.Helper()
+	hello := proto.Message{Type: proto.MsgHello, AgentID: "fake", Version: "test", Upstreams: []string{"bitbucket"}, KeepaliveMS: keepaliveMS}
+	return dialFakeAgent(t, r, hello, ping, early...)
+}
+
+// dialFakeAgent connects to r and says hello.
+func dialFakeAgent(t *testing.T, r *Relay, hello proto.Message, ping time.Duration, early ...proto.Message) (*yamux.Session, *yamux.Stream, *atomic.Int64) {
+	t.Helper()
 	tun := r.auth.Load().tunnels["t"]
 	before := len(tun.snapshot())
 	ctx, cancel := context.WithCancel(context.Background())
@@ -114,7 +121,6 @@ func fakeAgentCtrl(t *testing.T, r *Relay, keepaliveMS int64, ping time.Duration
 	if err := proto.WriteHeader(ctrl, proto.Header{Kind: proto.KindControl}); err != nil {
 		t.Fatal(err)
 	}
-	hello := proto.Message{Type: proto.MsgHello, AgentID: "fake", Version: "test", Upstreams: []string{"bitbucket"}, KeepaliveMS: keepaliveMS}
 	for _, m := range append([]proto.Message{hello}, early...) {
 		if err := proto.WriteMessage(ctrl, m); err != nil {
 			t.Fatal(err)

@@ -12,13 +12,15 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/proto"
 )
 
-// tunnelTransport is the relay proxy's http.RoundTripper: one yamux
-// stream per request, on the agent connection the handler picked. The
-// stream header and the request's head leave in one write, and the
-// response is read in the caller's goroutine. (http.Transport, dialling a
+// tunnelTransport is the relay proxy's http.RoundTripper: a yamux stream
+// per request on the agent connection the handler picked, kept for the
+// next request where the agent serves keep-alive streams (relay/pool.go).
+// A new stream's header and the request's head leave in one write, and
+// the response is read in the caller's goroutine. (http.Transport, dialling a
 // stream per request, ran a dial, a read loop and a write loop goroutine
 // for each one: three goroutines and as many scheduler hand-offs on every
 // small request, and the head sent apart from the stream header.)
@@ -55,11 +57,43 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		closeBody(body)
 		return nil, errors.New("relay: request without a route")
 	}
+	// An idle keep-alive stream may be dead by the time it is used (its
+	// agent went away): a request that can be sent again safely gets a
+	// fresh stream then. Others always get a fresh stream.
+	replayable := body == nil && idempotent(req.Method)
+	if replayable {
+		if s := t.r.pooledStream(rt); s != nil {
+			resp, err := t.exchange(req, rt, s, nil, true)
+			if !errors.Is(err, errStaleStream) {
+				return resp, err
+			}
+		}
+	}
 	s, err := t.r.openStream(rt)
 	if err != nil {
 		closeBody(body)
 		return nil, err
 	}
+	return t.exchange(req, rt, s, body, false)
+}
+
+// errStaleStream: a pooled stream ended before any of the response came.
+var errStaleStream = errors.New("keep-alive stream closed before the response")
+
+// idempotent reports whether a request of this method may be sent twice
+// (RFC 9110, 9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return false
+}
+
+// exchange sends req on s and reads the response head. pooled: s carried
+// requests before, and an error before any response byte is errStaleStream.
+func (t tunnelTransport) exchange(req *http.Request, rt *route, s *trackedStream, body io.ReadCloser, pooled bool) (*http.Response, error) {
+	keepAlive := s.conn.keepAlive
 	// The scanner going away ends the request: the agent sees its stream
 	// close and cancels the upstream request.
 	stopCut := context.AfterFunc(req.Context(), func() { s.Close() })
@@ -69,8 +103,10 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 
-	out := *req      // RoundTrip must not change the caller's request
-	out.Close = true // one request per stream: the agent closes it after the response
+	out := *req // RoundTrip must not change the caller's request
+	// A plain stream carries one request, and the agent closes it after
+	// the response; a keep-alive stream waits for the next.
+	out.Close = !keepAlive
 	expect := body != nil && strings.EqualFold(strings.TrimSpace(req.Header.Get("Expect")), "100-continue")
 	var gate *continueGate
 	if expect {
@@ -83,11 +119,18 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		bw = bufio.NewWriterSize(nil, 4<<10)
 	}
 	bw.Reset(s)
-	if err := proto.WriteHeader(bw, rt.header); err != nil {
-		bw.Reset(nil)
-		t.r.heads.Put(bw)
-		closeBody(body)
-		return fail(err)
+	if !pooled {
+		h := rt.header
+		if keepAlive {
+			// Each request names itself in proto.StreamHeaderField.
+			h = proto.Header{Kind: proto.KindHTTPKeepAlive}
+		}
+		if err := proto.WriteHeader(bw, h); err != nil {
+			bw.Reset(nil)
+			t.r.heads.Put(bw)
+			closeBody(body)
+			return fail(err)
+		}
 	}
 	if body == nil {
 		// A request head fits the new stream's window: the write waits
@@ -101,6 +144,9 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		bw.Reset(nil)
 		t.r.heads.Put(bw)
 		if err != nil {
+			if pooled && req.Context().Err() == nil {
+				err = fmt.Errorf("%w: %v", errStaleStream, err)
+			}
 			return fail(fmt.Errorf("send request: %w", err))
 		}
 	} else {
@@ -137,6 +183,7 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	br.Reset(head)
 	var resp *http.Response
+	var err error
 	for n := 0; ; n++ {
 		resp, err = http.ReadResponse(br, &out)
 		if err != nil {
@@ -145,6 +192,9 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			if errors.Is(err, errHeadTooLarge) {
 				return fail(fmt.Errorf("agent response head larger than %d bytes", maxResponseHead))
+			}
+			if pooled && head.left == maxResponseHead && req.Context().Err() == nil && !httpx.IsTimeout(err) {
+				err = fmt.Errorf("%w: %v", errStaleStream, err)
 			}
 			return fail(fmt.Errorf("read agent response: %w", err))
 		}
@@ -168,10 +218,20 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	head.lift()
 	s.setIdle(t.r.streamIdle())
-	resp.Body = &streamBody{ReadCloser: resp.Body, s: s, stopCut: stopCut, release: func() {
+	sb := &streamBody{ReadCloser: resp.Body, s: s, stopCut: stopCut, release: func() {
 		br.Reset(nil)
 		t.r.replies.Put(br)
 	}}
+	// A keep-alive stream serves the next request once this response was
+	// read whole, if nothing else is still on its way into it (a request
+	// body) and the agent did not say it closes.
+	if keepAlive && body == nil && !resp.Close {
+		sb.keep = func() bool {
+			s.end()
+			return s.conn.pool.put(s)
+		}
+	}
+	resp.Body = sb
 	return resp, nil
 }
 
@@ -190,7 +250,10 @@ type streamBody struct {
 	stopCut func() bool
 	once    sync.Once
 	release func()
-	ended   atomic.Bool // a Read returned io.EOF
+	// keep, when set, offers the stream for another request; false: the
+	// stream is closed.
+	keep  func() bool
+	ended atomic.Bool // a Read returned io.EOF
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {
@@ -203,11 +266,15 @@ func (b *streamBody) Read(p []byte) (int, error) {
 
 func (b *streamBody) Close() error {
 	b.once.Do(func() {
-		b.stopCut()
-		b.s.Close()
+		// false: the scanner left and the cut is closing the stream.
+		live := b.stopCut()
 		if b.ended.Load() {
 			b.release()
+			if live && b.keep != nil && b.keep() {
+				return
+			}
 		}
+		b.s.Close()
 	})
 	return nil
 }

@@ -11,10 +11,11 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/yamux"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
@@ -68,6 +69,11 @@ func (r *Relay) newProxy() *httputil.ReverseProxy {
 			stripScannerHeaders(pr.Out.Header)
 			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
 			pr.Out.Header.Set("X-Ferry-Public-Base", rt.publicBase)
+			// The request's own header, for a keep-alive stream; an agent
+			// that does not use it drops it with the other X-Ferry-* fields.
+			if v, err := rt.header.FieldValue(); err == nil {
+				pr.Out.Header[proto.StreamHeaderField] = []string{v}
+			}
 		},
 		Transport: tunnelTransport{r: r},
 		// 0: responses of unknown length (git's streams) are flushed at
@@ -96,14 +102,17 @@ func stripScannerHeaders(h http.Header) {
 	}
 }
 
-// openStream opens the stream for one request on the connection the
-// handler picked, or on another live one if that connection just died.
+// openStream opens a stream for one request on the connection the
+// handler picked, or on another live one if that connection just died,
+// and counts the request in flight on it.
 func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 	c := rt.conn
 	for attempt := 0; ; attempt++ {
 		s, err := c.sess.OpenStream()
 		if err == nil {
-			return r.track(c, s), nil
+			t := r.track(c, s)
+			t.begin()
+			return t, nil
 		}
 		if attempt > 0 {
 			return nil, fmt.Errorf("%w: open stream: %v", errTunnelOffline, err)
@@ -115,29 +124,55 @@ func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 	}
 }
 
+// pooledStream takes an idle keep-alive stream of the route's connection
+// for one request, or returns nil.
+func (r *Relay) pooledStream(rt *route) *trackedStream {
+	if !rt.conn.keepAlive {
+		return nil
+	}
+	t := rt.conn.pool.get()
+	if t != nil {
+		t.begin()
+	}
+	return t
+}
+
 // streamIdle is how long a request's stream may be silent once the
 // response head has come.
 func (r *Relay) streamIdle() time.Duration {
 	return max(r.cfg.Timeouts.Idle, r.cfg.Timeouts.AgentResponse)
 }
 
-// track counts a stream as in flight until it is closed.
 func (r *Relay) track(c *agentConn, s *yamux.Stream) *trackedStream {
-	c.inflight.Add(1)
-	c.served.Add(1)
-	g := r.metrics.StreamsInFlight.WithLabelValues(c.tunnel.id)
-	g.Inc()
-	return &trackedStream{Stream: s, idle: r.streamIdle(), buffers: r.copyBuffers, done: func() { c.inflight.Add(-1); g.Dec() }}
+	return &trackedStream{Stream: s, conn: c, idle: r.streamIdle(), buffers: r.copyBuffers,
+		inflight: r.metrics.StreamsInFlight.WithLabelValues(c.tunnel.id)}
 }
 
-// trackedStream counts a stream as in flight until it is closed, and cuts
-// it when the agent sends nothing for idle.
+// trackedStream is a stream to an agent. It counts a request in flight
+// from begin until end or Close (a keep-alive stream carries several, one
+// at a time), and cuts the stream when the agent sends nothing for idle.
 type trackedStream struct {
 	*yamux.Stream
-	idle    time.Duration // read only by the goroutine reading the stream
-	buffers *httpx.BufferPool
-	once    sync.Once
-	done    func()
+	conn     *agentConn
+	idle     time.Duration // read only by the goroutine reading the stream
+	buffers  *httpx.BufferPool
+	inflight prometheus.Gauge
+	busy     atomic.Bool
+}
+
+func (t *trackedStream) begin() {
+	t.busy.Store(true)
+	t.conn.inflight.Add(1)
+	t.conn.served.Add(1)
+	t.inflight.Inc()
+}
+
+// end counts the stream's request as over; it may run more than once.
+func (t *trackedStream) end() {
+	if t.busy.CompareAndSwap(true, false) {
+		t.conn.inflight.Add(-1)
+		t.inflight.Dec()
+	}
 }
 
 func (t *trackedStream) setIdle(d time.Duration) { t.idle = d }
@@ -157,7 +192,7 @@ func (t *trackedStream) ReadFrom(r io.Reader) (int64, error) {
 }
 
 func (t *trackedStream) Close() error {
-	t.once.Do(t.done)
+	t.end()
 	return t.Stream.Close()
 }
 

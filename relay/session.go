@@ -251,7 +251,7 @@ func (a *agentSession) handleControl(m proto.Message) {
 	ac := a.ac.Load()
 	switch m.Type {
 	case proto.MsgDraining:
-		ac.draining.Store(true)
+		ac.drain()
 		ac.send(proto.Message{Type: proto.MsgDraining})
 		a.r.syncRegistry(a.t)
 		a.log.Info("agent is draining; no new requests go to this connection", "in_flight", ac.inflight.Load())
@@ -310,6 +310,7 @@ func (a *agentSession) finish() {
 	defer a.r.sessions.Done()
 	a.wg.Wait()
 	ac := a.ac.Load()
+	ac.pool.close()
 	a.t.remove(ac)
 	a.r.syncRegistry(a.t)
 	a.r.metrics.AgentConnections.WithLabelValues(a.t.id).Dec()

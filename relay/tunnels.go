@@ -36,6 +36,10 @@ type agentConn struct {
 	connectedAt time.Time
 	sess        *yamux.Session
 	keepalive   time.Duration // the agent's ping interval; 0: it did not say
+	// keepAlive: the agent serves keep-alive streams (proto.CapKeepAlive);
+	// pool holds those idle between requests.
+	keepAlive bool
+	pool      streamPool
 
 	inflight atomic.Int64
 	served   atomic.Int64
@@ -127,8 +131,16 @@ func (c *agentConn) upstreamNames() []string { return *c.upstreams.Load() }
 // goAway tells the agent to reconnect elsewhere; this connection gets no
 // new streams, and those in flight finish on it.
 func (c *agentConn) goAway(reason string) {
-	c.draining.Store(true)
+	c.drain()
 	c.send(proto.Message{Type: proto.MsgGoAway, Reason: reason})
+}
+
+// drain sends no new requests to this connection: it is no longer
+// picked, and its idle keep-alive streams are closed (the agent waits for
+// its streams to close before it lets the connection go).
+func (c *agentConn) drain() {
+	c.draining.Store(true)
+	c.pool.close()
 }
 
 // send writes a control message to the agent.
