@@ -66,8 +66,12 @@ func (u *upstream) modifyResponse(resp *http.Response) error {
 			h.Del(name)
 		}
 	}
-	if mt, _, _ := mime.ParseMediaType(h.Get("Content-Type")); mt == "application/vnd.git-lfs+json" && resp.StatusCode == http.StatusOK {
-		return u.rewriteLFSBatch(resp, public)
+	// The prefix test first: ParseMediaType allocates, for every response.
+	const lfs = "application/vnd.git-lfs+json"
+	if ct := h.Get("Content-Type"); resp.StatusCode == http.StatusOK && len(ct) >= len(lfs) && strings.EqualFold(ct[:len(lfs)], lfs) {
+		if mt, _, _ := mime.ParseMediaType(ct); mt == lfs {
+			return u.rewriteLFSBatch(resp, public)
+		}
 	}
 	return nil
 }

@@ -16,6 +16,9 @@ const (
 	// of its own, so the relay never sends a request into a stream the
 	// agent is closing.
 	idleStreamTTL = 30 * time.Second
+	// keepRecvBuffer: a stream that received at most this much for its
+	// last request keeps its receive buffer while idle.
+	keepRecvBuffer = 32 << 10
 )
 
 // streamPool holds an agent connection's idle keep-alive streams. The
@@ -64,9 +67,12 @@ func (p *streamPool) put(s *trackedStream) bool {
 	if p.closed || len(p.idle) >= maxIdleStreams {
 		return false
 	}
-	// The receive buffer grew to the largest response the stream carried;
-	// an idle stream holds none.
-	s.Shrink()
+	// The receive buffer grew with the responses the stream carried: one
+	// that may have grown it large is let go. A small one is kept, or the
+	// next response would grow a new one.
+	if s.got > keepRecvBuffer {
+		s.Shrink()
+	}
 	p.idle = append(p.idle, idleStream{s: s, since: p.clock()})
 	if p.sweep == nil {
 		p.sweep = time.AfterFunc(idleStreamTTL, p.expire)

@@ -67,6 +67,7 @@ func (t tunnelTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			if !errors.Is(err, errStaleStream) {
 				return resp, err
 			}
+			t.r.log.Debug("kept stream to the agent was closed; sending the request on a new one", "request_id", rt.header.RequestID, "err", err)
 		}
 	}
 	s, err := t.r.openStream(rt)

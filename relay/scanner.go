@@ -67,10 +67,10 @@ func (r *Relay) newProxy() *httputil.ReverseProxy {
 			pr.Out.URL = &url.URL{Scheme: "http", Host: "agent.ferry", Opaque: rt.rawPath, RawQuery: pr.In.URL.RawQuery}
 			pr.Out.Host = "agent.ferry"
 			stripScannerHeaders(pr.Out.Header)
-			pr.Out.Header.Set(httperr.RequestIDHeader, rt.header.RequestID)
 			pr.Out.Header.Set("X-Ferry-Public-Base", rt.publicBase)
-			// The request's own header, for a keep-alive stream; an agent
-			// that does not use it drops it with the other X-Ferry-* fields.
+			// The request's own header (request id included), for a
+			// keep-alive stream; an agent that does not use it drops it
+			// with the other X-Ferry-* fields and reads the stream's.
 			if v, err := rt.header.FieldValue(); err == nil {
 				pr.Out.Header[proto.StreamHeaderField] = []string{v}
 			}
@@ -155,12 +155,14 @@ type trackedStream struct {
 	*yamux.Stream
 	conn     *agentConn
 	idle     time.Duration // read only by the goroutine reading the stream
+	got      int64         // bytes read since begin, by that goroutine
 	buffers  *httpx.BufferPool
 	inflight prometheus.Gauge
 	busy     atomic.Bool
 }
 
 func (t *trackedStream) begin() {
+	t.got = 0
 	t.busy.Store(true)
 	t.conn.inflight.Add(1)
 	t.conn.served.Add(1)
@@ -179,7 +181,9 @@ func (t *trackedStream) setIdle(d time.Duration) { t.idle = d }
 
 func (t *trackedStream) Read(p []byte) (int, error) {
 	t.Stream.SetReadDeadline(time.Now().Add(t.idle))
-	return t.Stream.Read(p)
+	n, err := t.Stream.Read(p)
+	t.got += int64(n)
+	return n, err
 }
 
 // ReadFrom sends a request body in writes of up to 128 KiB: each write
