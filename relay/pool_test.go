@@ -243,6 +243,9 @@ func TestDrainingClosesKeptStreams(t *testing.T) {
 	}
 	ac := r.auth.Load().tunnels["t"].snapshot()[0]
 	waitFor(t, "the stream kept", func() bool { return ac.pool.len() == 1 })
+	if st := r.tunnelStatus()[0].Connections[0]; st.KeptStreams != 1 || st.InFlight != 0 || st.Served != 1 {
+		t.Fatalf("status %+v, want 1 kept stream, none in flight, 1 served", st)
+	}
 	if err := proto.WriteMessage(a.ctrl, proto.Message{Type: proto.MsgDraining}); err != nil {
 		t.Fatal(err)
 	}
@@ -251,8 +254,8 @@ func TestDrainingClosesKeptStreams(t *testing.T) {
 		t.Fatalf("draining answered with %q, %v", m.Type, err)
 	}
 	waitFor(t, "the agent's stream closed", func() bool { return a.sess.NumStreams() <= 1 })
-	if n := ac.pool.len(); n != 0 {
-		t.Fatalf("%d streams kept on a draining connection", n)
+	if st := r.tunnelStatus()[0].Connections[0]; st.KeptStreams != 0 || !st.Draining {
+		t.Fatalf("status %+v, want no kept streams on a draining connection", st)
 	}
 }
 

@@ -370,7 +370,9 @@ type ConnectionStatus struct {
 	Upstreams   []string  `json:"upstreams"`
 	InFlight    int64     `json:"in_flight"`
 	Served      int64     `json:"served"`
-	Draining    bool      `json:"draining"`
+	// KeptStreams: idle keep-alive streams waiting for the next request.
+	KeptStreams int  `json:"kept_streams"`
+	Draining    bool `json:"draining"`
 }
 
 func (r *Relay) tunnelStatus() []TunnelStatus {
@@ -381,7 +383,7 @@ func (r *Relay) tunnelStatus() []TunnelStatus {
 			ups := c.upstreamNames()
 			ts.Connections = append(ts.Connections, ConnectionStatus{
 				ID: c.id, AgentID: c.agentID, Version: c.version, Remote: c.remote, ConnectedAt: c.connectedAt,
-				Upstreams: ups, InFlight: c.inflight.Load(), Served: c.served.Load(), Draining: c.draining.Load(),
+				Upstreams: ups, InFlight: c.inflight.Load(), Served: c.served.Load(), KeptStreams: c.pool.len(), Draining: c.draining.Load(),
 			})
 		}
 		ts.Online = len(ts.Connections) > 0
