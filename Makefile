@@ -30,6 +30,7 @@ bench: deps build
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzReadHeader$$' -fuzztime $(FUZZTIME) ./proto
 	$(GO) test -run '^$$' -fuzz '^FuzzReadMessage$$' -fuzztime $(FUZZTIME) ./proto
+	$(GO) test -run '^$$' -fuzz '^FuzzParseFieldValue$$' -fuzztime $(FUZZTIME) ./proto
 	$(GO) test -run '^$$' -fuzz '^FuzzFrameWatch$$' -fuzztime $(FUZZTIME) ./proto
 	$(GO) test -run '^$$' -fuzz '^FuzzNormalizePath$$' -fuzztime $(FUZZTIME) ./internal/policy
 	$(GO) test -run '^$$' -fuzz '^FuzzReceivePackCommands$$' -fuzztime $(FUZZTIME) ./internal/policy
