@@ -212,16 +212,16 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if tc := connFrom(r.Context()); tc != nil {
 		stop := context.AfterFunc(r.Context(), func() { tc.Stream.Close() })
 		defer stop()
+		if !tc.keepAlive {
+			// One request per stream, as the relay that opened it expects.
+			w.Header().Set("Connection", "close")
+		}
 	}
 	rid := hdr.RequestID
 	if !httperr.ValidRequestID(rid) {
 		rid = httperr.NewRequestID()
 	}
 	w.Header().Set(httperr.RequestIDHeader, rid)
-	if tc := connFrom(r.Context()); tc != nil && !tc.keepAlive {
-		// One request per stream, as the relay that opened it expects.
-		w.Header().Set("Connection", "close")
-	}
 	rec := &httpx.Recorder{ResponseWriter: w}
 	in := &httpx.CountingBody{ReadCloser: r.Body}
 	// On a copy: the server must keep its own body to handle "Expect:

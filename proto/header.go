@@ -147,8 +147,9 @@ func (h Header) FieldValue() (string, error) {
 	return base64.RawURLEncoding.EncodeToString(b), nil
 }
 
-// maxFieldValue is the longest StreamHeaderField value a header can encode to.
-var maxFieldValue = base64.RawURLEncoding.EncodedLen(headerFixedLen + MaxHeaderBody)
+// maxFieldValue is the longest StreamHeaderField value a header can
+// encode to (unpadded base64: 4 characters per 3 bytes, rounded up).
+const maxFieldValue = ((headerFixedLen+MaxHeaderBody)*8 + 5) / 6
 
 // ParseFieldValue decodes a StreamHeaderField value: one whole header,
 // nothing before or after it.

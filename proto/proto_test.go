@@ -80,6 +80,9 @@ func TestHeaderFieldValue(t *testing.T) {
 	if err != nil || out != in {
 		t.Fatalf("round trip: got %+v, %v; want %+v", out, err, in)
 	}
+	if want := base64.RawURLEncoding.EncodedLen(headerFixedLen + MaxHeaderBody); maxFieldValue != want {
+		t.Fatalf("maxFieldValue %d, want %d", maxFieldValue, want)
+	}
 	two, _ := Header{Kind: KindHTTP, Upstream: "x"}.MarshalBinary()
 	for name, bad := range map[string]string{
 		"empty":          "",
