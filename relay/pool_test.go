@@ -44,7 +44,7 @@ func startKeepAliveAgent(t *testing.T, r *Relay, answer func(w io.Writer, req *h
 		Capabilities: []string{"something-newer", proto.CapKeepAlive}}
 	sess, ctrl, _ := dialFakeAgent(t, r, hello, 0)
 	a := &keepAliveAgent{sess: sess, ctrl: ctrl}
-	var streams atomic.Int64
+	streams := 0 // accepted so far; only the accepting goroutine counts
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
@@ -53,7 +53,8 @@ func startKeepAliveAgent(t *testing.T, r *Relay, answer func(w io.Writer, req *h
 			if err != nil {
 				return
 			}
-			n := int(streams.Add(1))
+			streams++
+			n := streams
 			a.wg.Add(1)
 			go func() {
 				defer a.wg.Done()
@@ -101,11 +102,6 @@ func answerOK(w io.Writer, _ *http.Request, n seen) bool {
 	body := fmt.Sprintf("stream %d", n.stream)
 	fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 	return true
-}
-
-func scannerGet(t *testing.T, r *Relay, method string, hdr map[string]string) (int, string) {
-	t.Helper()
-	return scannerDo(t, r, method, nil, hdr)
 }
 
 // Requests to an agent that serves keep-alive streams follow one another
@@ -170,7 +166,7 @@ func TestAgentWithoutKeepAliveGetsAStreamPerRequest(t *testing.T) {
 			}
 			io.WriteString(s, "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
 		})
-		if code, _ := scannerGet(t, r, "GET", nil); code != 204 {
+		if code, _ := scannerDo(t, r, "GET", nil, nil); code != 204 {
 			t.Fatalf("request %d: %d", i, code)
 		}
 		waitAnswered(t, done)
@@ -197,17 +193,17 @@ func TestDeadKeptStreamIsReplaced(t *testing.T) {
 		return !closeAfter.Load()
 	})
 	closeAfter.Store(true)
-	if code, body := scannerGet(t, r, "GET", nil); code != 200 || body != "stream 1" {
+	if code, body := scannerDo(t, r, "GET", nil, nil); code != 200 || body != "stream 1" {
 		t.Fatalf("first GET: %d %q", code, body)
 	}
 	waitFor(t, "the first stream kept", func() bool { return ac().pool.len() == 1 })
 	closeAfter.Store(false)
 	time.Sleep(50 * time.Millisecond) // the agent's close reaches the relay
-	if code, body := scannerGet(t, r, "GET", nil); code != 200 || body != "stream 2" {
+	if code, body := scannerDo(t, r, "GET", nil, nil); code != 200 || body != "stream 2" {
 		t.Fatalf("GET after the kept stream died: %d %q, want 200 from a new stream", code, body)
 	}
 	waitFor(t, "the second stream kept", func() bool { return ac().pool.len() == 1 })
-	if code, body := scannerGet(t, r, "DELETE", nil); code != 200 || body != "stream 3" {
+	if code, body := scannerDo(t, r, "DELETE", nil, nil); code != 200 || body != "stream 3" {
 		t.Fatalf("DELETE: %d %q, want 200 from a stream of its own", code, body)
 	}
 	waitFor(t, "both streams kept", func() bool { return ac().pool.len() == 2 })
@@ -238,7 +234,7 @@ func TestDeadKeptStreamIsReplaced(t *testing.T) {
 func TestDrainingClosesKeptStreams(t *testing.T) {
 	r := startPlainRelay(t, "15s")
 	a := startKeepAliveAgent(t, r, answerOK)
-	if code, _ := scannerGet(t, r, "GET", nil); code != 200 {
+	if code, _ := scannerDo(t, r, "GET", nil, nil); code != 200 {
 		t.Fatal(code)
 	}
 	ac := r.auth.Load().tunnels["t"].snapshot()[0]
