@@ -2,6 +2,14 @@ package policy
 
 import (
 	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"mime/multipart"
+	"net/http"
 	"strings"
 	"testing"
 )
@@ -55,4 +63,124 @@ func FuzzReceivePackCommands(f *testing.F) {
 			}
 		}
 	})
+}
+
+// FuzzCheckBody feeds the body checks (LFS batch, branch create, file
+// edit, each plain or gzipped) arbitrary bodies. Whatever a check allows
+// must be forwarded byte for byte as it was judged, and a second,
+// independent reading of the body, the way a server that was never told
+// about ferry reads it, must agree with the verdict: the branch written
+// lies under the push prefix, the LFS operation is a download.
+func FuzzCheckBody(f *testing.F) {
+	// kind picks the check: an index into kinds.
+	kinds := []Inspection{InspectLFSBatch, InspectBranchCreate, InspectFileEdit}
+	form := func(parts ...string) (string, string) {
+		var b strings.Builder
+		for i := 0; i+1 < len(parts); i += 2 {
+			fmt.Fprintf(&b, "--xyz\r\nContent-Disposition: form-data; name=%q\r\n\r\n%s\r\n", parts[i], parts[i+1])
+		}
+		b.WriteString("--xyz--\r\n")
+		return "multipart/form-data; boundary=xyz", b.String()
+	}
+	f.Add(uint8(0), "", false, []byte(`{"operation":"download","objects":[]}`))
+	f.Add(uint8(0), "", true, []byte(`{"operation":"upload"}`))
+	f.Add(uint8(1), "", false, []byte(`{"name":"ferry-fix/a","startPoint":"main"}`))
+	f.Add(uint8(1), "", true, []byte(`{"name":"refs/heads/ferry-fix/a"}`))
+	ct, body := form("content", "x", "branch", "ferry-fix/a")
+	f.Add(uint8(2), ct, false, []byte(body))
+	ct, body = form("branch", "ferry-fix/a", "sourceBranch", "main")
+	f.Add(uint8(2), ct, true, []byte(body))
+	f.Add(uint8(2), ct, false, []byte("--xyz\r\nContent-Disposition: form-data; name=\"branch\"\r\n"+
+		"Content-Transfer-Encoding: quoted-printable\r\n\r\n=66erry-fix/a\r\n--xyz--\r\n"))
+
+	pol, err := New(Options{Profile: "bitbucket-dc-appsec"})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, kind uint8, contentType string, gz bool, body []byte) {
+		d := Decision{Allow: true, Rule: "fuzz", Inspect: kinds[int(kind)%len(kinds)]}
+		hdr := http.Header{"Content-Type": {contentType}}
+		sent := body
+		if gz {
+			var z bytes.Buffer
+			zw := gzip.NewWriter(&z)
+			zw.Write(body)
+			zw.Close()
+			sent = z.Bytes()
+			hdr.Set("Content-Encoding", "gzip")
+		}
+		out, err := pol.CheckBody(d, hdr, bytes.NewReader(sent))
+		if err != nil {
+			var r *Refusal
+			if !errors.As(err, &r) {
+				t.Fatalf("an in-memory body failed with %v, not a refusal", err)
+			}
+			if r.Status != http.StatusBadRequest && r.Status != http.StatusForbidden && r.Status != http.StatusRequestEntityTooLarge {
+				t.Fatalf("refusal with status %d", r.Status)
+			}
+			return
+		}
+		if out.Decoded != gz {
+			t.Fatalf("Decoded=%v for a body sent gzipped=%v", out.Decoded, gz)
+		}
+		fwd, err := io.ReadAll(out.R)
+		if err != nil || !bytes.Equal(fwd, body) {
+			t.Fatalf("the forwarded body differs from the judged one (%v)", err)
+		}
+		switch d.Inspect {
+		case InspectLFSBatch:
+			var m map[string]json.RawMessage
+			var op string
+			if json.Unmarshal(body, &m) != nil || json.Unmarshal(m["operation"], &op) != nil || op != "download" {
+				t.Fatalf("allowed an LFS batch that is not plainly a download: %q", body)
+			}
+		case InspectBranchCreate:
+			var m map[string]json.RawMessage
+			var name string
+			if json.Unmarshal(body, &m) != nil || json.Unmarshal(m["name"], &name) != nil || !underPrefix(name) {
+				t.Fatalf("allowed a branch create outside the prefix: %q", body)
+			}
+		case InspectFileEdit:
+			branches := rawFormValues(t, contentType, body, "branch")
+			if len(branches) != 1 || !underPrefix(strings.TrimSpace(branches[0])) {
+				t.Fatalf("allowed a file edit on branches %q", branches)
+			}
+		}
+	})
+}
+
+// underPrefix is the push prefix check written out plainly, for a branch
+// name or a full ref.
+func underPrefix(name string) bool {
+	if !strings.HasPrefix(name, "refs/") {
+		name = "refs/heads/" + name
+	}
+	return strings.HasPrefix(name, DefaultPushRefPrefix) && !strings.Contains(name, "..")
+}
+
+// rawFormValues reads a multipart form's values for name as a server that
+// decodes no Content-Transfer-Encoding sees them (RFC 7578 retired it).
+func rawFormValues(t *testing.T, contentType string, body []byte, name string) []string {
+	_, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		t.Fatalf("allowed a form whose Content-Type does not parse: %v", err)
+	}
+	mr := multipart.NewReader(bytes.NewReader(body), params["boundary"])
+	var out []string
+	for {
+		part, err := mr.NextRawPart()
+		if err == io.EOF {
+			return out
+		}
+		if err != nil {
+			t.Fatalf("allowed a form that does not parse: %v", err)
+		}
+		if part.FormName() == name {
+			v, err := io.ReadAll(part)
+			if err != nil {
+				t.Fatalf("allowed a form whose %s does not read: %v", name, err)
+			}
+			out = append(out, string(v))
+		}
+	}
 }

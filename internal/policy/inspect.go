@@ -41,6 +41,9 @@ const (
 	maxJudgedBody   = 16 << 20
 	maxCommandBytes = 1 << 20
 	maxCommands     = 4096
+	// maxBranchField bounds a file edit's branch field: longer is no
+	// branch name anyone uses, and it is refused rather than cut.
+	maxBranchField = 1024
 )
 
 // DefaultPushRefPrefix is where bitbucket-dc-appsec lets a scanner write.
@@ -315,7 +318,11 @@ func (p *Policy) checkFileEdit(rule, contentType string, body []byte) error {
 	mr := multipart.NewReader(bytes.NewReader(body), params["boundary"])
 	seen := map[string]string{}
 	for {
-		part, err := mr.NextPart()
+		// Raw: NextPart would decode a quoted-printable part, which
+		// Bitbucket does not (RFC 7578 retired Content-Transfer-Encoding),
+		// so "=66erry-fix/x" would be judged as ferry-fix/x and written
+		// to a branch outside the prefix.
+		part, err := mr.NextRawPart()
 		if err == io.EOF {
 			break
 		}
@@ -327,9 +334,18 @@ func (p *Policy) checkFileEdit(rule, contentType string, body []byte) error {
 			if _, dup := seen[name]; dup {
 				return malformed(rule, "file edit: field %q given twice", name)
 			}
-			v, err := io.ReadAll(io.LimitReader(part, 1024))
+			switch cte := strings.ToLower(strings.TrimSpace(part.Header.Get("Content-Transfer-Encoding"))); cte {
+			case "", "7bit", "8bit", "binary":
+			default:
+				return malformed(rule, "file edit: field %q has Content-Transfer-Encoding %q; send it as is", name, cte)
+			}
+			// Judge the whole value, never a cut of it.
+			v, err := io.ReadAll(io.LimitReader(part, maxBranchField+1))
 			if err != nil {
 				return malformed(rule, "file edit form: %v", err)
+			}
+			if len(v) > maxBranchField {
+				return malformed(rule, "file edit: field %q is longer than %d bytes", name, maxBranchField)
 			}
 			seen[name] = strings.TrimSpace(string(v))
 		}

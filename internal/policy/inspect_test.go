@@ -173,6 +173,33 @@ func TestBranchCreateAndFileEdit(t *testing.T) {
 			t.Errorf("file edit %v allowed", f)
 		}
 	}
+	// The branch is judged as Bitbucket reads it: a quoted-printable
+	// part, which Go's multipart reader would decode to ferry-fix/a, would
+	// reach Bitbucket as "=66erry-fix/a", a branch outside the prefix.
+	// And a field too long to judge whole is refused, not cut.
+	part := func(field, cte, value string) string {
+		return "--xyz\r\nContent-Disposition: form-data; name=\"" + field + "\"\r\n" + cte + "\r\n" + value + "\r\n"
+	}
+	raw := func(field, cte, value string) string { return part(field, cte, value) + "--xyz--\r\n" }
+	mp := http.Header{"Content-Type": {"multipart/form-data; boundary=xyz"}}
+	for name, body := range map[string]string{
+		"quoted-printable branch":       raw("branch", "Content-Transfer-Encoding: quoted-printable\r\n", "=66erry-fix/a"),
+		"base64 branch":                 raw("branch", "Content-Transfer-Encoding: base64\r\n", "ZmVycnktZml4L2E="),
+		"quoted-printable sourceBranch": part("sourceBranch", "Content-Transfer-Encoding: quoted-printable\r\n", "main") + raw("branch", "", "ferry-fix/a"),
+		"branch over 1 KiB":             raw("branch", "", "ferry-fix/"+strings.Repeat("a", maxBranchField)),
+	} {
+		_, err := check(t, p, "PUT", edit, "", mp, body)
+		var r *Refusal
+		if !errors.As(err, &r) || r.Status != http.StatusBadRequest {
+			t.Errorf("%s: got %v, want a 400 refusal", name, err)
+		}
+	}
+	for _, cte := range []string{"", "Content-Transfer-Encoding: 8bit\r\n", "Content-Transfer-Encoding: BINARY\r\n"} {
+		body := raw("branch", cte, "ferry-fix/"+strings.Repeat("a", maxBranchField-len("ferry-fix/")))
+		if got, err := check(t, p, "PUT", edit, "", mp, body); err != nil || got != body {
+			t.Errorf("file edit with %q and a 1 KiB branch: %v", cte, err)
+		}
+	}
 }
 
 func TestProfilesFamilies(t *testing.T) {
