@@ -86,6 +86,13 @@ func (p *Policy) CheckBody(d Decision, header http.Header, body io.Reader) (Body
 		return Body{R: body}, nil
 	}
 	out := Body{R: body}
+	// What says how to read the body must say it once: servers differ on
+	// which of two fields they take.
+	for _, k := range []string{"Content-Type", "Content-Encoding"} {
+		if len(header.Values(k)) > 1 {
+			return out, malformed(d.Rule, "%s given more than once", k)
+		}
+	}
 	switch enc := strings.ToLower(strings.TrimSpace(header.Get("Content-Encoding"))); enc {
 	case "", "identity":
 	case "gzip", "x-gzip":
@@ -311,6 +318,13 @@ func (p *Policy) checkBranchCreate(rule string, body []byte) error {
 }
 
 func (p *Policy) checkFileEdit(rule, contentType string, body []byte) error {
+	// No RFC 2231 parameters: Go would take "boundary*=utf-8''B" over
+	// "boundary=A", a server that never implemented them takes A, and a
+	// body with a form under each boundary would show the two of them
+	// different branches. No boundary has a '*' in it (RFC 2046).
+	if strings.Contains(contentType, "*") {
+		return malformed(rule, "file edit: Content-Type with an extended (RFC 2231) parameter")
+	}
 	mt, params, err := mime.ParseMediaType(contentType)
 	if err != nil || mt != "multipart/form-data" || params["boundary"] == "" {
 		return malformed(rule, "file edit must be multipart/form-data")

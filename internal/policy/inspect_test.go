@@ -194,6 +194,24 @@ func TestBranchCreateAndFileEdit(t *testing.T) {
 			t.Errorf("%s: got %v, want a 400 refusal", name, err)
 		}
 	}
+	// Go would take the RFC 2231 boundary and see ferry-fix/a; a server
+	// that takes only the plain one sees main. Two Content-Types, or two
+	// Content-Encodings, leave it to the server which one counts.
+	twoForms := strings.ReplaceAll(raw("branch", "", "main"), "xyz", "AAA") + strings.ReplaceAll(raw("branch", "", "ferry-fix/a"), "xyz", "BBB")
+	for name, hdr := range map[string]http.Header{
+		"RFC 2231 boundary": {"Content-Type": {"multipart/form-data; boundary=AAA; boundary*=utf-8''BBB"}},
+		"two Content-Types": {"Content-Type": {"multipart/form-data; boundary=BBB", "multipart/form-data; boundary=AAA"}},
+		"two encodings":     {"Content-Type": {"multipart/form-data; boundary=BBB"}, "Content-Encoding": {"identity", "gzip"}},
+	} {
+		_, err := check(t, p, "PUT", edit, "", hdr, twoForms)
+		var r *Refusal
+		if !errors.As(err, &r) || r.Status != http.StatusBadRequest {
+			t.Errorf("%s: got %v, want a 400 refusal", name, err)
+		}
+	}
+	if _, err := check(t, p, "PUT", edit, "", http.Header{"Content-Type": {"multipart/form-data; boundary=BBB"}}, twoForms); err != nil {
+		t.Errorf("the form under its one plain boundary: %v", err)
+	}
 	for _, cte := range []string{"", "Content-Transfer-Encoding: 8bit\r\n", "Content-Transfer-Encoding: BINARY\r\n"} {
 		body := raw("branch", cte, "ferry-fix/"+strings.Repeat("a", maxBranchField-len("ferry-fix/")))
 		if got, err := check(t, p, "PUT", edit, "", mp, body); err != nil || got != body {
