@@ -10,6 +10,7 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/http"
+	"net/textproto"
 	"strings"
 	"testing"
 )
@@ -98,6 +99,19 @@ func FuzzCheckBody(f *testing.F) {
 		"--AAA\r\nContent-Disposition: form-data; name=\"branch\"\r\n\r\nmain\r\n--AAA--\r\n"+
 			"--BBB\r\nContent-Disposition: form-data; name=\"branch\"\r\n\r\nferry-fix/a\r\n--BBB--\r\n"))
 
+	// Parts a lenient server names branch and Go does not, or the other
+	// way round.
+	for _, cd := range []string{`form-data-x; name="branch"`, `form-data; name="branch"; name="x"`, `form-data; name*=utf-8''branch`} {
+		f.Add(uint8(2), "multipart/form-data; boundary=xyz", false, []byte(
+			"--xyz\r\nContent-Disposition: "+cd+"\r\n\r\nmain\r\n"+
+				"--xyz\r\nContent-Disposition: form-data; name=\"branch\"\r\n\r\nferry-fix/a\r\n--xyz--\r\n"))
+	}
+
+	// The only branch field, in a form a lenient server does not read: it
+	// would commit to the default branch.
+	f.Add(uint8(2), "multipart/form-data; boundary=xyz", false, []byte(
+		"--xyz\r\nContent-Disposition: form-data; name*=utf-8''branch\r\n\r\nferry-fix/a\r\n--xyz--\r\n"))
+
 	pol, err := New(Options{Profile: "bitbucket-dc-appsec"})
 	if err != nil {
 		f.Fatal(err)
@@ -163,8 +177,9 @@ func underPrefix(name string) bool {
 	return strings.HasPrefix(name, DefaultPushRefPrefix) && !strings.Contains(name, "..")
 }
 
-// rawFormValues reads a multipart form's values for name as a server that
-// decodes no Content-Transfer-Encoding sees them (RFC 7578 retired it).
+// rawFormValues reads a multipart form's values for name as a lenient
+// server sees them: it decodes no Content-Transfer-Encoding (RFC 7578
+// retired it) and names parts as lenientFormName does.
 func rawFormValues(t *testing.T, contentType string, body []byte, name string) []string {
 	_, params, err := mime.ParseMediaType(contentType)
 	if err != nil {
@@ -185,7 +200,7 @@ func rawFormValues(t *testing.T, contentType string, body []byte, name string) [
 		if err != nil {
 			t.Fatalf("allowed a form that does not parse: %v", err)
 		}
-		if part.FormName() == name {
+		if lenientFormName(part.Header) == name {
 			v, err := io.ReadAll(part)
 			if err != nil {
 				t.Fatalf("allowed a form whose %s does not read: %v", name, err)
@@ -193,4 +208,39 @@ func rawFormValues(t *testing.T, contentType string, body []byte, name string) [
 			out = append(out, string(v))
 		}
 	}
+}
+
+// lenientFormName names a part the way a lenient multipart parser does:
+// the first Content-Disposition, if it starts with form-data (any case),
+// and its first plain name parameter; RFC 2231 forms are unknown to it.
+func lenientFormName(h textproto.MIMEHeader) string {
+	cd := h.Get("Content-Disposition")
+	if !strings.HasPrefix(strings.ToLower(cd), "form-data") {
+		return ""
+	}
+	var pieces []string
+	start, quoted := 0, false
+	for i := 0; i < len(cd); i++ {
+		switch {
+		case cd[i] == '\\' && quoted:
+			i++
+		case cd[i] == '"':
+			quoted = !quoted
+		case cd[i] == ';' && !quoted:
+			pieces = append(pieces, cd[start:i])
+			start = i + 1
+		}
+	}
+	pieces = append(pieces, cd[start:])
+	for _, p := range pieces[1:] {
+		k, v, ok := strings.Cut(strings.TrimSpace(p), "=")
+		if ok && strings.EqualFold(strings.TrimSpace(k), "name") {
+			v = strings.TrimSpace(v)
+			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+				v = v[1 : len(v)-1]
+			}
+			return v
+		}
+	}
+	return ""
 }

@@ -12,6 +12,7 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/http"
+	"net/textproto"
 	"strconv"
 	"strings"
 
@@ -343,7 +344,10 @@ func (p *Policy) checkFileEdit(rule, contentType string, body []byte) error {
 		if err != nil {
 			return malformed(rule, "file edit form: %v", err)
 		}
-		name := part.FormName()
+		name, err := formName(part.Header)
+		if err != nil {
+			return malformed(rule, "file edit form: %v", err)
+		}
 		if name == "branch" || name == "sourceBranch" {
 			if _, dup := seen[name]; dup {
 				return malformed(rule, "file edit: field %q given twice", name)
@@ -373,6 +377,32 @@ func (p *Policy) checkFileEdit(rule, contentType string, body []byte) error {
 		return refuse(rule, "file edit on branch %q is outside %s*, the only refs this tunnel may write", branch, p.pushPrefix)
 	}
 	return nil
+}
+
+// formName is a form part's field name, from a Content-Disposition that
+// every server reads the same way. Go names no field for a disposition
+// it cannot parse (a name given twice), or that is not exactly form-data
+// ("form-data-x"), or takes "name*=utf-8”branch" for branch; a server
+// checking only that the header starts with form-data, or taking the
+// first name, or knowing nothing of RFC 2231, would see a branch field
+// the check never saw, or miss the one it saw and commit to the default
+// branch. Such a part is refused whatever its name. (filename*= is
+// fine: no name hides in it.)
+func formName(h textproto.MIMEHeader) (string, error) {
+	cds := h.Values("Content-Disposition")
+	if len(cds) != 1 {
+		return "", fmt.Errorf("a part has %d Content-Disposition fields, not one", len(cds))
+	}
+	disp, params, err := mime.ParseMediaType(cds[0])
+	if err != nil || disp != "form-data" {
+		return "", fmt.Errorf("Content-Disposition %q is not plain form-data", cds[0])
+	}
+	for _, piece := range strings.Split(strings.ToLower(cds[0]), ";") {
+		if strings.HasPrefix(strings.TrimSpace(piece), "name*") {
+			return "", fmt.Errorf("Content-Disposition %q names its field with an extended (RFC 2231) parameter", cds[0])
+		}
+	}
+	return params["name"], nil
 }
 
 // uniqueJSONFields reads a JSON object's top-level fields, refusing

@@ -209,6 +209,28 @@ func TestBranchCreateAndFileEdit(t *testing.T) {
 			t.Errorf("%s: got %v, want a 400 refusal", name, err)
 		}
 	}
+	// Every part's Content-Disposition must read the same to any server:
+	// one field, exactly form-data, one plain name.
+	withPart := func(hdr string) string {
+		return "--xyz\r\n" + hdr + "\r\nmain\r\n" + raw("branch", "", "ferry-fix/a")
+	}
+	for name, body := range map[string]string{
+		"form-data-x":          withPart("Content-Disposition: form-data-x; name=\"branch\"\r\n"),
+		"name given twice":     withPart("Content-Disposition: form-data; name=\"branch\"; name=\"x\"\r\n"),
+		"two dispositions":     withPart("Content-Disposition: form-data; name=\"branch\"\r\nContent-Disposition: form-data; name=\"x\"\r\n"),
+		"no disposition":       withPart("Content-Type: text/plain\r\n"),
+		"RFC 2231 name, alone": "--xyz\r\nContent-Disposition: form-data; name*=utf-8''branch\r\n\r\nferry-fix/a\r\n--xyz--\r\n",
+	} {
+		_, err := check(t, p, "PUT", edit, "", mp, body)
+		var r *Refusal
+		if !errors.As(err, &r) || r.Status != http.StatusBadRequest {
+			t.Errorf("%s: got %v, want a 400 refusal", name, err)
+		}
+	}
+	fileAndBranch := "--xyz\r\nContent-Disposition: form-data; name=\"content\"; filename*=utf-8''p%C3%B6m.xml\r\n\r\n<xml/>\r\n" + raw("branch", "", "ferry-fix/a")
+	if _, err := check(t, p, "PUT", edit, "", mp, fileAndBranch); err != nil {
+		t.Errorf("a file part with an RFC 2231 filename: %v", err)
+	}
 	if _, err := check(t, p, "PUT", edit, "", http.Header{"Content-Type": {"multipart/form-data; boundary=BBB"}}, twoForms); err != nil {
 		t.Errorf("the form under its one plain boundary: %v", err)
 	}
