@@ -382,7 +382,7 @@ func (p *Policy) checkFileEdit(rule, contentType string, body []byte) error {
 // formName is a form part's field name, from a Content-Disposition that
 // every server reads the same way. Go names no field for a disposition
 // it cannot parse (a name given twice), or that is not exactly form-data
-// ("form-data-x"), or takes "name*=utf-8”branch" for branch; a server
+// ("form-data-x"), or takes "name*=utf-8'en'branch" for branch; a server
 // checking only that the header starts with form-data, or taking the
 // first name, or knowing nothing of RFC 2231, would see a branch field
 // the check never saw, or miss the one it saw and commit to the default
