@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"compress/gzip"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -109,7 +110,24 @@ func (u *upstream) rewriteURL(raw, public string) (string, bool) {
 // scanner's URLs and drops their "header" maps: the agent adds the
 // upstream credential itself, and Bitbucket may put one there.
 func (u *upstream) rewriteLFSBatch(resp *http.Response, public string) error {
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxLFSBatchResponse+1))
+	// The scanner's Accept-Encoding reaches the upstream (git-lfs's Go
+	// client offers gzip), so the answer may come compressed; it leaves
+	// rewritten and plain.
+	var src io.Reader = resp.Body
+	switch enc := strings.ToLower(strings.TrimSpace(resp.Header.Get("Content-Encoding"))); enc {
+	case "", "identity":
+	case "gzip", "x-gzip":
+		zr, err := gzip.NewReader(resp.Body)
+		if err != nil {
+			resp.Body.Close()
+			return fmt.Errorf("LFS batch response: gzip: %w", err)
+		}
+		src = zr
+	default:
+		resp.Body.Close()
+		return fmt.Errorf("LFS batch response in Content-Encoding %q, which the agent cannot rewrite", enc)
+	}
+	body, err := io.ReadAll(io.LimitReader(src, maxLFSBatchResponse+1))
 	resp.Body.Close()
 	if err != nil {
 		return fmt.Errorf("read LFS batch response: %w", err)

@@ -71,6 +71,24 @@ func TestResponsesNeverPointInside(t *testing.T) {
 	if status != 200 || obj != string(content) {
 		t.Fatalf("object through the tunnel: %d %q", status, obj)
 	}
+
+	// A Bitbucket that gzips the batch answer (git-lfs offers gzip): the
+	// agent unpacks it to rewrite it, and it leaves plain.
+	e.bb.GzipLFSBatch.Store(true)
+	defer e.bb.GzipLFSBatch.Store(false)
+	status, hdr, body = e.do("POST", e.scannerBase+"/scm/proj/app.git/info/lfs/objects/batch", scannerToken,
+		strings.NewReader(`{"operation":"download","transfers":["basic"],"objects":[{"oid":"`+oid+`","size":19}]}`),
+		map[string]string{"Accept": "application/vnd.git-lfs+json", "Content-Type": "application/vnd.git-lfs+json", "Accept-Encoding": "gzip"})
+	if status != 200 || hdr.Get("Content-Encoding") != "" {
+		t.Fatalf("gzipped batch: %d, Content-Encoding %q: %s", status, hdr.Get("Content-Encoding"), body)
+	}
+	if strings.Contains(body, bitbucketPAT) || strings.Contains(body, e.bbURL) || strings.Contains(body, `"header"`) {
+		t.Fatalf("gzipped batch answer leaks the upstream: %s", body)
+	}
+	batch.Objects = nil
+	if err := json.Unmarshal([]byte(body), &batch); err != nil || len(batch.Objects) != 1 || batch.Objects[0].Actions["download"].Href != href {
+		t.Fatalf("gzipped batch: %v %s", err, body)
+	}
 }
 
 func itoa(n int) string {
@@ -83,6 +101,8 @@ func TestRealGitLFSCloneThroughTunnel(t *testing.T) {
 		t.Fatal("git-lfs not installed: run make deps")
 	}
 	e := newEnv(t)
+	// git-lfs's Go client offers gzip; this Bitbucket takes it up.
+	e.bb.GzipLFSBatch.Store(true)
 	content := bytes.Repeat([]byte("ferry lfs object\n"), 4096)
 	oid := e.bb.AddLFSObject(content)
 	// A repository whose asset.bin is an LFS pointer, as git-lfs commits it.
@@ -110,5 +130,14 @@ func TestRealGitLFSCloneThroughTunnel(t *testing.T) {
 	got, err := os.ReadFile(filepath.Join(dst, "asset.bin"))
 	if err != nil || !bytes.Equal(got, content) {
 		t.Fatalf("asset.bin is %d bytes (%v), want the %d-byte LFS object", len(got), err, len(content))
+	}
+	gzipped := false
+	for _, r := range e.bb.Seen() {
+		if strings.HasSuffix(r.Path, "/info/lfs/objects/batch") && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+			gzipped = true
+		}
+	}
+	if !gzipped {
+		t.Fatal("git-lfs's batch request reached Bitbucket without offering gzip; the gzipped answer was not tried")
 	}
 }

@@ -1,6 +1,7 @@
 package testrig
 
 import (
+	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -16,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -35,6 +37,9 @@ type Bitbucket struct {
 
 	// TokenExpiryDays is what the token list reports for the PAT in use.
 	TokenExpiryDays int
+	// GzipLFSBatch: LFS batch answers are gzipped for clients that
+	// accept it, as by a Bitbucket whose compression covers their type.
+	GzipLFSBatch atomic.Bool
 
 	mu        sync.Mutex
 	redirects map[string]string // path -> Location, answered with 302
@@ -250,7 +255,14 @@ func (b *Bitbucket) serveLFSBatch(w http.ResponseWriter, r *http.Request) {
 		}})
 	}
 	w.Header().Set("Content-Type", "application/vnd.git-lfs+json")
-	json.NewEncoder(w).Encode(map[string]any{"transfer": "basic", "objects": objs})
+	var out io.Writer = w
+	if b.GzipLFSBatch.Load() && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+		w.Header().Set("Content-Encoding", "gzip")
+		zw := gzip.NewWriter(w)
+		defer zw.Close()
+		out = zw
+	}
+	json.NewEncoder(out).Encode(map[string]any{"transfer": "basic", "objects": objs})
 }
 
 // serveTokens lists the user's HTTP access tokens as Bitbucket does; the
