@@ -2,7 +2,6 @@ package agent
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +11,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 )
 
 // PublicBaseHeader carries, from relay to agent, the URL under which the
@@ -113,19 +114,15 @@ func (u *upstream) rewriteLFSBatch(resp *http.Response, public string) error {
 	// The scanner's Accept-Encoding reaches the upstream (git-lfs's Go
 	// client offers gzip), so the answer may come compressed; it leaves
 	// rewritten and plain.
-	var src io.Reader = resp.Body
-	switch enc := strings.ToLower(strings.TrimSpace(resp.Header.Get("Content-Encoding"))); enc {
-	case "", "identity":
-	case "gzip", "x-gzip":
-		zr, err := gzip.NewReader(resp.Body)
-		if err != nil {
-			resp.Body.Close()
-			return fmt.Errorf("LFS batch response: gzip: %w", err)
-		}
-		src = zr
-	default:
+	enc := strings.ToLower(strings.TrimSpace(resp.Header.Get("Content-Encoding")))
+	src, _, err := httpx.Unpack(enc, resp.Body)
+	switch {
+	case errors.Is(err, httpx.ErrUnknownEncoding):
 		resp.Body.Close()
 		return fmt.Errorf("LFS batch response in Content-Encoding %q, which the agent cannot rewrite", enc)
+	case err != nil:
+		resp.Body.Close()
+		return fmt.Errorf("LFS batch response: gzip: %w", err)
 	}
 	body, err := io.ReadAll(io.LimitReader(src, maxLFSBatchResponse+1))
 	resp.Body.Close()

@@ -2,6 +2,7 @@
 package httpx
 
 import (
+	"compress/gzip"
 	"context"
 	"errors"
 	"io"
@@ -124,4 +125,26 @@ func WebhookHeaders(in http.Header) http.Header {
 		out[http.CanonicalHeaderKey(k)] = append([]string(nil), vs...)
 	}
 	return out
+}
+
+// ErrUnknownEncoding is Unpack's answer to a Content-Encoding it cannot
+// undo.
+var ErrUnknownEncoding = errors.New("unknown Content-Encoding")
+
+// Unpack undoes the Content-Encoding enc (lower case, trimmed) of body:
+// body itself for none or identity, a gzip reader for gzip (decoded
+// true). Any other encoding is ErrUnknownEncoding; a gzip stream that
+// does not start as one is gzip's error.
+func Unpack(enc string, body io.Reader) (r io.Reader, decoded bool, err error) {
+	switch enc {
+	case "", "identity":
+		return body, false, nil
+	case "gzip", "x-gzip":
+		zr, err := gzip.NewReader(body)
+		if err != nil {
+			return nil, false, err
+		}
+		return zr, true, nil
+	}
+	return nil, false, ErrUnknownEncoding
 }

@@ -3,7 +3,6 @@ package policy
 import (
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -94,17 +93,15 @@ func (p *Policy) CheckBody(d Decision, header http.Header, body io.Reader) (Body
 			return out, malformed(d.Rule, "%s given more than once", k)
 		}
 	}
-	switch enc := strings.ToLower(strings.TrimSpace(header.Get("Content-Encoding"))); enc {
-	case "", "identity":
-	case "gzip", "x-gzip":
-		zr, err := gzip.NewReader(body)
-		if err != nil {
-			return out, malformed(d.Rule, "gzip body: %v", err)
-		}
-		out = Body{R: zr, Decoded: true}
-	default:
+	enc := strings.ToLower(strings.TrimSpace(header.Get("Content-Encoding")))
+	r, decoded, err := httpx.Unpack(enc, body)
+	switch {
+	case errors.Is(err, httpx.ErrUnknownEncoding):
 		return out, malformed(d.Rule, "Content-Encoding %q cannot be inspected", enc)
+	case err != nil:
+		return out, malformed(d.Rule, "gzip body: %v", err)
 	}
+	out = Body{R: r, Decoded: decoded}
 	switch d.Inspect {
 	case InspectReceivePack:
 		head, err := p.checkReceivePack(out.R)
