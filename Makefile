@@ -5,9 +5,10 @@ GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X github.com/ferry-tunnel/ferry/internal/version.Version=$(VERSION)
 FUZZTIME  ?= 30s
+SOAK      ?= 10m
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build test demo bench deps fuzz lint deb clean
+.PHONY: all build test demo bench soak deps fuzz lint deb clean
 
 all: build
 
@@ -25,6 +26,11 @@ demo: deps build
 # ferry side by side with a direct connection; table + bench/results.json.
 bench: deps build
 	$(GO) run ./bench -bin bin -out bench/results.json
+
+# Mixed traffic for SOAK between two quiet spells: do the daemons come
+# back to the goroutines, open files and live heap they had before?
+soak: deps build
+	$(GO) run ./bench -bin bin -only soak -soak $(SOAK)
 
 # Longer fuzzing of every decoder and the path normaliser.
 fuzz:

@@ -57,7 +57,7 @@ type setup struct {
 	adminAddr           string
 	diagAddr            string // the agent's diagnostics listener
 	direct, viaFerry    *http.Client
-	pprof               bool
+	keepProfiles        bool     // -pprof: workloads that take profiles write them out
 	env                 []string // added to the relay's and agent's environment
 	rounds              int      // runs of each throughput workload, alternating
 }
@@ -107,15 +107,19 @@ func main() {
 	rounds := flag.Int("rounds", 3, "alternating direct/ferry runs of each throughput workload; the median is reported")
 	var env envFlag
 	flag.Var(&env, "env", "NAME=value added to the relay's and agent's environment, e.g. GOMAXPROCS=1 (repeatable): to try runtime settings on this machine")
-	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart); default all")
+	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart,soak); default all but soak")
+	soak := flag.Duration("soak", 5*time.Minute, "traffic time of the soak workload (which adds about 4 minutes of warm-up and quiet)")
 	flag.Parse()
-	want := func(name string) bool { return *only == "" || slices.Contains(strings.Split(*only, ","), name) }
+	named := func(name string) bool { return slices.Contains(strings.Split(*only, ","), name) }
+	want := func(name string) bool { return *only == "" || named(name) }
 	raiseFileLimit()
-	s, err := start(*bin, *pprof, env)
+	// The soak reads the live heap through the daemons' profilers.
+	s, err := start(*bin, *pprof || named("soak"), env)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+	s.keepProfiles = *pprof
 	s.rounds = max(1, *rounds)
 	defer s.stop()
 	var results []Result
@@ -147,6 +151,13 @@ func main() {
 	}
 	if want("rss") {
 		add(s.agentPeakRSS())
+	}
+	// Not in the default run, which must stay under 10 minutes.
+	if named("soak") {
+		rs, err := s.soak(*soak)
+		for _, r := range rs {
+			add(r, err)
+		}
 	}
 	// The restart comes first, so the memory figure is that of a fresh
 	// relay, not one whose heap earlier workloads grew (and it reuses).
@@ -192,7 +203,7 @@ func (r *repeatReader) Read(p []byte) (int, error) {
 }
 
 func start(bin string, pprof bool, env []string) (_ *setup, err error) {
-	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent"), pprof: pprof, env: env}
+	s := &setup{relayBin: filepath.Join(bin, "ferry-relay"), agentBin: filepath.Join(bin, "ferry-agent"), env: env}
 	defer func() {
 		if err != nil { // no daemon outlives a failed start
 			s.stop()
@@ -220,6 +231,14 @@ func start(bin string, pprof bool, env []string) (_ *setup, err error) {
 	mux.HandleFunc("POST /bench/sink", func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.CopyBuffer(io.Discard, r.Body, make([]byte, 256<<10))
 		fmt.Fprintf(w, "%d\n", n)
+	})
+	mux.HandleFunc("GET /bench/slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+			w.Write([]byte("slow\n"))
+		case <-r.Context().Done():
+		}
 	})
 	small := []byte(strings.Repeat("x", 100))
 	mux.HandleFunc("GET /bench/small", func(w http.ResponseWriter, r *http.Request) { w.Write(small) })
@@ -654,7 +673,7 @@ func procCPU(pid int) time.Duration {
 
 func (s *setup) cloneBench(n, mib int) (Result, error) {
 	name := fmt.Sprintf("%d parallel git clones, %d MiB repo", n, mib)
-	if err := makeBigRepo(filepath.Join(s.dir, "git"), mib); err != nil {
+	if err := makeRepo(filepath.Join(s.dir, "git"), "big/repo.git", mib); err != nil {
 		return Result{Workload: name}, err
 	}
 	run := func(url, tok string, extra ...string) (float64, error) {
@@ -693,8 +712,9 @@ func (s *setup) cloneBench(n, mib int) (Result, error) {
 	return ratio(name, "clones/s", d, f, 0.70), nil
 }
 
-// makeBigRepo creates big/repo.git with mib MiB of incompressible files.
-func makeBigRepo(root string, mib int) error {
+// makeRepo creates the bare repository name under root with mib MiB of
+// incompressible files.
+func makeRepo(root, name string, mib int) error {
 	work, err := os.MkdirTemp("", "ferry-bench-repo-")
 	if err != nil {
 		return err
@@ -715,7 +735,7 @@ func makeBigRepo(root string, mib int) error {
 			return err
 		}
 	}
-	bare := filepath.Join(root, "big", "repo.git")
+	bare := filepath.Join(root, name)
 	os.MkdirAll(filepath.Dir(bare), 0o755)
 	_, err = testrig.Git(work, "clone", "-q", "--bare", work, bare)
 	return err
@@ -740,6 +760,12 @@ func (s *setup) agentPeakRSS() (Result, error) {
 	hwm, err := procStatus(s.agent.Process.Pid, "VmHWM")
 	r := Result{Workload: "agent peak RSS (download, upload, clones)", Unit: "MiB", Ferry: hwm / (1 << 20), Target: "≤ 64 MiB"}
 	r.Met = err == nil && r.Ferry <= 64
+	// The relay has no target of its own here; its figure is for
+	// sizing its container (it restarts for the restart workload, after
+	// this one).
+	if relay, rerr := procStatus(s.relay.Process.Pid, "VmHWM"); rerr == nil {
+		r.Note = fmt.Sprintf("relay peak RSS %.1f MiB", relay/(1<<20))
+	}
 	return r, err
 }
 
@@ -805,7 +831,7 @@ func (s *setup) idleAgentsOnce(n int) (float64, string, error) {
 	if err != nil {
 		return 0, "", err
 	}
-	if s.pprof {
+	if s.keepProfiles {
 		if err := s.saveProfile("heap", "relay-idle-agents-heap.pprof"); err != nil {
 			return 0, "", err
 		}
