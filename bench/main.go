@@ -457,24 +457,34 @@ func ratio(name, unit string, d, f, target float64) Result {
 // costMeter adds up the relay's and agent's CPU time, and the bytes their
 // heaps allocated, over the runs through ferry: figures of ferry's own
 // cost that the machine's noise, which moves the rates by a third, hardly
-// moves.
+// moves. It also adds up the bench process's own CPU (the client and the
+// upstream) over the runs both ways, for bulk workloads: with every
+// process on the same cores, what the tunnel can reach at best is what
+// direct costs over what all of them cost through ferry.
 type costMeter struct {
 	s                      *setup
 	relay, agent           time.Duration
 	relayAlloc, agentAlloc float64
 	runs                   int
+	selfDirect, selfFerry  time.Duration
+	runsDirect             int
 }
 
 // measure starts measuring a run with client c; the returned func ends
-// it. Runs direct are not measured.
+// it.
 func (m *costMeter) measure(c *http.Client) (end func()) {
+	self0 := procCPU(os.Getpid())
 	if c != m.s.viaFerry {
-		return func() {}
+		return func() {
+			m.selfDirect += procCPU(os.Getpid()) - self0
+			m.runsDirect++
+		}
 	}
 	const allocated = "go_memstats_alloc_bytes_total"
 	relay0, agent0 := m.s.daemonCPU()
 	ra0, aa0 := metric(m.s.adminAddr, allocated), metric(m.s.diagAddr, allocated)
 	return func() {
+		m.selfFerry += procCPU(os.Getpid()) - self0
 		relay1, agent1 := m.s.daemonCPU()
 		m.relay, m.agent, m.runs = m.relay+relay1-relay0, m.agent+agent1-agent0, m.runs+1
 		m.relayAlloc += metric(m.s.adminAddr, allocated) - ra0
@@ -491,13 +501,22 @@ func (m *costMeter) perRequest(n int64) string {
 		m.relay.Microseconds()/n, m.agent.Microseconds()/n, m.relayAlloc/float64(n)/1e3, m.agentAlloc/float64(n)/1e3)
 }
 
-// perGiB is the note for a bulk workload of size bytes a run.
-func (m *costMeter) perGiB(size int64) string {
-	if m.runs == 0 || size == 0 {
+// perGiB is the note for a bulk workload of size bytes a run whose
+// direct median was direct MB/s. Its ceiling is the rate through ferry if
+// all of the machine's CPUs did nothing but this workload's work.
+func (m *costMeter) perGiB(size int64, direct float64) string {
+	if m.runs == 0 || m.runsDirect == 0 || size == 0 {
 		return ""
 	}
-	gib := float64(size) * float64(m.runs) / (1 << 30)
-	return fmt.Sprintf("CPU per GiB: relay %.2f s, agent %.2f s", m.relay.Seconds()/gib, m.agent.Seconds()/gib)
+	gib := float64(size) / (1 << 30)
+	relay, agent := m.relay.Seconds()/gib/float64(m.runs), m.agent.Seconds()/gib/float64(m.runs)
+	selfD, selfF := m.selfDirect.Seconds()/gib/float64(m.runsDirect), m.selfFerry.Seconds()/gib/float64(m.runs)
+	ceiling := float64(runtime.NumCPU()) / (selfF + relay + agent) * (1 << 30) / 1e6
+	note := fmt.Sprintf("CPU per GiB: relay %.2f s, agent %.2f s; client and upstream %.2f s direct, %.2f s through ferry", relay, agent, selfD, selfF)
+	if direct > 0 {
+		note += fmt.Sprintf("; CPU-bound on %d CPUs, ferry could reach at most %.0f MB/s (ratio %.2f)", runtime.NumCPU(), ceiling, ceiling/direct)
+	}
+	return note
 }
 
 func (s *setup) download(size int64) (Result, error) {
@@ -517,7 +536,7 @@ func (s *setup) download(size int64) (Result, error) {
 		return float64(n) / 1e6 / time.Since(start).Seconds(), nil
 	})
 	r := ratio(fmt.Sprintf("download %d MiB", size>>20), "MB/s", d, f, 0.40)
-	r.Note = cost.perGiB(size)
+	r.Note = cost.perGiB(size, d)
 	return r, err
 }
 
@@ -538,7 +557,7 @@ func (s *setup) upload(size int64) (Result, error) {
 		return float64(size) / 1e6 / time.Since(start).Seconds(), nil
 	})
 	r := ratio(fmt.Sprintf("upload %d MiB", size>>20), "MB/s", d, f, 0.35)
-	r.Note = cost.perGiB(size)
+	r.Note = cost.perGiB(size, d)
 	return r, err
 }
 
