@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -136,7 +138,8 @@ func (s *setup) readBoth(when string) (relay, agent daemonState, err error) {
 
 // soak sends mixed traffic through ferry for dur — small requests,
 // refusals, scanners that give up mid-request, bulk transfers cut short,
-// git clones — between two quiet spells, and reports whether each daemon
+// git clones, the agent's connections cut now and then — between two
+// quiet spells, and reports whether each daemon
 // came back to what it held before: goroutines and open files exactly,
 // the live heap within a margin. A daemon meant to run for months must
 // not keep anything a request left behind.
@@ -148,7 +151,7 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 		return fail(err)
 	}
 	fmt.Fprintf(os.Stderr, "bench: soak: warm-up, then %v quiet\n", soakQuiet)
-	if _, err := s.soakTraffic(20 * time.Second); err != nil {
+	if _, err := s.soakTraffic(20*time.Second, false); err != nil {
 		return fail(fmt.Errorf("warm-up: %w", err))
 	}
 	s.viaFerry.CloseIdleConnections()
@@ -158,7 +161,7 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 		return fail(err)
 	}
 	fmt.Fprintf(os.Stderr, "bench: soak: before: relay %v; agent %v\n", relay0, agent0)
-	counts, err := s.soakTraffic(dur)
+	counts, err := s.soakTraffic(dur, true)
 	if err != nil {
 		return fail(err)
 	}
@@ -185,17 +188,57 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 // soakCounts is what the soak's traffic did.
 type soakCounts struct {
 	ok, refused, cancelled, cut, clones atomic.Int64
+	cuts, lostToCuts                    atomic.Int64
+	longestOutage                       atomic.Int64 // ns from a cut to the next request through
+}
+
+func (c *soakCounts) noteOutage(d time.Duration) {
+	for {
+		old := c.longestOutage.Load()
+		if int64(d) <= old || c.longestOutage.CompareAndSwap(old, int64(d)) {
+			return
+		}
+	}
 }
 
 func (c *soakCounts) String() string {
-	return fmt.Sprintf("%d requests answered, %d refused as expected, %d abandoned by the scanner, %d bulk transfers cut short, %d clones",
-		c.ok.Load(), c.refused.Load(), c.cancelled.Load(), c.cut.Load(), c.clones.Load())
+	return fmt.Sprintf("%d requests answered, %d refused as expected, %d abandoned by the scanner, %d bulk transfers cut short, %d clones; agent connections cut %d times, %d requests lost to the cuts, through again within %v",
+		c.ok.Load(), c.refused.Load(), c.cancelled.Load(), c.cut.Load(), c.clones.Load(), c.cuts.Load(), c.lostToCuts.Load(),
+		time.Duration(c.longestOutage.Load()).Round(time.Millisecond))
 }
 
-// soakTraffic runs the soak's workers for dur. Each kind of traffic runs
+const (
+	// cutEvery is how often the soak cuts the agent's connections.
+	cutEvery = 45 * time.Second
+	// cutGrace: a request that fails this soon after a cut is counted as
+	// lost to it, not as an error; the agent is reconnecting.
+	cutGrace = 5 * time.Second
+)
+
+// cutAgentConnections resets the agent's connections to the relay, as a
+// failing network or firewall would: ss -K destroys the agent's sockets
+// (the relay then reads a reset), and both processes live on.
+func (s *setup) cutAgentConnections() error {
+	host, port, err := net.SplitHostPort(s.agentAddr)
+	if err != nil {
+		return err
+	}
+	out, err := exec.Command("ss", "-K", "-t", "-n", "dst", host, "dport", "=", ":"+port).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ss -K: %v: %s", err, out)
+	}
+	if !bytes.Contains(out, []byte("ESTAB")) {
+		// The kernel lacks CONFIG_INET_DIAG_DESTROY, or ss is too old.
+		return fmt.Errorf("ss -K cut no connection: %q", out)
+	}
+	return nil
+}
+
+// soakTraffic runs the soak's workers for dur, cutting the agent's
+// connections to the relay every cutEvery if cuts is set. Each kind of traffic runs
 // in a loop of its own, paced so the machine is busy but not saturated:
 // the point is many requests of every kind, not the rate.
-func (s *setup) soakTraffic(dur time.Duration) (*soakCounts, error) {
+func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), dur)
 	defer cancel()
 	c := &soakCounts{}
@@ -204,6 +247,7 @@ func (s *setup) soakTraffic(dur time.Duration) (*soakCounts, error) {
 	failed := func(err error) {
 		errOnce.Do(func() { firstErr = err; cancel() })
 	}
+	var lastCut atomic.Int64 // when the agent's connections were last cut, Unix ns
 	var wg sync.WaitGroup
 	loop := func(pause time.Duration, f func(i int) error) {
 		wg.Add(1)
@@ -211,8 +255,11 @@ func (s *setup) soakTraffic(dur time.Duration) (*soakCounts, error) {
 			defer wg.Done()
 			for i := 0; ctx.Err() == nil; i++ {
 				if err := f(i); err != nil && ctx.Err() == nil {
-					failed(err)
-					return
+					if t := lastCut.Load(); t == 0 || time.Since(time.Unix(0, t)) >= cutGrace {
+						failed(err)
+						return
+					}
+					c.lostToCuts.Add(1)
 				}
 				select {
 				case <-ctx.Done():
@@ -290,6 +337,42 @@ func (s *setup) soakTraffic(dur time.Duration) (*soakCounts, error) {
 		c.clones.Add(1)
 		return nil
 	})
+	// Network failures: the agent's connections to the relay cut (reset)
+	// now and then. Requests in flight on them are lost; after a few
+	// seconds the agent must be back and every request answered again.
+	if cuts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.NewTicker(cutEvery)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+				cut := time.Now()
+				lastCut.Store(cut.UnixNano())
+				err := s.cutAgentConnections()
+				lastCut.Store(time.Now().UnixNano())
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "bench: soak: going on without cutting connections: %v\n", err)
+					return
+				}
+				c.cuts.Add(1)
+				// How long the tunnel was down: until a request gets
+				// through again.
+				for ctx.Err() == nil && time.Since(cut) < cutGrace {
+					if s.soakGet(ctx, &soakCounts{}, s.ferryURL("/bench/small"), s.scannerTok, http.StatusOK, false) == nil {
+						c.noteOutage(time.Since(cut))
+						break
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+			}
+		}()
+	}
 	// Progress, so a long soak shows it is alive and how the daemons fare.
 	wg.Add(1)
 	go func() {
