@@ -139,10 +139,10 @@ func (s *setup) readBoth(when string) (relay, agent daemonState, err error) {
 // soak sends mixed traffic through ferry for dur — small requests,
 // refusals, scanners that give up mid-request, bulk transfers cut short,
 // git clones, the agent's connections cut now and then — between two
-// quiet spells, and reports whether each daemon
-// came back to what it held before: goroutines and open files exactly,
-// the live heap within a margin. A daemon meant to run for months must
-// not keep anything a request left behind.
+// quiet spells, and reports whether each daemon came back to what it held
+// before: goroutines and open files exactly, the live heap within a
+// margin. A daemon meant to run for months must not keep anything a
+// request left behind.
 func (s *setup) soak(dur time.Duration) ([]Result, error) {
 	fail := func(err error) ([]Result, error) {
 		return []Result{{Workload: "soak"}}, err
@@ -175,8 +175,8 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 	mk := func(name string, before, after daemonState) Result {
 		r := Result{Workload: fmt.Sprintf("soak %v, %s, goroutines after", dur, name), Unit: "goroutines", Ferry: after.goroutines,
 			Target: "as before"}
-		// The live heap may keep what is made once and kept (a pooled
-		// buffer, a metric's series); 1 MiB is far below what a leak per
+		// The live heap may keep what is made once and kept (a grown
+		// map, a metric's series); 1 MiB is far below what a leak per
 		// request would leave after hundreds of thousands of them.
 		r.Met = after.goroutines <= before.goroutines && after.files <= before.files && after.liveHeap <= before.liveHeap+(1<<20)
 		r.Note = fmt.Sprintf("before: %v; after: %v; traffic: %s", before, after, counts)
@@ -337,14 +337,12 @@ func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 		c.clones.Add(1)
 		return nil
 	})
-	// Network failures: the agent's connections to the relay cut (reset)
-	// now and then. Requests in flight on them are lost; after a few
-	// seconds the agent must be back and every request answered again.
-	if cuts {
+	// every runs f every d until the traffic ends or f returns false.
+	every := func(d time.Duration, f func() bool) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			t := time.NewTicker(cutEvery)
+			t := time.NewTicker(d)
 			defer t.Stop()
 			for {
 				select {
@@ -352,45 +350,46 @@ func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 					return
 				case <-t.C:
 				}
-				cut := time.Now()
-				lastCut.Store(cut.UnixNano())
-				err := s.cutAgentConnections()
-				lastCut.Store(time.Now().UnixNano())
-				if err != nil {
-					fmt.Fprintf(os.Stderr, "bench: soak: going on without cutting connections: %v\n", err)
+				if !f() {
 					return
-				}
-				c.cuts.Add(1)
-				// How long the tunnel was down: until a request gets
-				// through again.
-				for ctx.Err() == nil && time.Since(cut) < cutGrace {
-					if s.soakGet(ctx, &soakCounts{}, s.ferryURL("/bench/small"), s.scannerTok, http.StatusOK, false) == nil {
-						c.noteOutage(time.Since(cut))
-						break
-					}
-					time.Sleep(5 * time.Millisecond)
 				}
 			}
 		}()
 	}
-	// Progress, so a long soak shows it is alive and how the daemons fare.
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		t := time.NewTicker(30 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				rr, _ := procStatus(s.relay.Process.Pid, "VmRSS")
-				ar, _ := procStatus(s.agent.Process.Pid, "VmRSS")
-				fmt.Fprintf(os.Stderr, "bench: soak: %s; relay %.0f goroutines, RSS %.1f MiB; agent %.0f goroutines, RSS %.1f MiB\n", c,
-					s.relayGauge("go_goroutines"), rr/(1<<20), metric(s.diagAddr, "go_goroutines"), ar/(1<<20))
+	// Network failures: the agent's connections to the relay cut (reset)
+	// now and then. Requests in flight on them are lost; after a few
+	// seconds the agent must be back and every request answered again.
+	if cuts {
+		every(cutEvery, func() bool {
+			cut := time.Now()
+			lastCut.Store(cut.UnixNano())
+			err := s.cutAgentConnections()
+			lastCut.Store(time.Now().UnixNano())
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "bench: soak: going on without cutting connections: %v\n", err)
+				return false
 			}
-		}
-	}()
+			c.cuts.Add(1)
+			// How long the tunnel was down: until a request gets
+			// through again.
+			for ctx.Err() == nil && time.Since(cut) < cutGrace {
+				if s.soakGet(ctx, &soakCounts{}, s.ferryURL("/bench/small"), s.scannerTok, http.StatusOK, false) == nil {
+					c.noteOutage(time.Since(cut))
+					break
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			return true
+		})
+	}
+	// Progress, so a long soak shows it is alive and how the daemons fare.
+	every(30*time.Second, func() bool {
+		rr, _ := procStatus(s.relay.Process.Pid, "VmRSS")
+		ar, _ := procStatus(s.agent.Process.Pid, "VmRSS")
+		fmt.Fprintf(os.Stderr, "bench: soak: %s; relay %.0f goroutines, RSS %.1f MiB; agent %.0f goroutines, RSS %.1f MiB\n", c,
+			s.relayGauge("go_goroutines"), rr/(1<<20), metric(s.diagAddr, "go_goroutines"), ar/(1<<20))
+		return true
+	})
 	wg.Wait()
 	return c, firstErr
 }
