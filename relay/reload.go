@@ -56,6 +56,41 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 	return a
 }
 
+// restartOnly names the settings that differ between the running config
+// and next but take effect only on a restart: the relay keeps running
+// with the values it started with, and says so rather than log "config
+// reloaded" over a change that did not happen.
+func restartOnly(old, next *config.Relay) []string {
+	var kept []string
+	if next.AgentListen != old.AgentListen || next.ScannerListen != old.ScannerListen || next.AdminListen != old.AdminListen {
+		kept = append(kept, "listen addresses")
+	}
+	if next.AdminPprof != old.AdminPprof {
+		kept = append(kept, "admin_pprof")
+	}
+	// The certificate files are re-read on reload; which files, and
+	// whether there is TLS at all, is fixed at start.
+	sameFiles := func(a, b *config.TLSFiles) bool { return a == nil && b == nil || a != nil && b != nil && *a == *b }
+	if !sameFiles(next.TLS, old.TLS) || !sameFiles(next.ScannerTLS, old.ScannerTLS) || next.InsecurePlaintext != old.InsecurePlaintext {
+		kept = append(kept, "tls on/off and certificate file names")
+	}
+	nreg, oreg := next.Registry, old.Registry
+	nreg.PeerSecret, oreg.PeerSecret = nil, nil
+	if nreg != oreg {
+		kept = append(kept, "registry")
+	}
+	if next.Timeouts != old.Timeouts {
+		kept = append(kept, "timeouts")
+	}
+	if next.Limits != old.Limits {
+		kept = append(kept, "limits")
+	}
+	if next.Log.Format != old.Log.Format {
+		kept = append(kept, "log.format")
+	}
+	return kept
+}
+
 // certSource serves a certificate that Reload can replace.
 type certSource struct {
 	files *config.TLSFiles
@@ -82,7 +117,8 @@ func (c *certSource) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { retur
 // scanners, the log level and the TLS certificates change at once.
 // Connections whose token is no longer listed for their tunnel, or whose
 // tunnel is gone, are told to go away. A file that fails validation
-// leaves everything as it was. Listeners and the registry need a restart.
+// leaves everything as it was. The rest (restartOnly) needs a restart and
+// keeps its running value, with a warning naming it.
 func (r *Relay) Reload() error {
 	r.reloadMu.Lock()
 	defer r.reloadMu.Unlock()
@@ -99,21 +135,7 @@ func (r *Relay) Reload() error {
 			r.log.Error("config reload: certificate not reloaded; the running one stays", "err", err)
 		}
 	}
-	var kept []string
-	if next.AgentListen != r.cfg.AgentListen || next.ScannerListen != r.cfg.ScannerListen || next.AdminListen != r.cfg.AdminListen {
-		kept = append(kept, "listen addresses")
-	}
-	if next.AdminPprof != r.cfg.AdminPprof {
-		kept = append(kept, "admin_pprof")
-	}
-	if (next.TLS == nil) != (r.cfg.TLS == nil) || (next.ScannerTLS == nil) != (r.cfg.ScannerTLS == nil) || next.InsecurePlaintext != r.cfg.InsecurePlaintext {
-		kept = append(kept, "tls on/off")
-	}
-	nreg, oreg := next.Registry, r.cfg.Registry
-	nreg.PeerSecret, oreg.PeerSecret = nil, nil
-	if nreg != oreg {
-		kept = append(kept, "registry")
-	}
+	kept := restartOnly(r.cfg, next)
 	if len(kept) > 0 {
 		r.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
 	}
