@@ -235,9 +235,9 @@ func (s *setup) cutAgentConnections() error {
 }
 
 // soakTraffic runs the soak's workers for dur, cutting the agent's
-// connections to the relay every cutEvery if cuts is set. Each kind of traffic runs
-// in a loop of its own, paced so the machine is busy but not saturated:
-// the point is many requests of every kind, not the rate.
+// connections to the relay every cutEvery if cuts is set. Each kind of
+// traffic runs in a loop of its own, paced so the machine is busy but not
+// saturated: the point is many requests of every kind, not the rate.
 func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), dur)
 	defer cancel()
