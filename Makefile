@@ -56,6 +56,7 @@ deps:
 	command -v git-lfs >/dev/null || missing="$$missing git-lfs"; \
 	command -v tinyproxy >/dev/null || missing="$$missing tinyproxy"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v ss >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
