@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -33,8 +34,18 @@ func startRawGET(t *testing.T, client *http.Client, url, tok string) *http.Respo
 
 func TestTunnelBusyAtStreamLimit(t *testing.T) {
 	w := newWorld(t)
-	r, rrun := w.startRelayYAML(w.relayYAMLWith("127.0.0.1:0", "127.0.0.1:0", "limits: {max_streams_per_tunnel: 2}\n"))
+	withLimit := func(n int) string {
+		return w.relayYAMLWith("127.0.0.1:0", "127.0.0.1:0", fmt.Sprintf("limits: {max_streams_per_tunnel: %d}\n", n))
+	}
+	r, rrun := w.startRelayYAML(withLimit(2))
 	defer rrun.shutdown(t)
+	reload := func(n int) {
+		t.Helper()
+		w.write("relay.yaml", withLimit(n))
+		if err := r.Reload(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	a, arun := w.startAgent(r.AgentAddr(), "")
 	defer arun.shutdown(t)
 	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
@@ -50,6 +61,23 @@ func TestTunnelBusyAtStreamLimit(t *testing.T) {
 	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" || errorBody(t, string(b)).Error != "tunnel_busy" {
 		t.Fatalf("third request at the limit: %d %s", resp.StatusCode, b)
 	}
+	// The limit changes on reload, with the two slow requests still in
+	// flight: raised, a third gets through; lowered, it is refused again.
+	get := func() (int, string) {
+		resp := startRawGET(t, client, base, scannerToken)
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, string(b)
+	}
+	reload(3)
+	if code, b := get(); code != 200 {
+		t.Fatalf("third request after raising the limit to 3: %d %s", code, b)
+	}
+	reload(1)
+	if code, b := get(); code != 503 || !strings.Contains(b, "tunnel_busy") {
+		t.Fatalf("request after lowering the limit to 1, two in flight: %d %s", code, b)
+	}
+	reload(2)
 	slow1.Body.Close()
 	slow2.Body.Close()
 	waitFor(t, "slots free again", func() bool {

@@ -23,10 +23,15 @@ type authTables struct {
 	// webhookTargets: tunnel id → webhook_target (absent: none).
 	webhookTargets map[string]string
 	scannerByName  map[string]*scannerAuth // for requests forwarded by a peer replica
+	// maxStreams is limits.max_streams_per_tunnel: here, not read from
+	// the config the relay started with, so that a reload changes it (an
+	// operator whose Bitbucket is swamped lowers it without a restart).
+	maxStreams int64
 }
 
 func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
-	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}, scannerByName: map[string]*scannerAuth{}}
+	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}, scannerByName: map[string]*scannerAuth{},
+		maxStreams: int64(cfg.Limits.MaxStreamsPerTunnel)}
 	for _, tc := range cfg.Tunnels {
 		t := (*tunnel)(nil)
 		if prev != nil {
@@ -82,9 +87,6 @@ func restartOnly(old, next *config.Relay) []string {
 	if next.Timeouts != old.Timeouts {
 		kept = append(kept, "timeouts")
 	}
-	if next.Limits != old.Limits {
-		kept = append(kept, "limits")
-	}
 	if next.Log.Format != old.Log.Format {
 		kept = append(kept, "log.format")
 	}
@@ -114,7 +116,7 @@ func (c *certSource) load() error {
 func (c *certSource) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }
 
 // Reload re-reads the config file (SIGHUP): tunnels, agent tokens,
-// scanners, the log level and the TLS certificates change at once.
+// scanners, limits, the log level and the TLS certificates change at once.
 // Connections whose token is no longer listed for their tunnel, or whose
 // tunnel is gone, are told to go away. A file that fails validation
 // leaves everything as it was. The rest (restartOnly) needs a restart and

@@ -284,7 +284,8 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 		via = "peer"
 	}
 	scanner = sc.name
-	t := r.auth.Load().tunnels[tunnelID]
+	auth := r.auth.Load()
+	t := auth.tunnels[tunnelID]
 	if t != nil {
 		mTunnel = tunnelID
 	}
@@ -305,11 +306,11 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 		return
 	}
 	// Reserve a slot first: check and count are one atomic step.
-	if n := t.requests.Add(1); n > int64(r.cfg.Limits.MaxStreamsPerTunnel) {
+	if n := t.requests.Add(1); n > auth.maxStreams {
 		t.requests.Add(-1)
 		w.Header().Set("Retry-After", "1")
 		httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelBusy,
-			fmt.Sprintf("tunnel %q has %d requests in flight, its limit; retry shortly", tunnelID, r.cfg.Limits.MaxStreamsPerTunnel))
+			fmt.Sprintf("tunnel %q has %d requests in flight, its limit; retry shortly", tunnelID, auth.maxStreams))
 		return
 	}
 	defer t.requests.Add(-1)
