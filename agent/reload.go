@@ -15,8 +15,9 @@ import (
 // Reload re-reads the config file (SIGHUP). A file that fails validation
 // leaves the running config in force, with the error logged and returned.
 // Upstreams, policies, credentials, the relay token and the log level
-// change at once; settings that need a restart (relay url, ca_file,
-// connections, proxy, diagnostics, audit, webhooks, agent_id) keep their running
+// change at once; settings that need a restart (keepRestartOnly: relay
+// url, ca_file, connections, proxy, the relay connection's timeouts,
+// diagnostics, audit, webhooks, log format, agent_id) keep their running
 // values, with a warning naming them.
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
@@ -26,9 +27,12 @@ func (a *Agent) Reload() error {
 	old := a.config()
 	next, err := config.LoadAgent(old.File)
 	if err == nil {
+		// Restart-only values are put back first, so that what is built
+		// from next (the upstreams' transports) uses the running ones too.
+		kept := keepRestartOnly(old, next)
 		var ups *upstreamSet
 		if ups, err = newUpstreamSet(next, a.log, a.pool); err == nil {
-			if kept := keepRestartOnly(old, next); len(kept) > 0 {
+			if len(kept) > 0 {
 				a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
 			}
 			prev := a.ups.Swap(ups)
@@ -83,6 +87,12 @@ func keepRestartOnly(old, next *config.Agent) []string {
 	ow.Secret, nw.Secret = nil, nil
 	keep("webhooks", ow != nw, func() { next.Webhooks = old.Webhooks })
 	keep("log.format", old.Log.Format != next.Log.Format, func() { next.Log.Format = old.Log.Format })
+	// The relay connection's HTTP client is built once, at start, with
+	// these (the dial timeout is the upstreams' too; it is kept for both).
+	ot, nt := old.Timeouts, next.Timeouts
+	keep("timeouts.dial", ot.Dial != nt.Dial, func() { next.Timeouts.Dial = ot.Dial })
+	keep("timeouts.tls_handshake", ot.TLSHandshake != nt.TLSHandshake, func() { next.Timeouts.TLSHandshake = ot.TLSHandshake })
+	keep("timeouts.upgrade", ot.Upgrade != nt.Upgrade, func() { next.Timeouts.Upgrade = ot.Upgrade })
 	return kept
 }
 
