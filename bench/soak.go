@@ -36,18 +36,22 @@ type daemonState struct {
 	files      int
 	liveHeap   float64 // bytes, right after a collection
 	rss        float64
+	// From the daemon's own metrics: requests it counts in flight (0 when
+	// quiet, or a count leaks) and relay connections up (the agent's 2,
+	// also after its connections were cut).
+	inFlight, tunnelConns float64
 }
 
 func (d daemonState) String() string {
-	return fmt.Sprintf("%.0f goroutines, %d open files, live heap %.1f MiB, RSS %.1f MiB",
-		d.goroutines, d.files, d.liveHeap/(1<<20), d.rss/(1<<20))
+	return fmt.Sprintf("%.0f goroutines, %d open files, live heap %.1f MiB, RSS %.1f MiB, %.0f requests in flight, %.0f tunnel connections",
+		d.goroutines, d.files, d.liveHeap/(1<<20), d.rss/(1<<20), d.inFlight, d.tunnelConns)
 }
 
 // readDaemon reads a daemon's state; metricsAddr serves its /metrics and
 // /debug/pprof (the soak starts the daemons with their profilers on). It
 // also returns the daemon's heap profile and goroutine stacks, taken at
 // the same moment.
-func readDaemon(pid int, metricsAddr string) (daemonState, daemonDumps, error) {
+func readDaemon(pid int, metricsAddr, inFlightMetric, connsMetric string) (daemonState, daemonDumps, error) {
 	var st daemonState
 	// A heap profile with gc=1 collects first. Twice: what sync.Pools
 	// hold survives one collection (as their victims) and would read as
@@ -65,6 +69,7 @@ func readDaemon(pid int, metricsAddr string) (daemonState, daemonDumps, error) {
 		}
 	}
 	st.liveHeap = metric(metricsAddr, "go_memstats_heap_alloc_bytes")
+	st.inFlight, st.tunnelConns = metric(metricsAddr, inFlightMetric), metric(metricsAddr, connsMetric)
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
 		return st, daemonDumps{}, fmt.Errorf("count open files: %w", err)
@@ -115,10 +120,11 @@ func goroutines(addr string) (float64, []byte, error) {
 // and their goroutines to soak-{relay,agent}-{when}-goroutines.txt.
 func (s *setup) readBoth(when string) (relay, agent daemonState, err error) {
 	var rp, ap daemonDumps
-	if relay, rp, err = readDaemon(s.relay.Process.Pid, s.adminAddr); err != nil {
+	if relay, rp, err = readDaemon(s.relay.Process.Pid, s.adminAddr,
+		`ferry_relay_streams_in_flight{tunnel="bench"}`, `ferry_relay_agent_connections{tunnel="bench"}`); err != nil {
 		return relay, agent, fmt.Errorf("relay: %w", err)
 	}
-	if agent, ap, err = readDaemon(s.agent.Process.Pid, s.diagAddr); err != nil {
+	if agent, ap, err = readDaemon(s.agent.Process.Pid, s.diagAddr, "ferry_agent_streams_in_flight", "ferry_agent_relay_connections"); err != nil {
 		return relay, agent, fmt.Errorf("agent: %w", err)
 	}
 	if s.keepProfiles {
@@ -178,7 +184,8 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 		// The live heap may keep what is made once and kept (a grown
 		// map, a metric's series); 1 MiB is far below what a leak per
 		// request would leave after hundreds of thousands of them.
-		r.Met = after.goroutines <= before.goroutines && after.files <= before.files && after.liveHeap <= before.liveHeap+(1<<20)
+		r.Met = after.goroutines <= before.goroutines && after.files <= before.files && after.liveHeap <= before.liveHeap+(1<<20) &&
+			after.inFlight == 0 && after.tunnelConns == before.tunnelConns && before.tunnelConns > 0 // 0: the metric was not found
 		r.Note = fmt.Sprintf("before: %v; after: %v; traffic: %s", before, after, counts)
 		return r
 	}
