@@ -52,15 +52,12 @@ func (a *Agent) Reload() error {
 			case a.recheck <- struct{}{}:
 			default:
 			}
-			a.metrics.ConfigReloads.WithLabelValues("success").Inc()
-			a.metrics.ConfigLastReloadOK.Set(1)
-			a.metrics.ConfigLastReloadTime.SetToCurrentTime()
+			a.metrics.Reloads.Succeeded()
 			a.log.Info("config reloaded", "file", next.File, "upstreams", ups.names)
 			return nil
 		}
 	}
-	a.metrics.ConfigReloads.WithLabelValues("failure").Inc()
-	a.metrics.ConfigLastReloadOK.Set(0)
+	a.metrics.Reloads.Failed()
 	a.log.Error("config reload failed; the running config stays in force", "err", err)
 	return err
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ferry-tunnel/ferry/internal/metrics"
 )
 
 func TestReloadPolicyAndKeepRunningConfigOnError(t *testing.T) {
@@ -22,6 +25,8 @@ func TestReloadPolicyAndKeepRunningConfigOnError(t *testing.T) {
 	a, arun := w.startAgentYAML(base)
 	defer arun.shutdown(t)
 	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	// The config loaded at start counts as loaded: nothing to alert on.
+	checkReloadMetrics(t, "fresh agent", a.Metrics().Reloads, 0, 0, 1)
 	e := &env{world: w, client: newClient()}
 	defer e.client.CloseIdleConnections()
 	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
@@ -53,11 +58,7 @@ func TestReloadPolicyAndKeepRunningConfigOnError(t *testing.T) {
 	if s, _, _ := e.do("GET", url, scannerToken, nil, nil); s != 403 {
 		t.Fatalf("after a failed reload the deny rule is gone: %d", s)
 	}
-	m := a.Metrics()
-	if testutil.ToFloat64(m.ConfigReloads.WithLabelValues("failure")) != 1 || testutil.ToFloat64(m.ConfigLastReloadOK) != 0 ||
-		testutil.ToFloat64(m.ConfigReloads.WithLabelValues("success")) != 1 {
-		t.Fatal("reload metrics wrong")
-	}
+	checkReloadMetrics(t, "agent after a good and a bad reload", a.Metrics().Reloads, 1, 1, 0)
 }
 
 func TestReloadUnderLoad(t *testing.T) {
@@ -117,6 +118,18 @@ func TestReloadUnderLoad(t *testing.T) {
 	t.Logf("%d requests succeeded across 10 reloads", ok.Load())
 }
 
+// checkReloadMetrics compares a daemon's reload metrics with the counts
+// expected; the last success time must always be set, since the config
+// loaded at start is a success.
+func checkReloadMetrics(t *testing.T, when string, m metrics.Reloads, ok, failed, lastOK float64) {
+	t.Helper()
+	got := []float64{testutil.ToFloat64(m.Total.WithLabelValues("success")), testutil.ToFloat64(m.Total.WithLabelValues("failure")), testutil.ToFloat64(m.LastOK)}
+	if !slices.Equal(got, []float64{ok, failed, lastOK}) || testutil.ToFloat64(m.LastTime) < float64(time.Now().Add(-time.Hour).Unix()) {
+		t.Fatalf("%s: reloads ok %v, failed %v, last successful %v, last success at %v; want %v, %v, %v and a time",
+			when, got[0], got[1], got[2], testutil.ToFloat64(m.LastTime), ok, failed, lastOK)
+	}
+}
+
 func TestBinaryReloadsOnSIGHUP(t *testing.T) {
 	relayBin, agentBin := binaries(t)
 	w := newWorld(t)
@@ -149,6 +162,7 @@ func TestRelayReloadRotatesTokensAndRevokes(t *testing.T) {
 	e := &env{world: w, client: newClient()}
 	defer e.client.CloseIdleConnections()
 	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ"
+	checkReloadMetrics(t, "fresh relay", r.Metrics().Reloads, 0, 0, 1)
 
 	// A new scanner token, added by reload, works at once.
 	newScanner := "fry_new-scanner-token-after-reload"
@@ -167,6 +181,7 @@ func TestRelayReloadRotatesTokensAndRevokes(t *testing.T) {
 	if s, _, _ := e.do("GET", url, newScanner, nil, nil); s != 200 {
 		t.Fatal("a failed reload dropped the running config")
 	}
+	checkReloadMetrics(t, "relay after a good and a bad reload", r.Metrics().Reloads, 1, 1, 0)
 	// Revoking the agent's token cuts its connections, and it cannot return.
 	w.write("relay.yaml", strings.Replace(relayCfg, tokenHash(agentToken), tokenHash("fry_replacement"), 1))
 	if err := r.Reload(); err != nil {

@@ -126,6 +126,7 @@ func (r *Relay) Reload() error {
 	defer r.reloadMu.Unlock()
 	next, err := config.LoadRelay(r.cfg.File)
 	if err != nil {
+		r.metrics.Reloads.Failed()
 		r.log.Error("config reload failed; the running config stays in force", "err", err)
 		return err
 	}
@@ -176,6 +177,7 @@ func (r *Relay) Reload() error {
 		r.metrics.AgentConnections.WithLabelValues(id).Add(0)
 		r.metrics.StreamsInFlight.WithLabelValues(id).Add(0)
 	}
+	r.metrics.Reloads.Succeeded()
 	r.log.Info("config reloaded", "file", next.File, "tunnels", len(cur.tunnels), "scanners", len(cur.scanners))
 	return nil
 }

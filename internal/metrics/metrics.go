@@ -30,6 +30,46 @@ func newRegistry(side string) *prometheus.Registry {
 	return reg
 }
 
+// Reloads counts a daemon's config reloads (SIGHUP). The config it
+// started with was loaded successfully (it would not have started
+// otherwise), so a fresh daemon reads 1 and its start time: an alert on
+// "last reload failed" must not fire on every new daemon.
+type Reloads struct {
+	Total    *prometheus.CounterVec // result
+	LastOK   prometheus.Gauge
+	LastTime prometheus.Gauge
+}
+
+func newReloads(f promauto.Factory, side string) Reloads {
+	r := Reloads{
+		Total: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_" + side + "_config_reloads_total", Help: "Config reloads (SIGHUP) by result (success, failure).",
+		}, []string{"result"}),
+		LastOK: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_" + side + "_config_last_reload_successful", Help: "1 if the config's last load (at start or by reload) succeeded, 0 if the last reload failed and the previous config is running.",
+		}),
+		LastTime: f.NewGauge(prometheus.GaugeOpts{
+			Name: "ferry_" + side + "_config_last_reload_success_timestamp_seconds", Help: "When the config was last loaded successfully, at start or by reload (Unix time).",
+		}),
+	}
+	r.LastOK.Set(1)
+	r.LastTime.SetToCurrentTime()
+	return r
+}
+
+// Succeeded records a reload that took effect.
+func (r Reloads) Succeeded() {
+	r.Total.WithLabelValues("success").Inc()
+	r.LastOK.Set(1)
+	r.LastTime.SetToCurrentTime()
+}
+
+// Failed records a reload refused (the running config stays).
+func (r Reloads) Failed() {
+	r.Total.WithLabelValues("failure").Inc()
+	r.LastOK.Set(0)
+}
+
 // Handler serves a registry in the Prometheus exposition format.
 func Handler(reg *prometheus.Registry) http.Handler {
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
@@ -63,6 +103,7 @@ type Relay struct {
 	Webhooks         *prometheus.CounterVec // tunnel, result
 	Forwarded        *prometheus.CounterVec // tunnel, direction
 	RegistryUp       prometheus.Gauge
+	Reloads          Reloads
 }
 
 // NewRelay registers the relay's metrics on a new registry.
@@ -104,6 +145,7 @@ func NewRelay() *Relay {
 		RegistryUp: f.NewGauge(prometheus.GaugeOpts{
 			Name: "ferry_relay_registry_up", Help: "1 if the registry (Redis) answered the last operation, 0 if not (degraded: only tunnels held here are served).",
 		}),
+		Reloads: newReloads(f, "relay"),
 	}
 }
 
@@ -120,9 +162,7 @@ type Agent struct {
 	CredentialExpiry *prometheus.GaugeVec   // upstream
 	CredentialValid  *prometheus.GaugeVec   // upstream
 
-	ConfigReloads        *prometheus.CounterVec // result
-	ConfigLastReloadOK   prometheus.Gauge
-	ConfigLastReloadTime prometheus.Gauge
+	Reloads Reloads
 
 	WebhookAccepted  prometheus.Counter
 	WebhookRefused   *prometheus.CounterVec // reason
@@ -163,15 +203,7 @@ func NewAgent() *Agent {
 		CredentialValid: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ferry_agent_credential_valid", Help: "1 if the upstream accepted the credential at the last check, else 0.",
 		}, []string{"upstream"}),
-		ConfigReloads: f.NewCounterVec(prometheus.CounterOpts{
-			Name: "ferry_agent_config_reloads_total", Help: "Config reloads (SIGHUP) by result (success, failure).",
-		}, []string{"result"}),
-		ConfigLastReloadOK: f.NewGauge(prometheus.GaugeOpts{
-			Name: "ferry_agent_config_last_reload_successful", Help: "1 if the last config reload succeeded (or none was tried), 0 if it failed and the previous config is running.",
-		}),
-		ConfigLastReloadTime: f.NewGauge(prometheus.GaugeOpts{
-			Name: "ferry_agent_config_last_reload_success_timestamp_seconds", Help: "When the config was last loaded successfully (Unix time).",
-		}),
+		Reloads: newReloads(f, "agent"),
 		WebhookAccepted: f.NewCounter(prometheus.CounterOpts{
 			Name: "ferry_agent_webhook_deliveries_accepted_total", Help: "Webhook deliveries accepted from Bitbucket and spooled.",
 		}),
