@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"testing/iotest"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/testrig"
@@ -304,11 +305,10 @@ func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 	loop(10*time.Millisecond, func(int) error {
 		rctx, rcancel := context.WithTimeout(ctx, 30*time.Millisecond)
 		defer rcancel()
-		req, err := http.NewRequestWithContext(rctx, "GET", s.ferryURL("/bench/slow?ms=200"), nil)
+		req, err := scannerRequest(rctx, "GET", s.ferryURL("/bench/slow?ms=200"), s.scannerTok, nil)
 		if err != nil {
 			return err
 		}
-		req.Header.Set("Authorization", "Bearer "+s.scannerTok)
 		resp, err := s.viaFerry.Do(req)
 		if err == nil {
 			resp.Body.Close()
@@ -401,12 +401,21 @@ func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 	return c, firstErr
 }
 
+// scannerRequest is a request to the relay with the scanner token tok.
+func scannerRequest(ctx context.Context, method, url, tok string, body io.Reader) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, method, url, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	return req, nil
+}
+
 func (s *setup) soakGet(ctx context.Context, c *soakCounts, url, tok string, want int, closeConn bool) error {
-	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	req, err := scannerRequest(ctx, "GET", url, tok, nil)
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Authorization", "Bearer "+tok)
 	req.Close = closeConn
 	resp, err := s.viaFerry.Do(req)
 	if err != nil {
@@ -429,11 +438,10 @@ func (s *setup) soakGet(ctx context.Context, c *soakCounts, url, tok string, wan
 }
 
 func (s *setup) soakDownload(ctx context.Context, c *soakCounts, size int64, cut bool) error {
-	req, err := http.NewRequestWithContext(ctx, "GET", s.ferryURL("/bench/blob?size="+strconv.FormatInt(size, 10)), nil)
+	req, err := scannerRequest(ctx, "GET", s.ferryURL("/bench/blob?size="+strconv.FormatInt(size, 10)), s.scannerTok, nil)
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Authorization", "Bearer "+s.scannerTok)
 	resp, err := s.viaFerry.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -464,32 +472,16 @@ func (s *setup) soakDownload(ctx context.Context, c *soakCounts, size int64, cut
 // errCutShort is what the soak's upload body returns part way.
 var errCutShort = errors.New("the scanner stopped sending")
 
-type cutReader struct {
-	r    io.Reader
-	left int64
-}
-
-func (r *cutReader) Read(p []byte) (int, error) {
-	if r.left <= 0 {
-		return 0, errCutShort
-	}
-	p = p[:min(int64(len(p)), r.left)]
-	n, err := r.r.Read(p)
-	r.left -= int64(n)
-	return n, err
-}
-
 func (s *setup) soakUpload(ctx context.Context, c *soakCounts, size int64, cut bool) error {
 	var body io.Reader = &repeatReader{left: size}
 	if cut {
-		body = &cutReader{r: body, left: size / 8}
+		body = io.MultiReader(io.LimitReader(body, size/8), iotest.ErrReader(errCutShort))
 	}
-	req, err := http.NewRequestWithContext(ctx, "POST", s.ferryURL("/bench/sink"), body)
+	req, err := scannerRequest(ctx, "POST", s.ferryURL("/bench/sink"), s.scannerTok, body)
 	if err != nil {
 		return err
 	}
 	req.ContentLength = size
-	req.Header.Set("Authorization", "Bearer "+s.scannerTok)
 	resp, err := s.viaFerry.Do(req)
 	if ctx.Err() != nil {
 		if err == nil {
