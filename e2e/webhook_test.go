@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -183,6 +184,9 @@ func TestWebhooksThroughOutagesAndCrashes(t *testing.T) {
 	if attempts != 4 {
 		t.Fatalf("delivery %s reached the target %d times, want 3 failures and 1 success", id2, attempts)
 	}
+	// The target has the delivery before the agent hears so and removes
+	// it from the spool; the outage below must find the spool empty.
+	waitFor(t, "spool emptied", func() bool { return len(spoolFiles(t, w.spoolDir)) == 0 })
 
 	// 4. Relay outage: deliveries are accepted and spooled, and all go
 	// out in order once the relay is back.
@@ -326,4 +330,50 @@ func getMetrics(t *testing.T, diag string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
+}
+
+// TestRelayShutdownLetsWebhookDeliveriesFinish: a delivery the target has
+// taken but not yet answered when the relay is told to stop is answered
+// within the shutdown grace, so the agent drops it from its spool instead
+// of sending it to the target a second time.
+func TestRelayShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
+	w := newWebhookWorld(t)
+	y := w.relayConfig("127.0.0.1:0", "127.0.0.1:0")
+	w.write("relay.yaml", y)
+	r, rrun := w.startRelayYAML(y)
+	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", lanes: 1"))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+
+	release := w.target.HoldAnswers()
+	defer release()
+	if code, _ := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1)); code != http.StatusAccepted {
+		t.Fatalf("delivery: %d, want 202", code)
+	}
+	waitFor(t, "the target holding the delivery", func() bool { return len(w.target.All()) == 1 })
+	rrun.stop()
+	waitFor(t, "relay shutting down", func() bool {
+		c, err := net.DialTimeout("tcp", r.AgentAddr(), time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil // the agent listener closes first
+	})
+	time.Sleep(200 * time.Millisecond) // the delivery must outlast the start of shutdown, not race it
+	release()
+	select {
+	case err := <-rrun.done:
+		if err != nil {
+			t.Fatalf("relay shutdown: %v", err)
+		}
+	case <-time.After(40 * time.Second):
+		t.Fatal("relay did not stop")
+	}
+	waitFor(t, "spool emptied", func() bool { return len(spoolFiles(t, w.spoolDir)) == 0 })
+	if st := a.Status().Webhooks; st.Forwarded != 1 {
+		t.Fatalf("agent counts %d deliveries forwarded, want 1: %+v", st.Forwarded, st)
+	}
+	if n := len(w.target.All()); n != 1 {
+		t.Fatalf("target got %d POSTs, want the delivery once", n)
+	}
 }

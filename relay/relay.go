@@ -76,6 +76,13 @@ type Relay struct {
 	// back once a response was read to its end (see streamBody).
 	replies  sync.Pool
 	stopping atomic.Bool
+	// hooks: webhook deliveries in flight, which shutdown lets finish
+	// within its grace (a delivery cut after the target took it is sent
+	// again). hookMu guards hooks.Add against that Wait; hooksClosed:
+	// the relay takes no more.
+	hookMu      sync.Mutex
+	hooksClosed bool
+	hooks       sync.WaitGroup
 }
 
 // New builds a relay from a validated config.
@@ -260,6 +267,9 @@ func (r *Relay) Serve(ctx context.Context) error {
 		runErr = fmt.Errorf("listener failed: %w", runErr)
 	}
 	r.stopping.Store(true)
+	r.hookMu.Lock()
+	r.hooksClosed = true
+	r.hookMu.Unlock()
 	r.log.Info("relay shutting down", "grace", r.cfg.Timeouts.ShutdownGrace.String())
 	// Leave the registry first, so other replicas stop sending requests
 	// here while those in flight finish.
@@ -291,6 +301,17 @@ func (r *Relay) Serve(ctx context.Context) error {
 			}
 		})
 	}
+	// Webhook deliveries too: one cancelled after the target took it
+	// would reach the target twice.
+	drained.Go(func() {
+		hooksDone := make(chan struct{})
+		go func() { r.hooks.Wait(); close(hooksDone) }() // ends with the deliveries, which stopLife ends at the latest
+		select {
+		case <-hooksDone:
+		case <-sctx.Done():
+			r.log.Warn("webhook deliveries cut at end of shutdown grace; the agents send them again")
+		}
+	})
 	drained.Wait()
 	stopLife()
 	r.sessMu.Lock()

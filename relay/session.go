@@ -206,7 +206,13 @@ func (a *agentSession) acceptStreams() {
 			s.Close()
 			return
 		}
+		if !a.r.startHook() {
+			a.webhooks.Add(-1)
+			s.Close()
+			continue
+		}
 		a.wg.Go(func() {
+			defer a.r.hooks.Done()
 			defer a.webhooks.Add(-1)
 			a.r.serveWebhook(ctx, a.log, a.t, s)
 		})

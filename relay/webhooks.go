@@ -24,6 +24,9 @@ import (
 const (
 	// webhookTargetTimeout bounds one POST to a tunnel's webhook_target.
 	webhookTargetTimeout = 30 * time.Second
+	// webhookAckTimeout bounds the wait for the agent to close the
+	// stream once it has the answer.
+	webhookAckTimeout = 10 * time.Second
 	// maxWebhookStreams bounds deliveries in flight per agent connection;
 	// past it streams are closed and the agent retries.
 	maxWebhookStreams = 16
@@ -66,7 +69,8 @@ func (r *Relay) serveWebhook(ctx context.Context, log *slog.Logger, t *tunnel, s
 	id := hdr.RequestID
 	log = log.With("delivery_id", id)
 	s.SetDeadline(time.Now().Add(webhookTargetTimeout + 30*time.Second))
-	in, err := http.ReadRequest(bufio.NewReaderSize(s, 16<<10))
+	br := bufio.NewReaderSize(s, 16<<10)
+	in, err := http.ReadRequest(br)
 	if err != nil {
 		r.metrics.Webhooks.WithLabelValues(t.id, "bad_request").Inc()
 		log.Warn("unreadable webhook delivery from agent", "err", err)
@@ -81,7 +85,15 @@ func (r *Relay) serveWebhook(ctx context.Context, log *slog.Logger, t *tunnel, s
 		if ra := extra.Get("Retry-After"); ra != "" {
 			resp.Header.Set("Retry-After", ra)
 		}
-		resp.Write(s)
+		if resp.Write(s) != nil {
+			return
+		}
+		// The agent closes the stream once it has read the answer. Until
+		// then the answer may still be queued on its way out, and a
+		// relay stopping now would drop it: the agent would send the
+		// delivery again, and a target that took it would get it twice.
+		s.SetReadDeadline(time.Now().Add(webhookAckTimeout))
+		io.Copy(io.Discard, br)
 	}
 	target := r.webhookTarget(t.id)
 	if target == "" {
@@ -126,6 +138,18 @@ func (r *Relay) serveWebhook(ctx context.Context, log *slog.Logger, t *tunnel, s
 	}
 	log.Warn("webhook target refused the delivery; the agent retries", "status", resp.StatusCode, "took", elapsed)
 	answer(resp.StatusCode, "target_refused", "webhook target answered "+strconv.Itoa(resp.StatusCode)+": "+strings.TrimSpace(string(snippet)), resp.Header)
+}
+
+// startHook counts a webhook delivery in, false once the relay is
+// shutting down: the agent sends it again, to the next relay.
+func (r *Relay) startHook() bool {
+	r.hookMu.Lock()
+	defer r.hookMu.Unlock()
+	if r.hooksClosed {
+		return false
+	}
+	r.hooks.Add(1)
+	return true
 }
 
 // webhookTarget is the tunnel's webhook_target in the running config.

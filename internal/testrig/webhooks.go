@@ -72,6 +72,22 @@ type WebhookTarget struct {
 	got      []Received
 	failNext int
 	down     bool
+	hold     chan struct{} // non-nil: answers wait until it is closed
+}
+
+// HoldAnswers makes every POST wait, recorded, for its answer until
+// release is called: a target that has a delivery and is slow to say so.
+func (t *WebhookTarget) HoldAnswers() (release func()) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	hold := make(chan struct{})
+	t.hold = hold
+	return sync.OnceFunc(func() {
+		t.mu.Lock()
+		t.hold = nil
+		t.mu.Unlock()
+		close(hold)
+	})
 }
 
 // FailNext makes the next n POSTs fail with 503.
@@ -124,7 +140,15 @@ func (t *WebhookTarget) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusServiceUnavailable
 	}
 	t.got = append(t.got, Received{DeliveryID: r.Header.Get("X-Ferry-Delivery-Id"), Header: r.Header.Clone(), Body: body, Status: status})
+	hold := t.hold
 	t.mu.Unlock()
+	if hold != nil {
+		select {
+		case <-hold:
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if status != http.StatusNoContent {
 		http.Error(w, "target temporarily unavailable", status)
 		return
