@@ -377,3 +377,41 @@ func TestRelayShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
 		t.Fatalf("target got %d POSTs, want the delivery once", n)
 	}
 }
+
+// TestAgentShutdownLetsWebhookDeliveriesFinish: the agent's drain waits
+// for a forwarding attempt in flight (its stream is one the relay has not
+// closed yet; see Agent.settled), so a delivery the target has taken is
+// not sent to it again after the restart.
+func TestAgentShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
+	w := newWebhookWorld(t)
+	y := w.relayConfig("127.0.0.1:0", "127.0.0.1:0")
+	w.write("relay.yaml", y)
+	r, rrun := w.startRelayYAML(y)
+	defer rrun.shutdown(t)
+	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", lanes: 1"))
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+
+	release := w.target.HoldAnswers()
+	defer release()
+	if code, _ := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1)); code != http.StatusAccepted {
+		t.Fatalf("delivery: %d, want 202", code)
+	}
+	waitFor(t, "the target holding the delivery", func() bool { return len(w.target.All()) == 1 })
+	arun.stop()
+	time.Sleep(200 * time.Millisecond) // the attempt must outlast the start of the drain, not race it
+	release()
+	select {
+	case err := <-arun.done:
+		if err != nil {
+			t.Fatalf("agent shutdown: %v", err)
+		}
+	case <-time.After(40 * time.Second):
+		t.Fatal("agent did not stop")
+	}
+	if n := len(spoolFiles(t, w.spoolDir)); n != 0 {
+		t.Fatalf("%d deliveries left in the spool; the target has the only one", n)
+	}
+	if n := len(w.target.All()); n != 1 {
+		t.Fatalf("target got %d POSTs, want the delivery once", n)
+	}
+}
