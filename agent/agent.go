@@ -315,6 +315,7 @@ type Status struct {
 	Requests      RequestStats       `json:"requests"`
 	Credentials   []CredentialReport `json:"credentials"`
 	RecentDenials []audit.Entry      `json:"recent_denials"`
+	Audit         *audit.State       `json:"audit,omitempty"` // nil: no audit log
 	Webhooks      *WebhookStatus     `json:"webhooks,omitempty"`
 }
 
@@ -340,6 +341,10 @@ func (a *Agent) Status() Status {
 	}
 	a.credMu.Unlock()
 	s.RecentDenials = a.denials.List()
+	if a.audit != nil {
+		st := a.audit.State()
+		s.Audit = &st
+	}
 	if a.webhooks != nil {
 		s.Webhooks = a.webhooks.status()
 	}

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -77,6 +78,7 @@ func Doctor(ctx context.Context, path string, out io.Writer) bool {
 	for _, name := range ups.names {
 		a.doctorUpstream(ctx, d, ups.byName[name])
 	}
+	doctorAudit(d, &cfg.Audit)
 	if cfg.Webhooks.Enabled() {
 		doctorWebhooks(d, &cfg.Webhooks)
 	}
@@ -379,6 +381,45 @@ func (a *Agent) doctorUpstream(ctx context.Context, d *doctor, u *upstream) {
 // doctorWebhooks checks the webhook secret and spool: readable, writable,
 // and not holding deliveries that have waited long (something downstream
 // is refusing them).
+// doctorAudit checks that the audit log can be written and that its disk
+// has room for the next file. It creates nothing that stays: doctor often
+// runs as root, and a file it left would be root's.
+func doctorAudit(d *doctor, c *config.Audit) {
+	switch c.Path {
+	case "":
+		d.skip("audit log", "audit.path is not set: decisions are not recorded")
+		return
+	case "-":
+		d.pass("audit log", "standard output (journald)")
+		return
+	}
+	const hint = "the agent's user must be able to create and append to audit.path (LogsDirectory= under systemd)"
+	if f, err := os.OpenFile(c.Path, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+		f.Close()
+	} else if !errors.Is(err, os.ErrNotExist) {
+		d.fail("audit log", err.Error(), hint)
+		return
+	} else if probe, err := os.CreateTemp(filepath.Dir(c.Path), ".doctor-*"); err != nil {
+		d.fail("audit log", "cannot create "+c.Path+": "+err.Error(), hint)
+		return
+	} else {
+		probe.Close()
+		os.Remove(probe.Name())
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(filepath.Dir(c.Path), &fs); err != nil {
+		d.fail("audit log", err.Error(), "")
+		return
+	}
+	freeMiB := int64(fs.Bavail) * fs.Bsize >> 20
+	if freeMiB < int64(c.MaxSizeMB) {
+		d.fail("audit log", fmt.Sprintf("%s writable, but its disk has %d MiB free, less than one file (audit.max_size_mb %d)", c.Path, freeMiB, c.MaxSizeMB),
+			"free space, or lower audit.max_size_mb; decisions the log cannot take are counted in ferry_agent_audit_lines_lost_total")
+		return
+	}
+	d.pass("audit log", "%s writable; %d MiB free, up to %d MiB kept (%d files of %d MiB)", c.Path, freeMiB, (c.MaxFiles+1)*c.MaxSizeMB, c.MaxFiles+1, c.MaxSizeMB)
+}
+
 func doctorWebhooks(d *doctor, w *config.Webhooks) {
 	if w.Secret != nil {
 		if _, err := w.Secret.Value(); err != nil {

@@ -353,7 +353,8 @@ func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
 	a.log.Info("request", "request_id", e.RequestID, "scanner", e.Scanner, "upstream", e.Upstream, "method", e.Method,
 		"path", e.Path, "decision", e.Decision, "rule", e.Rule, "status", e.Status, "bytes", e.Bytes, "duration_ms", e.DurationMS)
 	if err := a.audit.Record(e); err != nil {
-		a.log.Error("audit log write failed", "err", err)
+		m.AuditLost.Inc()
+		a.log.Error("audit log write failed; this decision is not in the audit log", "request_id", e.RequestID, "err", err)
 	}
 	a.stats.record(e)
 }

@@ -24,6 +24,12 @@ func (a *Agent) Reload() error {
 	defer a.reloadMu.Unlock()
 	daemon.SdNotify(false, daemon.SdNotifyReloading)
 	defer daemon.SdNotify(false, daemon.SdNotifyReady)
+	// A reload reopens the audit log whatever the config says: after the
+	// file was moved or deleted from outside, lines go to a new file at
+	// its path.
+	if err := a.audit.Reopen(); err != nil {
+		a.log.Error("audit log could not be reopened; retried at the next decision", "err", err)
+	}
 	old := a.config()
 	next, err := config.LoadAgent(old.File)
 	if err == nil {

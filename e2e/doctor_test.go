@@ -41,13 +41,14 @@ func TestDoctorPassesOnAHealthySetup(t *testing.T) {
 	if !ok {
 		t.Fatalf("doctor failed on a healthy setup:\n%s", out)
 	}
-	for _, check := range []string{"config", "dns", "tcp", "tls", "relay", "upstream bitbucket", "credential bitbucket"} {
+	for _, check := range []string{"config", "dns", "tcp", "tls", "relay", "upstream bitbucket", "credential bitbucket", "audit log"} {
 		if l := line(out, check); !strings.HasPrefix(l, "✓") {
 			t.Errorf("check %s: %q\n%s", check, l, out)
 		}
 	}
 	if !strings.Contains(line(out, "relay"), "tunnel "+tunnelID) || !strings.Contains(line(out, "credential bitbucket"), "svc-ferry") ||
-		!strings.Contains(line(out, "credential bitbucket"), "days") || !strings.Contains(out, "all 7 checks passed") {
+		!strings.Contains(line(out, "credential bitbucket"), "days") || !strings.Contains(out, "all 8 checks passed") ||
+		!strings.Contains(line(out, "audit log"), "MiB free") {
 		t.Errorf("doctor output lacks detail:\n%s", out)
 	}
 }
@@ -82,6 +83,8 @@ func TestDoctorDiagnoses(t *testing.T) {
 		{"bad PAT", good, "credential bitbucket", []string{"401", "not accepted", filepath.Join(w.dir, "pat")}, func() { w.write("pat", "expired-pat") }},
 		{"upstream unreachable", strings.Replace(good, w.bbURL, "https://"+deadAddr, 1), "upstream bitbucket", []string{"cannot connect"}, nil},
 		{"bad config", strings.Replace(good, "profile:", "profle:", 1), "config", []string{"profle", "unknown field"}, nil},
+		{"audit directory missing", strings.Replace(good, "audit.jsonl", "missing/audit.jsonl", 1), "audit log", []string{"no such file", "LogsDirectory"}, nil},
+		{"audit disk too small", strings.Replace(good, "audit: {path:", "audit: {max_size_mb: 1000000000, path:", 1), "audit log", []string{"less than one file", "audit.max_size_mb"}, nil},
 	}
 	for _, c := range cases {
 		w.write("relay-token", agentToken)

@@ -69,6 +69,16 @@ func status(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintln(stdout, line)
 	}
+	if au := s.Audit; au != nil {
+		line := fmt.Sprintf("audit:     %s: %d decisions recorded since start", au.Path, au.Written)
+		if au.Lost > 0 {
+			line += fmt.Sprintf(", %d LOST", au.Lost)
+		}
+		fmt.Fprintln(stdout, line)
+		if au.LastError != "" {
+			fmt.Fprintf(stdout, "  last error %s: %s\n", au.LastErrorAt.Format(time.RFC3339), au.LastError)
+		}
+	}
 	if wh := s.Webhooks; wh != nil {
 		sig := "signature required"
 		if !wh.Signed {

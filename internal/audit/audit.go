@@ -5,6 +5,7 @@ package audit
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -37,14 +38,33 @@ type Options struct {
 	Keep int
 }
 
+// State is what the log reports of itself since it was opened.
+type State struct {
+	Path        string    `json:"path"`
+	Written     int64     `json:"written"` // lines written
+	Lost        int64     `json:"lost"`    // lines a write error kept out of the log
+	LastError   string    `json:"last_error,omitempty"`
+	LastErrorAt time.Time `json:"last_error_at,omitzero"`
+}
+
+// rotateRetry is how long a failed rotation waits before it is tried
+// again; meanwhile lines go on being appended past the size limit.
+const rotateRetry = time.Minute
+
 // Log appends entries. A nil *Log records nothing.
 type Log struct {
 	opts Options
+	// openFile is os.OpenFile's append-and-create; tests make it fail.
+	openFile func(name string) (*os.File, error)
 
-	mu   sync.Mutex
-	w    io.Writer
-	f    *os.File // nil for stdout
-	size int64
+	mu          sync.Mutex
+	w           io.Writer // nil while the file could not be opened: tried again at the next line
+	f           *os.File  // nil for stdout
+	size        int64
+	torn        bool      // the file ends in part of a line that could not be taken back
+	rotateAfter time.Time // a failed rotation is not tried again before then
+	closed      bool
+	state       State
 }
 
 // Open opens (creating, appending) the audit destination; an empty path
@@ -53,10 +73,13 @@ func Open(o Options) (*Log, error) {
 	if o.Path == "" {
 		return nil, nil
 	}
+	l := &Log{opts: o, state: State{Path: o.Path}, openFile: func(name string) (*os.File, error) {
+		return os.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	}}
 	if o.Path == "-" {
-		return &Log{opts: o, w: os.Stdout}, nil
+		l.w = os.Stdout
+		return l, nil
 	}
-	l := &Log{opts: o}
 	if err := l.open(); err != nil {
 		return nil, err
 	}
@@ -64,7 +87,7 @@ func Open(o Options) (*Log, error) {
 }
 
 func (l *Log) open() error {
-	f, err := os.OpenFile(l.opts.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	f, err := l.openFile(l.opts.Path)
 	if err != nil {
 		return fmt.Errorf("open audit log: %w", err)
 	}
@@ -73,12 +96,14 @@ func (l *Log) open() error {
 		f.Close()
 		return fmt.Errorf("open audit log: %w", err)
 	}
-	l.f, l.w, l.size = f, f, st.Size()
+	l.f, l.w, l.size, l.torn = f, f, st.Size(), false
 	return nil
 }
 
 // Record writes one entry as one line in one write, so concurrent
-// writers (and a crash) never interleave partial lines.
+// writers (and a crash) never interleave partial lines. A line a write
+// error cut short is taken back, so the next one starts on a line of
+// its own; the error is returned and kept in State.
 func (l *Log) Record(e Entry) error {
 	if l == nil {
 		return nil
@@ -90,40 +115,132 @@ func (l *Log) Record(e Entry) error {
 	b = append(b, '\n')
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.f != nil && l.opts.MaxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.opts.MaxBytes {
-		if err := l.rotate(); err != nil {
-			return err
-		}
+	if err := l.write(b); err != nil {
+		l.state.Lost++
+		l.noteError(err)
+		return err
 	}
-	n, err := l.w.Write(b)
-	l.size += int64(n)
-	if err != nil {
-		return fmt.Errorf("write audit log: %w", err)
-	}
+	l.state.Written++
 	return nil
 }
 
-// rotate shifts path.(N-1) → path.N … path → path.1 and reopens path.
+func (l *Log) noteError(err error) {
+	l.state.LastError, l.state.LastErrorAt = err.Error(), time.Now()
+}
+
+func (l *Log) write(b []byte) error {
+	if l.closed {
+		return errors.New("audit log closed")
+	}
+	if l.w == nil {
+		// A rotation or reopen could not open the file; try again now,
+		// without rotating again (that would shift the kept files once
+		// more for every line).
+		if err := l.open(); err != nil {
+			return err
+		}
+	}
+	if l.f != nil && l.opts.MaxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.opts.MaxBytes && !time.Now().Before(l.rotateAfter) {
+		if err := l.rotate(); err != nil {
+			// Nothing was lost: the line goes on the current file, past
+			// the limit, and rotation waits a while.
+			l.rotateAfter = time.Now().Add(rotateRetry)
+			l.noteError(err)
+			if l.w == nil {
+				return err
+			}
+		}
+	}
+	if l.torn {
+		b = append([]byte{'\n'}, b...)
+	}
+	n, err := l.w.Write(b)
+	if err == nil && n < len(b) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		if n > 0 && l.f != nil {
+			if l.f.Truncate(l.size) == nil {
+				n = 0
+			} else {
+				l.torn = !(n > 0 && b[n-1] == '\n')
+			}
+		}
+		l.size += int64(n)
+		return fmt.Errorf("write audit log %s: %w", l.opts.Path, err)
+	}
+	l.size += int64(n)
+	l.torn = false
+	return nil
+}
+
+// rotate shifts path.(N-1) → path.N … path → path.1 and opens a new
+// path. The current file is moved aside first: if that fails, nothing has
+// been shifted and the current file stays open.
 func (l *Log) rotate() error {
-	l.f.Close()
 	p := l.opts.Path
+	aside := p + ".rotating"
+	if err := os.Rename(p, aside); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("rotate audit log: %w", err)
+	}
+	l.f.Close()
+	l.f, l.w = nil, nil
 	keep := max(l.opts.Keep, 1)
 	os.Remove(fmt.Sprintf("%s.%d", p, keep))
 	for i := keep - 1; i >= 1; i-- {
 		os.Rename(fmt.Sprintf("%s.%d", p, i), fmt.Sprintf("%s.%d", p, i+1))
 	}
-	if err := os.Rename(p, p+".1"); err != nil && !os.IsNotExist(err) {
+	if err := os.Rename(aside, p+".1"); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("rotate audit log: %w", err)
 	}
 	return l.open()
 }
 
-// Close closes the file.
-func (l *Log) Close() error {
-	if l == nil || l.f == nil {
+// Reopen closes the file and opens path again: after the file was moved
+// or deleted from outside (logrotate without copytruncate), lines go to
+// a new file at path instead of the old inode.
+func (l *Log) Reopen() error {
+	if l == nil || l.opts.Path == "-" {
 		return nil
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.f.Close()
+	if l.closed {
+		return nil
+	}
+	if l.f != nil {
+		l.f.Close()
+		l.f, l.w = nil, nil
+	}
+	if err := l.open(); err != nil {
+		l.noteError(err)
+		return err
+	}
+	return nil
+}
+
+// State reports the lines written and lost, and the last error.
+func (l *Log) State() State {
+	if l == nil {
+		return State{}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.state
+}
+
+// Close closes the file.
+func (l *Log) Close() error {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	if l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f, l.w = nil, nil
+	return err
 }

@@ -3,11 +3,16 @@ package audit
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func TestRotationKeepsWholeLines(t *testing.T) {
@@ -63,5 +68,203 @@ func TestNilLogRecordsNothing(t *testing.T) {
 	}
 	if err := l.Record(Entry{}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// readLines returns a file's lines; bad holds those that are not entries.
+func readLines(t *testing.T, p string) (ids []string, bad []string) {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) > 0 && b[len(b)-1] != '\n' {
+		t.Fatalf("%s does not end in a whole line: %q", p, b)
+	}
+	for _, line := range strings.Split(strings.TrimSuffix(string(b), "\n"), "\n") {
+		var e Entry
+		if line == "" || json.Unmarshal([]byte(line), &e) != nil {
+			bad = append(bad, line)
+			continue
+		}
+		ids = append(ids, e.RequestID)
+	}
+	return ids, bad
+}
+
+// cutWriter writes the first half of the next fail writes, then fails
+// them, as a disk that fills up mid-line does.
+type cutWriter struct {
+	w    io.Writer
+	fail int
+}
+
+func (c *cutWriter) Write(b []byte) (int, error) {
+	if c.fail == 0 {
+		return c.w.Write(b)
+	}
+	c.fail--
+	n, _ := c.w.Write(b[:len(b)/2])
+	return n, syscall.ENOSPC
+}
+
+func TestWriteErrorTakesBackThePartLine(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(Options{Path: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	l.Record(Entry{RequestID: "before"})
+	l.w = &cutWriter{w: l.f, fail: 1}
+	if err := l.Record(Entry{RequestID: "cut"}); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("a failed write returned %v", err)
+	}
+	if err := l.Record(Entry{RequestID: "after"}); err != nil {
+		t.Fatal(err)
+	}
+	ids, bad := readLines(t, p)
+	if fmt.Sprint(ids) != "[before after]" || len(bad) != 0 {
+		t.Fatalf("log holds %v and unreadable lines %q; want the cut line taken back", ids, bad)
+	}
+	st := l.State()
+	if st.Written != 2 || st.Lost != 1 || !strings.Contains(st.LastError, "no space left") || st.LastErrorAt.IsZero() {
+		t.Fatalf("state %+v", st)
+	}
+}
+
+// When the part line cannot be taken back, the next line still starts
+// on a line of its own.
+func TestPartLineThatStaysEndsBeforeTheNext(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(Options{Path: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	l.Record(Entry{RequestID: "before"})
+	w := l.f
+	ro, err := os.Open(p) // truncating a read-only handle fails
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	l.f, l.w = ro, &cutWriter{w: w, fail: 1}
+	l.Record(Entry{RequestID: "cut"})
+	l.w = w
+	if err := l.Record(Entry{RequestID: "after"}); err != nil {
+		t.Fatal(err)
+	}
+	ids, bad := readLines(t, p)
+	if fmt.Sprint(ids) != "[before after]" || len(bad) != 1 || !strings.HasPrefix(bad[0], `{"time"`) {
+		t.Fatalf("log holds %v and unreadable lines %q; want the part line alone on its line", ids, bad)
+	}
+}
+
+// A rotation that cannot open the new file loses the line it was for, but
+// does not shift the kept files again for every line after it.
+func TestFailedOpenAfterRotationShiftsOnce(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(Options{Path: p, MaxBytes: 400, Keep: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for i := range 2 {
+		l.Record(Entry{RequestID: fmt.Sprint("first-", i)})
+	}
+	failing := 3
+	open := l.openFile
+	l.openFile = func(name string) (*os.File, error) {
+		if failing > 0 {
+			failing--
+			return nil, syscall.EMFILE
+		}
+		return open(name)
+	}
+	for i := range 4 {
+		err := l.Record(Entry{RequestID: fmt.Sprint("next-", i)})
+		if (i < 3) != (err != nil) {
+			t.Fatalf("line %d: %v", i, err)
+		}
+	}
+	if ids, _ := readLines(t, p+".1"); fmt.Sprint(ids) != "[first-0 first-1]" {
+		t.Fatalf("%s.1 holds %v", p, ids)
+	}
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[next-3]" {
+		t.Fatalf("%s holds %v", p, ids)
+	}
+	if _, err := os.Stat(p + ".2"); err == nil {
+		t.Fatal("the kept files were shifted more than once")
+	}
+	if st := l.State(); st.Lost != 3 || !strings.Contains(st.LastError, "too many open files") {
+		t.Fatalf("state %+v", st)
+	}
+}
+
+// A rotation that cannot move the file aside keeps writing to it, past
+// the limit, and tries again later.
+func TestFailedRotationKeepsWriting(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "audit.jsonl")
+	l, err := Open(Options{Path: p, MaxBytes: 400, Keep: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	l.Record(Entry{RequestID: "a"})
+	l.Record(Entry{RequestID: "b"})
+	// A non-empty directory where the file would be moved aside.
+	if err := os.MkdirAll(filepath.Join(p+".rotating", "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"c", "d"} {
+		if err := l.Record(Entry{RequestID: id}); err != nil {
+			t.Fatalf("line %s lost to a failed rotation: %v", id, err)
+		}
+	}
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[a b c d]" {
+		t.Fatalf("%s holds %v", p, ids)
+	}
+	if st := l.State(); st.Lost != 0 || !strings.Contains(st.LastError, "rotate audit log") {
+		t.Fatalf("state %+v", st)
+	}
+	os.RemoveAll(p + ".rotating")
+	l.rotateAfter = time.Time{}
+	l.Record(Entry{RequestID: "e"})
+	if ids, _ := readLines(t, p+".1"); fmt.Sprint(ids) != "[a b c d]" {
+		t.Fatalf("%s.1 holds %v after the retried rotation", p, ids)
+	}
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[e]" {
+		t.Fatalf("%s holds %v", p, ids)
+	}
+}
+
+func TestReopenFollowsAMovedFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(Options{Path: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Record(Entry{RequestID: "old"})
+	if err := os.Rename(p, p+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Reopen(); err != nil {
+		t.Fatal(err)
+	}
+	l.Record(Entry{RequestID: "new"})
+	l.Close()
+	if ids, _ := readLines(t, p+".moved"); fmt.Sprint(ids) != "[old]" {
+		t.Fatalf("moved file holds %v", ids)
+	}
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[new]" {
+		t.Fatalf("reopened file holds %v", ids)
+	}
+	if err := l.Record(Entry{RequestID: "late"}); err == nil {
+		t.Fatal("a closed log took a line")
+	}
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[new]" {
+		t.Fatalf("a closed log wrote: %v", ids)
 	}
 }

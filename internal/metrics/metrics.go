@@ -164,6 +164,8 @@ type Agent struct {
 
 	Reloads Reloads
 
+	AuditLost prometheus.Counter
+
 	WebhookAccepted  prometheus.Counter
 	WebhookRefused   *prometheus.CounterVec // reason
 	WebhookForwarded prometheus.Counter
@@ -204,6 +206,9 @@ func NewAgent() *Agent {
 			Name: "ferry_agent_credential_valid", Help: "1 if the upstream accepted the credential at the last check, else 0.",
 		}, []string{"upstream"}),
 		Reloads: newReloads(f, "agent"),
+		AuditLost: f.NewCounter(prometheus.CounterOpts{
+			Name: "ferry_agent_audit_lines_lost_total", Help: "Decisions the audit log could not record (disk full, file unwritable); the request itself was served. The error is in the agent log and ferry-agent status.",
+		}),
 		WebhookAccepted: f.NewCounter(prometheus.CounterOpts{
 			Name: "ferry_agent_webhook_deliveries_accepted_total", Help: "Webhook deliveries accepted from Bitbucket and spooled.",
 		}),

@@ -1,0 +1,82 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ferry-tunnel/ferry/internal/audit"
+	"github.com/ferry-tunnel/ferry/internal/httperr"
+)
+
+// TestAuditLogThatCannotBeWritten: with the audit log's disk full
+// (/dev/full answers every write with ENOSPC) requests are still served,
+// and every decision the log could not take is counted, logged and shown
+// by `ferry-agent status`.
+func TestAuditLogThatCannotBeWritten(t *testing.T) {
+	_, agentBin := binaries(t)
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	a, arun := w.startAgentYAML(strings.Replace(w.agentYAML(r.AgentAddr(), ""), filepath.Join(w.dir, "audit.jsonl"), "/dev/full", 1))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	waitCredentialCheck(t, a)
+	e := &env{world: w, relay: r, agent: a, client: newClient(), scannerBase: "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket"}
+	defer e.client.CloseIdleConnections()
+
+	for range 2 {
+		if status, _, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, nil); status != 200 {
+			t.Fatalf("request with the audit log full: %d %s", status, body)
+		}
+	}
+	waitFor(t, "lost lines counted", func() bool { return testutil.ToFloat64(a.Metrics().AuditLost) == 2 })
+	st := a.Status().Audit
+	if st == nil || st.Path != "/dev/full" || st.Lost != 2 || st.Written != 0 || !strings.Contains(st.LastError, "no space left on device") {
+		t.Fatalf("status audit: %+v", st)
+	}
+	out, err := exec.Command(agentBin, "status", "--addr", a.DiagAddr()).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "audit:     /dev/full: 0 decisions recorded since start, 2 LOST") ||
+		!strings.Contains(string(out), "no space left on device") {
+		t.Fatalf("ferry-agent status: %v\n%s", err, out)
+	}
+}
+
+// TestReloadReopensAMovedAuditLog: after the audit file was moved away
+// (logrotate without copytruncate), a reload makes the agent write a new
+// file at audit.path instead of the moved one.
+func TestReloadReopensAMovedAuditLog(t *testing.T) {
+	e := newEnv(t)
+	w := e.world
+	w.write("agent.yaml", w.agentYAML(e.relay.AgentAddr(), ""))
+	get := func() string {
+		status, hdr, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, nil)
+		if status != 200 {
+			t.Fatalf("request: %d %s", status, body)
+		}
+		return hdr.Get(httperr.RequestIDHeader)
+	}
+	first := get()
+	waitFor(t, "first decision recorded", func() bool {
+		return auditHas(t, w.dir, func(a audit.Entry) bool { return a.RequestID == first })
+	})
+	p := filepath.Join(w.dir, "audit.jsonl")
+	if err := os.Rename(p, p+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	second := get()
+	waitFor(t, "second decision in a new file at audit.path", func() bool {
+		_, err := os.Stat(p)
+		return err == nil && auditHas(t, w.dir, func(a audit.Entry) bool { return a.RequestID == second })
+	})
+	if auditHas(t, w.dir, func(a audit.Entry) bool { return a.RequestID == first }) {
+		t.Fatal("the new file holds the moved file's lines")
+	}
+}
