@@ -247,7 +247,11 @@ func TestWebhooksThroughOutagesAndCrashes(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(w.spoolDir, "quarantine", filepath.Base(bad))); err != nil {
 		t.Fatalf("corrupt file not in quarantine: %v", err)
 	}
-	waitFor(t, "spool emptied", func() bool { return len(spoolFiles(t, w.spoolDir)) == 0 })
+	// The file goes first, then the counts: wait for both.
+	waitFor(t, "spool emptied", func() bool {
+		st := agentStatus(t, diag)["webhooks"].(map[string]any)
+		return len(spoolFiles(t, w.spoolDir)) == 0 && st["forwarded"].(float64) == 3
+	})
 	st := agentStatus(t, diag)["webhooks"].(map[string]any)
 	sp := st["spool"].(map[string]any)
 	if sp["quarantined"].(float64) != 1 || sp["spooled"].(float64) != 0 || st["forwarded"].(float64) != 3 {
@@ -369,10 +373,11 @@ func TestRelayShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
 	case <-time.After(40 * time.Second):
 		t.Fatal("relay did not stop")
 	}
-	waitFor(t, "spool emptied", func() bool { return len(spoolFiles(t, w.spoolDir)) == 0 })
-	if st := a.Status().Webhooks; st.Forwarded != 1 {
-		t.Fatalf("agent counts %d deliveries forwarded, want 1: %+v", st.Forwarded, st)
-	}
+	// The file goes first, then the count: wait for both.
+	waitFor(t, "the delivery confirmed to the agent", func() bool {
+		st := a.Status().Webhooks
+		return st.Forwarded == 1 && st.Spool.Spooled == 0 && len(spoolFiles(t, w.spoolDir)) == 0
+	})
 	if n := len(w.target.All()); n != 1 {
 		t.Fatalf("target got %d POSTs, want the delivery once", n)
 	}
