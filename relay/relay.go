@@ -76,6 +76,9 @@ type Relay struct {
 	// back once a response was read to its end (see streamBody).
 	replies  sync.Pool
 	stopping atomic.Bool
+	// certCheck: how often the certificate files are looked at for a
+	// renewal (certCheckEvery; tests shorten it).
+	certCheck time.Duration
 	// hooks: webhook deliveries in flight, which shutdown lets finish
 	// within its grace (a delivery cut after the target took it is sent
 	// again). hookMu guards hooks.Add against that Wait; hooksClosed:
@@ -95,6 +98,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
+	r.certCheck = certCheckEvery
 	r.copyBuffers = httpx.NewBufferPool(128 << 10)
 	r.proxy = r.newProxy()
 	r.webhookClient = newWebhookClient()
@@ -130,7 +134,7 @@ func (r *Relay) Listen() error {
 	// syscall (see proto.CorkConn).
 	r.agentLn = proto.CorkListener{Listener: r.agentLn}
 	if r.cfg.TLS != nil {
-		if r.agentCert, err = newCertSource(r.cfg.TLS); err != nil {
+		if r.agentCert, err = newCertSource("agent", r.cfg.TLS); err != nil {
 			r.closeListeners()
 			return err
 		}
@@ -141,7 +145,7 @@ func (r *Relay) Listen() error {
 		return err
 	}
 	if r.cfg.ScannerTLS != nil {
-		if r.scannerCert, err = newCertSource(r.cfg.ScannerTLS); err != nil {
+		if r.scannerCert, err = newCertSource("scanner", r.cfg.ScannerTLS); err != nil {
 			r.closeListeners()
 			return err
 		}
@@ -217,6 +221,13 @@ func (r *Relay) Serve(ctx context.Context) error {
 	life, stopLife := context.WithCancel(context.Background())
 	defer stopLife()
 	r.life = life
+	var certWatch sync.WaitGroup
+	if srcs := r.certSources(); len(srcs) > 0 {
+		for _, cs := range srcs {
+			r.noteCert(cs, "TLS certificate loaded", "start")
+		}
+		certWatch.Go(func() { r.watchCerts(life, r.certCheck) })
+	}
 
 	agentMux := http.NewServeMux()
 	agentMux.HandleFunc("GET "+proto.ConnectPath, r.handleConnect)
@@ -314,6 +325,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	})
 	drained.Wait()
 	stopLife()
+	certWatch.Wait()
 	r.sessMu.Lock()
 	r.sessDone = true
 	r.sessMu.Unlock()

@@ -104,6 +104,7 @@ type Relay struct {
 	Forwarded        *prometheus.CounterVec // tunnel, direction
 	RegistryUp       prometheus.Gauge
 	Reloads          Reloads
+	CertExpiry       *prometheus.GaugeVec // listener
 }
 
 // NewRelay registers the relay's metrics on a new registry.
@@ -146,6 +147,9 @@ func NewRelay() *Relay {
 			Name: "ferry_relay_registry_up", Help: "1 if the registry (Redis) answered the last operation, 0 if not (degraded: only tunnels held here are served).",
 		}),
 		Reloads: newReloads(f, "relay"),
+		CertExpiry: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_relay_certificate_expiry_timestamp_seconds", Help: "When the TLS certificate the relay serves expires (Unix time), by listener (agent, scanner).",
+		}, []string{"listener"}),
 	}
 }
 

@@ -28,8 +28,11 @@ type PKI struct {
 	Cert                      tls.Certificate
 }
 
-// NewPKI writes ca.pem, cert.pem and key.pem into dir.
-func NewPKI(dir string) (*PKI, error) {
+// NewPKI writes ca.pem, cert.pem and key.pem into dir, valid for 30 days.
+func NewPKI(dir string) (*PKI, error) { return NewPKIFor(dir, 30*24*time.Hour) }
+
+// NewPKIFor is NewPKI with the leaf certificate valid for validity.
+func NewPKIFor(dir string, validity time.Duration) (*PKI, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -59,7 +62,7 @@ func NewPKI(dir string) (*PKI, error) {
 		DNSNames:     []string{"localhost"},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
 		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(30 * 24 * time.Hour),
+		NotAfter:     now.Add(validity),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
