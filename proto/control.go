@@ -26,6 +26,10 @@ const (
 // over relay replicas.
 const GoAwayRebalance = "rebalance: this replica already holds a connection of this agent"
 
+// GoAwayStreamIDs is the goaway reason for a connection whose stream ids
+// (32 bits, never reused) are running out.
+const GoAwayStreamIDs = "stream ids running out: open a fresh connection"
+
 // MaxControlMessage bounds one control message.
 const MaxControlMessage = 64 << 10
 

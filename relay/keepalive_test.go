@@ -50,6 +50,12 @@ scanners: [{name: s, token: "`+token.Of("scanner-token").String()+`", tunnels: [
 func startPlainRelay(t *testing.T, keepalive string) *Relay {
 	t.Helper()
 	r := newPlainRelay(t, "shutdown_grace: 1s, keepalive: "+keepalive)
+	servePlainRelay(t, r)
+	return r
+}
+
+// servePlainRelay runs r until the test ends.
+func servePlainRelay(t *testing.T, r *Relay) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Serve(ctx) }()
@@ -57,7 +63,6 @@ func startPlainRelay(t *testing.T, keepalive string) *Relay {
 		cancel()
 		<-done
 	})
-	return r
 }
 
 // countingConn counts the bytes an agent receives.

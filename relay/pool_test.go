@@ -329,3 +329,66 @@ func TestStreamPool(t *testing.T) {
 		t.Fatal("close left an idle stream open")
 	}
 }
+
+// A connection whose stream ids run low (yamux never reuses them) is
+// asked, once, to go away, so the agent opens a fresh one before the old
+// one would refuse every new stream: as soon as another connection takes
+// requests, or at the latest near the end of the ids.
+func TestConnectionRetiredBeforeStreamIDsRunOut(t *testing.T) {
+	r := newPlainRelay(t, "shutdown_grace: 1s, keepalive: 15s")
+	// The relay's streams are 2, 4, 6 …: retire from the 10th, at the
+	// 15th whatever else is connected.
+	r.retireStreamID, r.forceRetireStreamID = 20, 30
+	servePlainRelay(t, r)
+	streamPerRequest := func(w io.Writer, req *http.Request, n seen) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+		return false
+	}
+	a := startKeepAliveAgent(t, r, streamPerRequest)
+	ac := r.auth.Load().tunnels["t"].snapshot()[0]
+	get := func(n int) {
+		t.Helper()
+		for i := range n {
+			if code, _ := scannerDo(t, r, "GET", nil, nil); code != 200 {
+				t.Fatalf("request %d: %d", i, code)
+			}
+		}
+	}
+	goAway := func(a *keepAliveAgent, within time.Duration) (proto.Message, error) {
+		a.ctrl.SetReadDeadline(time.Now().Add(within))
+		return proto.ReadMessage(a.ctrl)
+	}
+	// Alone, the connection is kept past the 10th stream: asking it to go
+	// would refuse requests until the agent is back.
+	get(14)
+	if ac.draining.Load() {
+		t.Fatal("the only connection was retired with ids to spare")
+	}
+	get(1)
+	if m, err := goAway(a, 5*time.Second); err != nil || m.Type != proto.MsgGoAway || m.Reason != proto.GoAwayStreamIDs {
+		t.Fatalf("agent got %+v, %v; want goaway for stream ids", m, err)
+	}
+	if !ac.draining.Load() {
+		t.Fatal("a retired connection still takes requests")
+	}
+	if m, err := goAway(a, 100*time.Millisecond); err == nil {
+		t.Fatalf("a second control message: %+v", m)
+	}
+
+	// With another connection up, a connection is retired at the 10th.
+	b := startKeepAliveAgent(t, r, streamPerRequest)
+	get(9) // all on b: a is draining
+	c := startKeepAliveAgent(t, r, streamPerRequest)
+	bc := r.auth.Load().tunnels["t"].snapshot()[1]
+	get(1)
+	if m, err := goAway(b, 5*time.Second); err != nil || m.Type != proto.MsgGoAway || m.Reason != proto.GoAwayStreamIDs {
+		t.Fatalf("agent got %+v, %v; want goaway for stream ids", m, err)
+	}
+	if !bc.draining.Load() {
+		t.Fatal("a retired connection still takes requests")
+	}
+	get(3) // on c
+	if got := len(c.seen()); got != 3 {
+		t.Fatalf("the fresh connection served %d requests, want 3", got)
+	}
+}

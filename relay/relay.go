@@ -79,6 +79,8 @@ type Relay struct {
 	// certCheck: how often the certificate files are looked at for a
 	// renewal (certCheckEvery; tests shorten it).
 	certCheck time.Duration
+	// See the constants; tests lower them.
+	retireStreamID, forceRetireStreamID uint32
 	// hooks: webhook deliveries in flight, which shutdown lets finish
 	// within its grace (a delivery cut after the target took it is sent
 	// again). hookMu guards hooks.Add against that Wait; hooksClosed:
@@ -99,6 +101,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
 	r.certCheck = certCheckEvery
+	r.retireStreamID, r.forceRetireStreamID = retireStreamID, forceRetireStreamID
 	r.copyBuffers = httpx.NewBufferPool(128 << 10)
 	r.proxy = r.newProxy()
 	r.webhookClient = newWebhookClient()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -110,9 +111,16 @@ func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 	for attempt := 0; ; attempt++ {
 		s, err := c.sess.OpenStream()
 		if err == nil {
+			if id := s.StreamID(); id >= r.retireStreamID && !c.retiring.Load() &&
+				(id >= r.forceRetireStreamID || rt.tunnel.pick(c) != nil) {
+				r.retire(c)
+			}
 			t := r.track(c, s)
 			t.begin()
 			return t, nil
+		}
+		if errors.Is(err, yamux.ErrStreamsExhausted) {
+			r.retire(c)
 		}
 		if attempt > 0 {
 			return nil, fmt.Errorf("%w: open stream: %v", errTunnelOffline, err)
@@ -122,6 +130,28 @@ func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 		}
 		rt.conn = c
 	}
+}
+
+// A connection that has opened a stream with id retireStreamID is asked
+// to go away. yamux's stream ids are 32 bits and never reused: a
+// connection that carried a stream a request for months (2^31 of them at
+// most) would refuse every new stream. The agent dials a fresh one at
+// once; this one finishes its streams. It is asked once another
+// connection of the tunnel takes requests, so that none are refused
+// meanwhile, and past forceRetireStreamID even if none does.
+const (
+	retireStreamID      = math.MaxUint32 - 1<<28
+	forceRetireStreamID = math.MaxUint32 - 1<<27
+)
+
+// retire asks c, once, to go away because its stream ids are running out.
+func (r *Relay) retire(c *agentConn) {
+	if !c.retiring.CompareAndSwap(false, true) {
+		return
+	}
+	r.log.Info("agent connection has used most of its stream ids; asking the agent to open a fresh one", "tunnel", c.tunnel.id, "connection_id", c.id,
+		"agent_id", c.agentID, "served", c.served.Load())
+	c.goAway(proto.GoAwayStreamIDs)
 }
 
 // pooledStream takes an idle keep-alive stream of the route's connection

@@ -44,6 +44,7 @@ type agentConn struct {
 	inflight atomic.Int64
 	served   atomic.Int64
 	draining atomic.Bool
+	retiring atomic.Bool // asked to go away as its stream ids run out
 
 	ctrlMu sync.Mutex
 	ctrl   *yamux.Stream
