@@ -17,8 +17,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/ferry-tunnel/ferry/agent"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/testrig"
+	"github.com/ferry-tunnel/ferry/relay"
 )
 
 const webhookSecret = "bitbucket-webhook-secret-42"
@@ -336,49 +338,71 @@ func getMetrics(t *testing.T, diag string) string {
 	return string(b)
 }
 
+// heldDelivery runs a relay and an agent with one webhook lane, and
+// posts one delivery, which the target takes and holds its answer to
+// until release is called.
+type heldDelivery struct {
+	*webhookWorld
+	relay              *relay.Relay
+	agent              *agent.Agent
+	relayRun, agentRun *running
+	release            func()
+}
+
+func holdDelivery(t *testing.T) *heldDelivery {
+	w := newWebhookWorld(t)
+	y := w.relayConfig("127.0.0.1:0", "127.0.0.1:0")
+	w.write("relay.yaml", y)
+	h := &heldDelivery{webhookWorld: w}
+	h.relay, h.relayRun = w.startRelayYAML(y)
+	h.agent, h.agentRun = w.startAgentYAML(w.agentConfig(h.relay.AgentAddr(), ", lanes: 1"))
+	waitFor(t, "agent connected", func() bool { return h.agent.Connected() == 2 })
+	h.release = w.target.HoldAnswers()
+	t.Cleanup(h.release)
+	if code, _ := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1)); code != http.StatusAccepted {
+		t.Fatalf("delivery: %d, want 202", code)
+	}
+	waitFor(t, "the target holding the delivery", func() bool { return len(w.target.All()) == 1 })
+	return h
+}
+
+// stopped waits for a daemon stopped with run.stop to end cleanly.
+func stopped(t *testing.T, what string, run *running) {
+	t.Helper()
+	select {
+	case err := <-run.done:
+		if err != nil {
+			t.Fatalf("%s shutdown: %v", what, err)
+		}
+	case <-time.After(40 * time.Second):
+		t.Fatalf("%s did not stop", what)
+	}
+}
+
 // TestRelayShutdownLetsWebhookDeliveriesFinish: a delivery the target has
 // taken but not yet answered when the relay is told to stop is answered
 // within the shutdown grace, so the agent drops it from its spool instead
 // of sending it to the target a second time.
 func TestRelayShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
-	w := newWebhookWorld(t)
-	y := w.relayConfig("127.0.0.1:0", "127.0.0.1:0")
-	w.write("relay.yaml", y)
-	r, rrun := w.startRelayYAML(y)
-	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", lanes: 1"))
-	defer arun.shutdown(t)
-	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
-
-	release := w.target.HoldAnswers()
-	defer release()
-	if code, _ := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1)); code != http.StatusAccepted {
-		t.Fatalf("delivery: %d, want 202", code)
-	}
-	waitFor(t, "the target holding the delivery", func() bool { return len(w.target.All()) == 1 })
-	rrun.stop()
+	h := holdDelivery(t)
+	defer h.agentRun.shutdown(t)
+	h.relayRun.stop()
 	waitFor(t, "relay shutting down", func() bool {
-		c, err := net.DialTimeout("tcp", r.AgentAddr(), time.Second)
+		c, err := net.DialTimeout("tcp", h.relay.AgentAddr(), time.Second)
 		if err == nil {
 			c.Close()
 		}
 		return err != nil // the agent listener closes first
 	})
 	time.Sleep(200 * time.Millisecond) // the delivery must outlast the start of shutdown, not race it
-	release()
-	select {
-	case err := <-rrun.done:
-		if err != nil {
-			t.Fatalf("relay shutdown: %v", err)
-		}
-	case <-time.After(40 * time.Second):
-		t.Fatal("relay did not stop")
-	}
+	h.release()
+	stopped(t, "relay", h.relayRun)
 	// The file goes first, then the count: wait for both.
 	waitFor(t, "the delivery confirmed to the agent", func() bool {
-		st := a.Status().Webhooks
-		return st.Forwarded == 1 && st.Spool.Spooled == 0 && len(spoolFiles(t, w.spoolDir)) == 0
+		st := h.agent.Status().Webhooks
+		return st.Forwarded == 1 && st.Spool.Spooled == 0 && len(spoolFiles(t, h.spoolDir)) == 0
 	})
-	if n := len(w.target.All()); n != 1 {
+	if n := len(h.target.All()); n != 1 {
 		t.Fatalf("target got %d POSTs, want the delivery once", n)
 	}
 }
@@ -388,35 +412,16 @@ func TestRelayShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
 // closed yet; see Agent.settled), so a delivery the target has taken is
 // not sent to it again after the restart.
 func TestAgentShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
-	w := newWebhookWorld(t)
-	y := w.relayConfig("127.0.0.1:0", "127.0.0.1:0")
-	w.write("relay.yaml", y)
-	r, rrun := w.startRelayYAML(y)
-	defer rrun.shutdown(t)
-	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", lanes: 1"))
-	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
-
-	release := w.target.HoldAnswers()
-	defer release()
-	if code, _ := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1)); code != http.StatusAccepted {
-		t.Fatalf("delivery: %d, want 202", code)
-	}
-	waitFor(t, "the target holding the delivery", func() bool { return len(w.target.All()) == 1 })
-	arun.stop()
+	h := holdDelivery(t)
+	defer h.relayRun.shutdown(t)
+	h.agentRun.stop()
 	time.Sleep(200 * time.Millisecond) // the attempt must outlast the start of the drain, not race it
-	release()
-	select {
-	case err := <-arun.done:
-		if err != nil {
-			t.Fatalf("agent shutdown: %v", err)
-		}
-	case <-time.After(40 * time.Second):
-		t.Fatal("agent did not stop")
-	}
-	if n := len(spoolFiles(t, w.spoolDir)); n != 0 {
+	h.release()
+	stopped(t, "agent", h.agentRun)
+	if n := len(spoolFiles(t, h.spoolDir)); n != 0 {
 		t.Fatalf("%d deliveries left in the spool; the target has the only one", n)
 	}
-	if n := len(w.target.All()); n != 1 {
+	if n := len(h.target.All()); n != 1 {
 		t.Fatalf("target got %d POSTs, want the delivery once", n)
 	}
 }

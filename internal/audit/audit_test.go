@@ -71,6 +71,18 @@ func TestNilLogRecordsNothing(t *testing.T) {
 	}
 }
 
+// openTemp opens a log at audit.jsonl in a new directory, with o's
+// limits.
+func openTemp(t *testing.T, o Options) (*Log, string) {
+	t.Helper()
+	o.Path = filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l, o.Path
+}
+
 // readLines returns a file's lines; bad holds those that are not entries.
 func readLines(t *testing.T, p string) (ids []string, bad []string) {
 	t.Helper()
@@ -109,11 +121,7 @@ func (c *cutWriter) Write(b []byte) (int, error) {
 }
 
 func TestWriteErrorTakesBackThePartLine(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "audit.jsonl")
-	l, err := Open(Options{Path: p})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, p := openTemp(t, Options{})
 	defer l.Close()
 	l.Record(Entry{RequestID: "before"})
 	l.w = &cutWriter{w: l.f, fail: 1}
@@ -136,11 +144,7 @@ func TestWriteErrorTakesBackThePartLine(t *testing.T) {
 // When the part line cannot be taken back, the next line still starts
 // on a line of its own.
 func TestPartLineThatStaysEndsBeforeTheNext(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "audit.jsonl")
-	l, err := Open(Options{Path: p})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, p := openTemp(t, Options{})
 	defer l.Close()
 	l.Record(Entry{RequestID: "before"})
 	w := l.f
@@ -164,11 +168,7 @@ func TestPartLineThatStaysEndsBeforeTheNext(t *testing.T) {
 // A rotation that cannot open the new file loses the line it was for, but
 // does not shift the kept files again for every line after it.
 func TestFailedOpenAfterRotationShiftsOnce(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "audit.jsonl")
-	l, err := Open(Options{Path: p, MaxBytes: 400, Keep: 3})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, p := openTemp(t, Options{MaxBytes: 400, Keep: 3})
 	defer l.Close()
 	for i := range 2 {
 		l.Record(Entry{RequestID: fmt.Sprint("first-", i)})
@@ -205,12 +205,7 @@ func TestFailedOpenAfterRotationShiftsOnce(t *testing.T) {
 // A rotation that cannot move the file aside keeps writing to it, past
 // the limit, and tries again later.
 func TestFailedRotationKeepsWriting(t *testing.T) {
-	dir := t.TempDir()
-	p := filepath.Join(dir, "audit.jsonl")
-	l, err := Open(Options{Path: p, MaxBytes: 400, Keep: 3})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, p := openTemp(t, Options{MaxBytes: 400, Keep: 3})
 	defer l.Close()
 	l.Record(Entry{RequestID: "a"})
 	l.Record(Entry{RequestID: "b"})
@@ -241,11 +236,7 @@ func TestFailedRotationKeepsWriting(t *testing.T) {
 }
 
 func TestReopenFollowsAMovedFile(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "audit.jsonl")
-	l, err := Open(Options{Path: p})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, p := openTemp(t, Options{})
 	l.Record(Entry{RequestID: "old"})
 	if err := os.Rename(p, p+".moved"); err != nil {
 		t.Fatal(err)
