@@ -277,7 +277,7 @@ scanner_listen: %q
 admin_listen: "127.0.0.1:0"
 tunnels: [{id: bench, agent_tokens: [%q]}]
 scanners: [{name: bench, token: %q, tunnels: [bench]}]
-limits: {max_streams_per_tunnel: 100000}
+limits: {max_streams_per_tunnel: 100000, max_agent_connections_per_tunnel: 100000}
 admin_pprof: %t
 `, agentAddr, s.pki.CertFile, s.pki.KeyFile, scanAddr, token.Of(s.agentTok).String(), token.Of(s.scannerTok).String(), pprof))
 	if err := s.startRelay(s.relayCfg); err != nil {

@@ -196,3 +196,43 @@ func TestRelayReloadRotatesTokensAndRevokes(t *testing.T) {
 		t.Fatal("agent reconnected with a revoked token")
 	}
 }
+
+// TestAgentConnectionsPerTunnelAreCapped: past
+// limits.max_agent_connections_per_tunnel the relay refuses an agent's
+// upgrade, saying why in the agent's status; raising the limit with a
+// reload lets the agent's next try in.
+func TestAgentConnectionsPerTunnelAreCapped(t *testing.T) {
+	w := newWorld(t)
+	limited := func(n int) string {
+		return w.relayYAMLWith("127.0.0.1:0", "127.0.0.1:0", fmt.Sprintf("limits: {max_agent_connections_per_tunnel: %d}\n", n))
+	}
+	w.write("relay.yaml", limited(1))
+	r, rrun := w.startRelayYAML(limited(1))
+	defer rrun.shutdown(t)
+	a, arun := w.startAgent(r.AgentAddr(), "")
+	defer arun.shutdown(t)
+	refused := func() string {
+		for _, c := range a.Status().Connections {
+			if !c.Connected && strings.Contains(c.LastError, "limits.max_agent_connections_per_tunnel") {
+				return c.LastError
+			}
+		}
+		return ""
+	}
+	waitFor(t, "one connection up and the other refused", func() bool { return a.Connected() == 1 && refused() != "" })
+	if e := refused(); !strings.Contains(e, "503") || !strings.Contains(e, "already holds 1 agent connections") {
+		t.Fatalf("the refused connection's error does not say why: %s", e)
+	}
+	if v := testutil.ToFloat64(r.Metrics().AgentConnects.WithLabelValues(tunnelID, "over_limit")); v < 1 {
+		t.Fatalf("over_limit counted %v times", v)
+	}
+	time.Sleep(300 * time.Millisecond) // the refused slot retries, and is refused again
+	if n := a.Connected(); n != 1 {
+		t.Fatalf("%d connections up with a limit of 1", n)
+	}
+	w.write("relay.yaml", limited(2))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "both connections up after raising the limit", func() bool { return a.Connected() == 2 })
+}

@@ -61,6 +61,18 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 		httperr.Write(w, http.StatusBadRequest, httperr.BadRequest, "agent must speak WebSocket subprotocol "+proto.Subprotocol+" (agent and relay versions incompatible?)")
 		return
 	}
+	limit := r.auth.Load().maxAgentConns
+	n, ok := t.join(limit)
+	if !ok {
+		r.metrics.AgentConnects.WithLabelValues(t.id, "over_limit").Inc()
+		log.Warn("agent refused: its tunnel holds its limit of agent connections on this relay", "tunnel", t.id, "connections", n, "limit", limit)
+		w.Header().Set("Retry-After", "30")
+		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelBusy,
+			fmt.Sprintf("tunnel %s already holds %d agent connections on this relay, its limit (limits.max_agent_connections_per_tunnel): agents started twice, or a leaked agent token?", t.id, n))
+		return
+	}
+	// startAgent returns once the connection is in the tunnel, or failed.
+	defer t.joined()
 	if !r.trackSession() {
 		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "relay is shutting down; reconnect to another replica")
 		return

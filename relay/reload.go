@@ -32,11 +32,14 @@ type authTables struct {
 	// the config the relay started with, so that a reload changes it (an
 	// operator whose Bitbucket is swamped lowers it without a restart).
 	maxStreams int64
+	// maxAgentConns is limits.max_agent_connections_per_tunnel, here for
+	// the same reason.
+	maxAgentConns int
 }
 
 func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}, scannerByName: map[string]*scannerAuth{},
-		maxStreams: int64(cfg.Limits.MaxStreamsPerTunnel)}
+		maxStreams: int64(cfg.Limits.MaxStreamsPerTunnel), maxAgentConns: cfg.Limits.MaxAgentConnsPerTunnel}
 	for _, tc := range cfg.Tunnels {
 		t := (*tunnel)(nil)
 		if prev != nil {

@@ -17,8 +17,9 @@ type tunnel struct {
 	id       string
 	requests atomic.Int64 // scanner requests in flight, for limits.max_streams_per_tunnel
 
-	mu    sync.Mutex
-	conns []*agentConn
+	mu      sync.Mutex
+	conns   []*agentConn
+	joining int // connections in their handshake (join)
 
 	regMu sync.Mutex // orders registry updates for this tunnel
 }
@@ -82,6 +83,27 @@ func (t *tunnel) held() bool {
 		}
 	}
 	return false
+}
+
+// join reserves a place for an agent connection being set up, unless
+// the tunnel holds limit already (set up or being set up); held is that
+// number. The caller calls joined once the connection is in t.conns or
+// has failed.
+func (t *tunnel) join(limit int) (held int, ok bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	held = len(t.conns) + t.joining
+	if held >= limit {
+		return held, false
+	}
+	t.joining++
+	return held, true
+}
+
+func (t *tunnel) joined() {
+	t.mu.Lock()
+	t.joining--
+	t.mu.Unlock()
 }
 
 func (t *tunnel) remove(c *agentConn) {

@@ -51,6 +51,10 @@ type Limits struct {
 	// MaxStreamsPerTunnel: requests in flight on one tunnel; past it
 	// scanners get 503 tunnel_busy.
 	MaxStreamsPerTunnel int `yaml:"max_streams_per_tunnel"`
+	// MaxAgentConnsPerTunnel: agent connections one tunnel may hold on
+	// this relay; past it the upgrade is refused (a stray agent in a
+	// restart loop, or a leaked token, cannot exhaust the relay).
+	MaxAgentConnsPerTunnel int `yaml:"max_agent_connections_per_tunnel"`
 }
 
 // TLSFiles names a certificate and key in PEM files.
@@ -264,6 +268,7 @@ func (c *Relay) validate(v *validator) {
 	v.duration("timeouts.header_read", &t.HeaderRead, 10*time.Second, 100*time.Millisecond, 5*time.Minute)
 	v.duration("timeouts.shutdown_grace", &t.ShutdownGrace, 30*time.Second, 0, time.Hour)
 	v.count("limits.max_streams_per_tunnel", &c.Limits.MaxStreamsPerTunnel, 1024, 100000)
+	v.count("limits.max_agent_connections_per_tunnel", &c.Limits.MaxAgentConnsPerTunnel, 256, 100000)
 	v.checkLog(&c.Log)
 }
 

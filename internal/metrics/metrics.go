@@ -117,7 +117,7 @@ func NewRelay() *Relay {
 			Name: "ferry_relay_agent_connections", Help: "Agent connections registered now, by tunnel.",
 		}, []string{"tunnel"}),
 		AgentConnects: f.NewCounterVec(prometheus.CounterOpts{
-			Name: "ferry_relay_agent_connects_total", Help: "Agent connection attempts by tunnel and result (accepted, handshake_failed).",
+			Name: "ferry_relay_agent_connects_total", Help: "Agent connection attempts by tunnel and result (accepted, handshake_failed, rebalanced, over_limit).",
 		}, []string{"tunnel", "result"}),
 		AuthFailures: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_relay_auth_failures_total", Help: "Failed authentications by endpoint (agent, scanner).",
