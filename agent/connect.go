@@ -189,6 +189,12 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 			b.reset()
 		}
 		delay := b.next()
+		var refused refusedError
+		if errors.As(err, &refused) {
+			// The relay said when; trying sooner would be refused again,
+			// at the cost of a TLS handshake on both sides.
+			delay = max(delay, refused.retryAfter)
+		}
 		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
 		if !sleep(ctx, delay) {
 			return
@@ -360,10 +366,28 @@ func (a *Agent) dial(ctx context.Context) (*websocket.Conn, error) {
 	return ws, nil
 }
 
+// refusedError is a relay's refusal of the upgrade that asked the agent
+// to wait (Retry-After: rate limited, the tunnel's connection limit, a
+// replica shutting down).
+type refusedError struct {
+	err        error
+	retryAfter time.Duration
+}
+
+func (e refusedError) Error() string { return e.err.Error() }
+func (e refusedError) Unwrap() error { return e.err }
+
 func describeDialError(relayURL string, resp *http.Response, err error) error {
 	if resp == nil {
 		return fmt.Errorf("dial relay %s: %w", relayURL, err)
 	}
+	if ra := retryAfter(resp.Header); ra > 0 {
+		return refusedError{err: describeRefusal(relayURL, resp, err), retryAfter: ra}
+	}
+	return describeRefusal(relayURL, resp, err)
+}
+
+func describeRefusal(relayURL string, resp *http.Response, err error) error {
 	msg := ""
 	if resp.Body != nil {
 		var body httperr.Body

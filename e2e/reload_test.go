@@ -199,8 +199,9 @@ func TestRelayReloadRotatesTokensAndRevokes(t *testing.T) {
 
 // TestAgentConnectionsPerTunnelAreCapped: past
 // limits.max_agent_connections_per_tunnel the relay refuses an agent's
-// upgrade, saying why in the agent's status; raising the limit with a
-// reload lets the agent's next try in.
+// upgrade, saying why in the agent's status, and the agent waits the
+// Retry-After before it tries again; a reload raises the limit for the
+// next agent.
 func TestAgentConnectionsPerTunnelAreCapped(t *testing.T) {
 	w := newWorld(t)
 	limited := func(n int) string {
@@ -223,16 +224,24 @@ func TestAgentConnectionsPerTunnelAreCapped(t *testing.T) {
 	if e := refused(); !strings.Contains(e, "503") || !strings.Contains(e, "already holds 1 agent connections") {
 		t.Fatalf("the refused connection's error does not say why: %s", e)
 	}
-	if v := testutil.ToFloat64(r.Metrics().AgentConnects.WithLabelValues(tunnelID, "over_limit")); v < 1 {
-		t.Fatalf("over_limit counted %v times", v)
+	overLimit := func() float64 {
+		return testutil.ToFloat64(r.Metrics().AgentConnects.WithLabelValues(tunnelID, "over_limit"))
 	}
-	time.Sleep(300 * time.Millisecond) // the refused slot retries, and is refused again
-	if n := a.Connected(); n != 1 {
-		t.Fatalf("%d connections up with a limit of 1", n)
+	before := overLimit()
+	if before < 1 {
+		t.Fatalf("over_limit counted %v times", before)
 	}
-	w.write("relay.yaml", limited(2))
+	// Without the relay's Retry-After (30 s) the agent would try again
+	// after 250-500 ms, then 0.5-1 s.
+	time.Sleep(1500 * time.Millisecond)
+	if n, after := a.Connected(), overLimit(); n != 1 || after != before {
+		t.Fatalf("%d connections up and %v refusals after %v: the agent did not wait as asked", n, after, before)
+	}
+	w.write("relay.yaml", limited(3))
 	if err := r.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "both connections up after raising the limit", func() bool { return a.Connected() == 2 })
+	b, brun := w.startAgent(r.AgentAddr(), "")
+	defer brun.shutdown(t)
+	waitFor(t, "a second agent's two connections up under the raised limit", func() bool { return b.Connected() == 2 })
 }
