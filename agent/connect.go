@@ -29,6 +29,10 @@ const (
 	handshakeTimeout = 10 * time.Second
 	// stableAfter: a connection that lived this long resets the backoff.
 	stableAfter = 5 * time.Second
+	// maxQuickGoAways: goaways in a row, each on a connection that lived
+	// under stableAfter, answered by reconnecting at once (the relay
+	// asks for a rebalance at most 3 times); more get backoff.
+	maxQuickGoAways = 3
 )
 
 // relayProxy returns the egress proxy for the relay connection: proxy_url
@@ -161,6 +165,7 @@ func (e goAwayError) Error() string { return "relay asked this connection to go 
 func (a *Agent) keepConnected(ctx context.Context, slot int) {
 	st := a.conns[slot]
 	b := newBackoff()
+	quickGoAways := 0 // goaways in a row on connections that lived under stableAfter
 	for {
 		if a.draining.Load() {
 			<-ctx.Done()
@@ -181,8 +186,23 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 			st.rebalanced = 0
 		}
 		if isGoAway {
-			b.reset()
-			a.log.Info("reconnecting after goaway", "slot", slot, "reason", err)
+			if time.Since(started) >= stableAfter {
+				quickGoAways = 0
+				b.reset()
+			}
+			// Goaway means "reconnect now", but a relay that sends every
+			// connection away at once (misbehaving, or replicas that keep
+			// rebalancing past their 3 asks) gets backoff, not a tight loop.
+			if quickGoAways++; quickGoAways <= maxQuickGoAways {
+				a.log.Info("reconnecting after goaway", "slot", slot, "reason", err)
+				continue
+			}
+			delay := b.next()
+			a.log.Warn("relay keeps sending this agent's connections away at once; backing off", "slot", slot, "reason", err,
+				"in_a_row", quickGoAways, "retry_in", delay.Round(time.Millisecond).String())
+			if !sleep(ctx, delay) {
+				return
+			}
 			continue
 		}
 		if up && time.Since(started) >= stableAfter {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -259,5 +260,75 @@ diagnostics: {listen: "127.0.0.1:0"}
 		if v := r.Header.Get(proto.StreamHeaderField); v != "" {
 			t.Fatalf("Bitbucket received %s: %q", proto.StreamHeaderField, v)
 		}
+	}
+}
+
+// A relay that sends every connection away as soon as it is welcomed does
+// not get the agent dialling in a tight loop: after a few immediate
+// reconnects (a rebalance asks up to 3 times), the agent backs off.
+func TestRelayThatAlwaysSaysGoAwayGetsBackoff(t *testing.T) {
+	var dials atomic.Int32
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		dials.Add(1)
+		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
+		if err != nil {
+			return
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		sess, _ := yamux.Server(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second, proto.RelayStreamWindow))
+		defer sess.Close()
+		ctrl, err := sess.AcceptStream()
+		if err != nil {
+			return
+		}
+		if _, err := proto.ReadHeader(ctrl); err != nil {
+			return
+		}
+		if _, err := proto.ReadMessage(ctrl); err != nil {
+			return
+		}
+		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: "rude", Tunnel: "t", ConnectionID: "c"})
+		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgGoAway, Reason: "go away"})
+		select {
+		case <-sess.CloseChan():
+		case <-time.After(5 * time.Second):
+		}
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "tok"), []byte("t"), 0o600)
+	os.WriteFile(filepath.Join(dir, "pat"), []byte("pat"), 0o600)
+	cfg, err := config.ParseAgent("agent.yaml", []byte(fmt.Sprintf(`relay: {url: "ws://%s/v1/connect", token_file: %s, connections: 1}
+upstreams:
+  - {name: bitbucket, url: "http://127.0.0.1:1", auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
+diagnostics: {listen: "127.0.0.1:0"}
+`, ln.Addr(), filepath.Join(dir, "tok"), filepath.Join(dir, "pat"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := New(cfg, logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ctx) }()
+	// In 1.5 s: 1 + 3 at once, then waits of 250-500 ms and 500-1000 ms:
+	// at most 6 dials. A tight loop makes hundreds.
+	time.Sleep(1500 * time.Millisecond)
+	cancel()
+	<-done
+	if n := dials.Load(); n < 2 || n > 6 {
+		t.Fatalf("%d dials in 1.5 s of goaways; want reconnects, the first ones at once, then backoff", n)
 	}
 }
