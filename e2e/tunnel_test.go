@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -439,5 +440,39 @@ func TestRequestsOnKeptStreamsAreJudgedOneByOne(t *testing.T) {
 					(a.Decision == "allow") == (status == 200)
 			})
 		})
+	}
+}
+
+// TestOverIPv6 runs the whole path on ::1: the relay's listeners, the
+// agent's relay URL and its upstream, a clone and a REST call.
+func TestOverIPv6(t *testing.T) {
+	w := newWorld(t)
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	srv := &http.Server{Handler: w.bb, TLSConfig: w.pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second}
+	go srv.ServeTLS(ln, "", "")
+	defer srv.Close()
+	y := w.relayYAMLWith("[::1]:0", "[::1]:0", "")
+	w.write("relay.yaml", y)
+	r, rrun := w.startRelayYAML(y)
+	defer rrun.shutdown(t)
+	if !strings.HasPrefix(r.AgentAddr(), "[::1]:") || !strings.HasPrefix(r.ScannerAddr(), "[::1]:") {
+		t.Fatalf("relay listens on %s and %s", r.AgentAddr(), r.ScannerAddr())
+	}
+	a, arun := w.startAgentYAML(strings.Replace(w.agentYAML(r.AgentAddr(), ""), w.bbURL, "https://"+ln.Addr().String(), 1))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected over IPv6", func() bool { return a.Connected() == 2 })
+	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket"
+	e := &env{world: w, relay: r, agent: a, client: newClient(), scannerBase: base}
+	defer e.client.CloseIdleConnections()
+	if status, _, body := e.do("GET", base+"/rest/api/1.0/projects", scannerToken, nil, nil); status != 200 || !strings.Contains(body, `"PROJ"`) {
+		t.Fatalf("REST over IPv6: %d %s", status, body)
+	}
+	dst := filepath.Join(t.TempDir(), "app")
+	gitCmd(t, "", scannerToken, "clone", "-q", base+"/scm/proj/app.git", dst)
+	if n := gitCmd(t, dst, scannerToken, "rev-list", "--count", "HEAD"); n != "5" {
+		t.Fatalf("clone over IPv6 has %s commits, want 5", n)
 	}
 }
