@@ -224,13 +224,6 @@ func (r *Relay) Serve(ctx context.Context) error {
 	life, stopLife := context.WithCancel(context.Background())
 	defer stopLife()
 	r.life = life
-	var certWatch sync.WaitGroup
-	if srcs := r.certSources(); len(srcs) > 0 {
-		for _, cs := range srcs {
-			r.noteCert(cs, "TLS certificate loaded", "start")
-		}
-		certWatch.Go(func() { r.watchCerts(life, r.certCheck) })
-	}
 
 	agentMux := http.NewServeMux()
 	agentMux.HandleFunc("GET "+proto.ConnectPath, r.handleConnect)
@@ -271,6 +264,13 @@ func (r *Relay) Serve(ctx context.Context) error {
 	r.log.Info("relay started", "version", version.Version, "relay_id", r.id, "agent_listen", r.AgentAddr(),
 		"scanner_listen", r.ScannerAddr(), "admin_listen", r.AdminAddr(), "tls", r.cfg.TLS != nil, "tunnels", len(r.auth.Load().tunnels),
 		"registry", r.cfg.Registry.Backend, "internal_listen", r.InternalAddr(), "advertise_url", r.cfg.Registry.AdvertiseURL)
+	var certWatch sync.WaitGroup
+	if srcs := r.certSources(); len(srcs) > 0 {
+		for _, cs := range srcs {
+			r.noteCert(cs, "TLS certificate loaded", "start")
+		}
+		certWatch.Go(func() { r.watchCerts(life, r.certCheck) })
+	}
 
 	var runErr error
 	pending := len(servers) // Serve results still to collect
