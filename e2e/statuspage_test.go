@@ -28,7 +28,8 @@ func TestStatusPages(t *testing.T) {
 	e.do("GET", "http://"+e.relay.ScannerAddr()+"/t/other/bitbucket/x", otherScanner, nil, nil)
 
 	relay := getPage(t, "http://"+e.relay.AdminAddr()+"/")
-	for _, want := range []string{"ferry relay", tunnelID, "online", "test-agent", "offline", "tunnel_offline", "policy_denied", "git-receive-pack"} {
+	for _, want := range []string{"ferry relay", tunnelID, "online", "test-agent", "offline", "tunnel_offline", "policy_denied", "git-receive-pack",
+		"agent TLS certificate valid until", "29 days left"} {
 		if !strings.Contains(relay, want) {
 			t.Errorf("relay page lacks %q", want)
 		}

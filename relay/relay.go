@@ -452,6 +452,16 @@ type relayPageData struct {
 	Tunnels                   []TunnelStatus
 	Requests, Refused, Failed int64
 	Recent                    []ErrorEvent
+	Certs                     []certInfo
+}
+
+// certInfo is what the status page says of a listener's certificate.
+type certInfo struct {
+	Listener string
+	NotAfter time.Time
+	DaysLeft int
+	Soon     bool   // under certExpiryWarning left
+	Problem  string // renewed files that do not load
 }
 
 func (r *Relay) pageData() relayPageData {
@@ -459,13 +469,28 @@ func (r *Relay) pageData() relayPageData {
 		RelayID: r.id, Version: version.Version, Started: r.started, Tunnels: r.tunnelStatus(),
 		Registry: r.cfg.Registry.Backend, Advertise: r.cfg.Registry.AdvertiseURL, RegistryProblem: r.registry.Problem(),
 		Requests: r.requests.Load(), Refused: r.refused.Load(), Failed: r.failed.Load(), Recent: r.recent.List(),
+		Certs: r.certInfo(),
 	}
+}
+
+func (r *Relay) certInfo() []certInfo {
+	var out []certInfo
+	for _, cs := range r.certSources() {
+		na := cs.notAfter()
+		cs.mu.Lock()
+		problem := cs.failed
+		cs.mu.Unlock()
+		left := time.Until(na)
+		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: int(left.Hours() / 24), Soon: left < certExpiryWarning, Problem: problem})
+	}
+	return out
 }
 
 const relayPage = `<h1>ferry relay <code>{{.RelayID}}</code></h1>
 <div class="sub">version {{.Version}} · up since {{ts .Started}} ({{ago .Started}}) · {{.Requests}} scanner requests, {{.Refused}} refused (4xx), {{.Failed}} failed (5xx)</div>
 <div class="sub">registry: {{.Registry}}{{if .Advertise}} · this replica: <code>{{.Advertise}}</code>{{end}}{{if .RegistryProblem}} · <span class="bad">degraded: {{.RegistryProblem}}</span>{{end}}</div>
-<h2>Tunnels</h2>
+{{range .Certs}}<div class="sub">{{.Listener}} TLS certificate valid until {{ts .NotAfter}} (<span class="{{if .Soon}}bad{{else}}ok{{end}}">{{.DaysLeft}} days left</span>){{if .Problem}} · <span class="bad">renewed files do not load: {{.Problem}}</span>{{end}}</div>
+{{end}}<h2>Tunnels</h2>
 <table><tr><th>tunnel</th><th>state</th><th>agent</th><th>version</th><th>from</th><th>connected</th><th>upstreams</th><th class="num">in flight</th><th class="num">served</th></tr>
 {{range .Tunnels}}{{$t := .}}{{if .Connections}}{{range .Connections}}<tr><td><code>{{$t.ID}}</code></td><td class="ok">online</td><td>{{.AgentID}}</td><td>{{.Version}}</td><td>{{.Remote}}</td><td>{{ago .ConnectedAt}}</td><td>{{range .Upstreams}}<code>{{.}}</code> {{end}}</td><td class="num">{{.InFlight}}</td><td class="num">{{.Served}}</td></tr>
 {{end}}{{else}}<tr><td><code>{{.ID}}</code></td><td class="bad">offline</td><td colspan="7" class="empty">no agent connected: scanners get 503 tunnel_offline</td></tr>
