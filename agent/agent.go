@@ -507,6 +507,7 @@ const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 {{if .RecentDenials}}<table><tr><th>time</th><th>scanner</th><th>request</th><th>rule</th><th>status</th><th>request id</th></tr>
 {{range .RecentDenials}}<tr><td>{{ts .Time}}</td><td>{{.Scanner}}</td><td><code>{{.Method}} {{.Path}}</code></td><td><code>{{.Rule}}</code></td><td class="warn">{{.Status}}</td><td><code>{{.RequestID}}</code></td></tr>
 {{end}}</table>{{else}}<p class="empty">no denials since start</p>{{end}}
+{{with .Audit}}<p>audit log <code>{{.Path}}</code>: {{.Written}} decisions recorded since start{{if .Lost}}, <span class="bad">{{.Lost}} lost</span>{{end}}{{if .LastError}} · <span class="bad">last error {{ts .LastErrorAt}}: {{.LastError}}</span>{{end}}</p>{{end}}
 {{with .Webhooks}}<h2>Webhooks: {{.Accepted}} accepted, {{.Forwarded}} delivered since start</h2>
 <table><tr><th>listen</th><th>signature</th><th class="num">spooled</th><th>oldest</th><th class="num">quarantined</th><th>last delivered</th><th>last error</th></tr>
 <tr><td><code>{{.Listen}}</code></td>{{if .Signed}}<td class="ok">required</td>{{else}}<td class="warn">not checked</td>{{end}}<td class="num">{{.Spool.Spooled}}</td><td>{{if .Spool.Spooled}}{{ago .Spool.Oldest}}{{else}}<span class="empty">empty</span>{{end}}</td>{{if .Spool.Quarantined}}<td class="num bad">{{.Spool.Quarantined}}</td>{{else}}<td class="num">0</td>{{end}}<td>{{ago .LastSent}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr></table>

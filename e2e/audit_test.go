@@ -39,6 +39,9 @@ func TestAuditLogThatCannotBeWritten(t *testing.T) {
 	if st == nil || st.Path != "/dev/full" || st.Lost != 2 || st.Written != 0 || !strings.Contains(st.LastError, "no space left on device") {
 		t.Fatalf("status audit: %+v", st)
 	}
+	if page := getPage(t, "http://"+a.DiagAddr()+"/"); !strings.Contains(page, "2 lost") || !strings.Contains(page, "no space left on device") {
+		t.Errorf("status page does not show the lost decisions")
+	}
 	out, err := exec.Command(agentBin, "status", "--addr", a.DiagAddr()).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "audit:     /dev/full: 0 decisions recorded since start, 2 LOST") ||
 		!strings.Contains(string(out), "no space left on device") {
