@@ -91,7 +91,8 @@ func scannerGET(t *testing.T, client *http.Client, url string) (int, string) {
 // a scanner on one replica reaches the agent on another; an agent death
 // is answered 503 fast; agents behind a load balancer spread over
 // replicas, so one replica restarting leaves the tunnel served; a Redis
-// restart degrades only forwarding, which comes back on its own.
+// restart degrades only forwarding, which comes back on its own, also
+// for a replica started after Redis lost the shared peer secret.
 func TestScaleOutWithRedis(t *testing.T) {
 	relayBin, agentBin := binaries(t)
 	w := newWorld(t)
@@ -215,6 +216,17 @@ func TestScaleOutWithRedis(t *testing.T) {
 	if lLocal.failed.Load() > 0 {
 		t.Errorf("%d requests to the replica holding the agent failed during the Redis restart", lLocal.failed.Load())
 	}
+
+	// 5. Redis came back empty (no persistence here): a replica that
+	// starts now must end up with the same peer secret as the others.
+	if code := c.proc.signal(syscall.SIGTERM); code != 0 {
+		t.Errorf("relay c exited %d", code)
+	}
+	c.start(t, relayBin)
+	waitFor(t, "forwarding via a replica started after Redis lost its data", func() bool {
+		code, _ := scannerGET(t, client, restOn(c))
+		return code == 200
+	})
 
 	agent2.signal(syscall.SIGTERM)
 	for _, rp := range []*replica{a, b, c} {

@@ -138,30 +138,53 @@ func (r *Relay) checkPeer(req *http.Request) bool {
 	return ok && want != "" && subtle.ConstantTimeCompare([]byte(got), []byte(want)) == 1 && req.Header.Get(hdrHop) == "1"
 }
 
-// runRegistry keeps the Redis registry's heartbeat and fetches the shared
-// peer secret until ctx ends.
+// peerSecretCheck is how often a replica compares its peer secret with
+// Redis's.
+const peerSecretCheck = 5 * time.Second
+
+// runRegistry keeps the Redis registry's heartbeat and the shared peer
+// secret until ctx ends. The secret is fetched at start (retried every
+// second while Redis is unreachable), then checked every
+// peerSecretCheck: after Redis lost its data, a replica that started
+// since may have made a new one, and every replica must use the same.
 func (r *Relay) runRegistry(ctx context.Context, red *registry.Redis) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		red.Run(ctx)
 	}()
-	for warned := false; r.cfg.Registry.PeerSecret == nil && r.peerSecret.Load() == nil && ctx.Err() == nil; {
-		s, err := red.PeerSecret(ctx)
-		if err == nil {
+	defer func() { <-done }()
+	if r.cfg.Registry.PeerSecret != nil {
+		return // from a file: nothing to share through Redis
+	}
+	warned := false
+	for ctx.Err() == nil {
+		have := ""
+		if p := r.peerSecret.Load(); p != nil {
+			have = *p
+		}
+		wait := peerSecretCheck
+		s, err := red.PeerSecret(ctx, have)
+		switch {
+		case err != nil && have == "":
+			if !warned {
+				r.log.Warn("cannot get the shared peer secret from redis yet; forwarding between replicas waits for it", "err", err)
+				warned = true
+			}
+			wait = time.Second
+		case err != nil:
+			// Redis is down: the registry reports that; keep the secret.
+		case s != have:
+			if have != "" {
+				r.log.Warn("the peer secret in redis is not the one this replica used (redis lost its data and another replica made a new one); using redis's")
+			}
 			r.peerSecret.Store(&s)
-			break
 		}
-		if !warned {
-			r.log.Warn("cannot get the shared peer secret from redis yet; forwarding between replicas waits for it", "err", err)
-			warned = true
-		}
-		t := time.NewTimer(time.Second)
+		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
 		}
 	}
-	<-done
 }

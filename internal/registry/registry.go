@@ -253,13 +253,20 @@ func (r *Redis) Close() error {
 
 // PeerSecret returns the secret replicas authenticate to each other with
 // when no peer_secret_file is set: created once in Redis by whichever
-// replica comes first, read by the others.
-func (r *Redis) PeerSecret(ctx context.Context) (string, error) {
+// replica comes first, read by the others. have is the secret this
+// replica already uses ("" at start): if Redis lost it (restarted without
+// persistence, flushed), have is put back rather than a new one made, so
+// that the replicas running keep agreeing; if Redis holds another, that
+// one is returned, and the caller adopts it.
+func (r *Redis) PeerSecret(ctx context.Context, have string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	var b [32]byte
-	rand.Read(b[:])
-	if err := r.c.SetNX(ctx, peerSecretKey, hex.EncodeToString(b[:]), 0).Err(); err != nil {
+	if have == "" {
+		var b [32]byte
+		rand.Read(b[:])
+		have = hex.EncodeToString(b[:])
+	}
+	if err := r.c.SetNX(ctx, peerSecretKey, have, 0).Err(); err != nil {
 		r.note(err)
 		return "", fmt.Errorf("create peer secret in redis: %w", err)
 	}

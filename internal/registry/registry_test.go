@@ -104,11 +104,11 @@ func TestRunRefreshesAndCloseRemoves(t *testing.T) {
 func TestProblemWhileRedisIsDownAndSharedSecret(t *testing.T) {
 	red, a, b := newPair(t)
 	ctx := context.Background()
-	sa, err := a.PeerSecret(ctx)
+	sa, err := a.PeerSecret(ctx, "")
 	if err != nil || len(sa) != 64 {
 		t.Fatalf("peer secret: %q %v", sa, err)
 	}
-	if sb, _ := b.PeerSecret(ctx); sb != sa {
+	if sb, _ := b.PeerSecret(ctx, ""); sb != sa {
 		t.Fatal("replicas got different peer secrets")
 	}
 	var changes []string
@@ -125,5 +125,17 @@ func TestProblemWhileRedisIsDownAndSharedSecret(t *testing.T) {
 	}
 	if len(changes) != 2 || changes[0] == "" || changes[1] != "" {
 		t.Fatalf("OnChange calls: %q", changes)
+	}
+	// Redis came back empty: the secret the replicas use is put back, not
+	// replaced, and one starting now gets it too.
+	if s, err := a.PeerSecret(ctx, sa); err != nil || s != sa {
+		t.Fatalf("after Redis lost its data: %q %v, want the running secret back", s, err)
+	}
+	if s, _ := b.PeerSecret(ctx, ""); s != sa {
+		t.Fatal("a replica starting after the loss got another secret")
+	}
+	// Another secret in Redis wins over the one a replica brings.
+	if s, _ := a.PeerSecret(ctx, "stale"); s != sa {
+		t.Fatalf("a replica's stale secret replaced Redis's: %q", s)
 	}
 }
