@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -99,7 +98,9 @@ scanners: [{name: s, token: "`+token.Of("scanner-token").String()+`", tunnels: [
 	}
 
 	// The renewed certificate lands first, its key a moment later.
-	copyFile(t, renewed.CertFile, old.CertFile)
+	if err := testrig.ReplaceFile(renewed.CertFile, old.CertFile); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "the half-written pair reported", func() bool {
 		return strings.Contains(logs.String(), "TLS certificate files do not load; still serving the current certificate")
 	})
@@ -110,7 +111,9 @@ scanners: [{name: s, token: "`+token.Of("scanner-token").String()+`", tunnels: [
 	if n := strings.Count(logs.String(), "do not load"); n != 1 {
 		t.Fatalf("a lasting load error logged %d times, want once", n)
 	}
-	copyFile(t, renewed.KeyFile, old.KeyFile)
+	if err := testrig.ReplaceFile(renewed.KeyFile, old.KeyFile); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "the renewed certificate served", func() bool {
 		return bytes.Equal(servedLeaf(t, r.AgentAddr()), renewed.Cert.Certificate[0])
 	})
@@ -121,20 +124,5 @@ scanners: [{name: s, token: "`+token.Of("scanner-token").String()+`", tunnels: [
 	if !strings.Contains(l, `"msg":"TLS certificate renewed; new connections get it; it expires soon: renew it"`) ||
 		!strings.Contains(l, `"why":"files changed"`) || !strings.Contains(l, `"level":"WARN"`) {
 		t.Fatalf("renewal not logged as expected:\n%s", l)
-	}
-}
-
-func copyFile(t *testing.T, from, to string) {
-	t.Helper()
-	b, err := os.ReadFile(from)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Written beside and renamed over, as renewal tools do.
-	if err := os.WriteFile(to+".new", b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(to+".new", to); err != nil {
-		t.Fatal(err)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
@@ -77,7 +78,7 @@ type Relay struct {
 	replies  sync.Pool
 	stopping atomic.Bool
 	// certCheck: how often the certificate files are looked at for a
-	// renewal (certCheckEvery; tests shorten it).
+	// renewal (certfile.CheckEvery; tests shorten it).
 	certCheck time.Duration
 	// See the constants; tests lower them.
 	retireStreamID, forceRetireStreamID uint32
@@ -100,7 +101,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
-	r.certCheck = certCheckEvery
+	r.certCheck = certfile.CheckEvery
 	r.retireStreamID, r.forceRetireStreamID = retireStreamID, forceRetireStreamID
 	r.copyBuffers = httpx.NewBufferPool(128 << 10)
 	r.proxy = r.newProxy()
@@ -178,7 +179,7 @@ func listen(what, addr string) (net.Listener, error) {
 // serverTLS serves the source's current certificate, so a reload
 // rotates it for new connections.
 func serverTLS(c *certSource) *tls.Config {
-	return &tls.Config{GetCertificate: c.get, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+	return &tls.Config{GetCertificate: c.GetCertificate, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
 }
 
 // SetLevelVar lets Reload change the log level the logger was built with.
@@ -476,12 +477,9 @@ func (r *Relay) pageData() relayPageData {
 func (r *Relay) certInfo() []certInfo {
 	var out []certInfo
 	for _, cs := range r.certSources() {
-		na := cs.notAfter()
-		cs.mu.Lock()
-		problem := cs.failed
-		cs.mu.Unlock()
+		na := cs.NotAfter()
 		left := time.Until(na)
-		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: int(left.Hours() / 24), Soon: left < certExpiryWarning, Problem: problem})
+		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: int(left.Hours() / 24), Soon: left < certExpiryWarning, Problem: cs.Problem()})
 	}
 	return out
 }

@@ -1,17 +1,12 @@
 package relay
 
 import (
-	"bytes"
 	"context"
-	"crypto/tls"
-	"fmt"
 	"log/slog"
-	"os"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
+	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/token"
 )
@@ -101,58 +96,19 @@ func restartOnly(old, next *config.Relay) []string {
 	return kept
 }
 
-// certSource serves a certificate that Reload, or the relay noticing
-// renewed files (watchCerts), can replace.
+// certSource is a listener's certificate, which Reload, or the relay
+// noticing renewed files (watchCerts), can replace.
 type certSource struct {
 	listener string // agent or scanner
-	files    *config.TLSFiles
-	cert     atomic.Pointer[tls.Certificate]
-
-	mu              sync.Mutex // serialises load
-	certPEM, keyPEM []byte     // what cert was made of
-	failed          string     // the last load error logged, so a lasting one is logged once
+	*certfile.Source
 }
 
 func newCertSource(listener string, files *config.TLSFiles) (*certSource, error) {
-	c := &certSource{listener: listener, files: files}
-	_, err := c.load()
-	return c, err
-}
-
-// load reads the files and serves the pair they hold; changed is false
-// when they hold the one already served. On an error the served
-// certificate stays.
-func (c *certSource) load() (changed bool, err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	certPEM, err := os.ReadFile(c.files.CertFile)
+	src, err := certfile.Load(files.CertFile, files.KeyFile)
 	if err != nil {
-		return false, fmt.Errorf("load certificate: %w", err)
+		return nil, err
 	}
-	keyPEM, err := os.ReadFile(c.files.KeyFile)
-	if err != nil {
-		return false, fmt.Errorf("load certificate key: %w", err)
-	}
-	if bytes.Equal(certPEM, c.certPEM) && bytes.Equal(keyPEM, c.keyPEM) {
-		return false, nil
-	}
-	cert, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		return false, fmt.Errorf("load certificate %s: %w", c.files.CertFile, err)
-	}
-	c.cert.Store(&cert)
-	c.certPEM, c.keyPEM = certPEM, keyPEM
-	return true, nil
-}
-
-func (c *certSource) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }
-
-// notAfter is when the served certificate expires.
-func (c *certSource) notAfter() time.Time {
-	if leaf := c.cert.Load().Leaf; leaf != nil {
-		return leaf.NotAfter
-	}
-	return time.Time{}
+	return &certSource{listener: listener, Source: src}, nil
 }
 
 // certExpiryWarning: a certificate expiring sooner is logged as a warning
@@ -162,39 +118,28 @@ const certExpiryWarning = 14 * 24 * time.Hour
 // refreshCert loads cs's files again, logging and counting what changed.
 // why says what asked (reload, files changed).
 func (r *Relay) refreshCert(cs *certSource, why string) {
-	changed, err := cs.load()
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	if err != nil {
-		// A lasting error is logged once: files being renewed may be
-		// read between the certificate and the key, and the next look
-		// finds them whole.
-		if err.Error() != cs.failed {
-			cs.failed = err.Error()
-			r.log.Error("TLS certificate files do not load; still serving the current certificate", "listener", cs.listener, "why", why, "err", err)
-		}
-		return
-	}
-	cs.failed = ""
-	if changed {
+	// A lasting error is logged once (Check): files being renewed may be
+	// read between the certificate and the key, and the next look finds
+	// them whole.
+	renewed, err := cs.Check()
+	switch {
+	case err != nil:
+		r.log.Error("TLS certificate files do not load; still serving the current certificate", "listener", cs.listener, "why", why, "err", err)
+	case renewed:
 		r.noteCert(cs, "TLS certificate renewed; new connections get it", why)
 	}
 }
 
 // noteCert logs the certificate cs serves and sets its expiry metric.
 func (r *Relay) noteCert(cs *certSource, msg, why string) {
-	na := cs.notAfter()
+	na := cs.NotAfter()
 	r.metrics.CertExpiry.WithLabelValues(cs.listener).Set(float64(na.Unix()))
 	level := slog.LevelInfo
 	if time.Until(na) < certExpiryWarning {
 		level, msg = slog.LevelWarn, msg+"; it expires soon: renew it"
 	}
-	r.log.Log(context.Background(), level, msg, "listener", cs.listener, "why", why, "file", cs.files.CertFile, "not_after", na.UTC().Format(time.RFC3339))
+	r.log.Log(context.Background(), level, msg, "listener", cs.listener, "why", why, "file", cs.CertFile, "not_after", na.UTC().Format(time.RFC3339))
 }
-
-// certCheckEvery is how often the relay looks for renewed certificate
-// files (cert-manager, certbot): no SIGHUP needed.
-const certCheckEvery = time.Minute
 
 // watchCerts loads certificate files again whenever they change, until
 // ctx ends.

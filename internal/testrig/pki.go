@@ -106,3 +106,16 @@ func (p *PKI) ServerTLS() *tls.Config {
 func (p *PKI) ClientTLS() *tls.Config {
 	return &tls.Config{RootCAs: p.Pool, MinVersion: tls.VersionTLS12}
 }
+
+// ReplaceFile puts a copy of from at to the way renewal tools do: written
+// beside it, then renamed over it.
+func ReplaceFile(from, to string) error {
+	b, err := os.ReadFile(from)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(to+".new", b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(to+".new", to)
+}
