@@ -511,4 +511,5 @@ const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 {{with .Webhooks}}<h2>Webhooks: {{.Accepted}} accepted, {{.Forwarded}} delivered since start</h2>
 <table><tr><th>listen</th><th>signature</th><th class="num">spooled</th><th>oldest</th><th class="num">quarantined</th><th>last delivered</th><th>last error</th></tr>
 <tr><td><code>{{.Listen}}</code></td>{{if .Signed}}<td class="ok">required</td>{{else}}<td class="warn">not checked</td>{{end}}<td class="num">{{.Spool.Spooled}}</td><td>{{if .Spool.Spooled}}{{ago .Spool.Oldest}}{{else}}<span class="empty">empty</span>{{end}}</td>{{if .Spool.Quarantined}}<td class="num bad">{{.Spool.Quarantined}}</td>{{else}}<td class="num">0</td>{{end}}<td>{{ago .LastSent}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr></table>
+{{with .TLS}}<p>HTTPS; certificate valid until {{ts .NotAfter}}{{if .Problem}} · <span class="bad">renewed files do not load: {{.Problem}}</span>{{end}}</p>{{end}}
 {{range .Spool.RecentQuarantine}}<p class="bad">quarantined {{ts .At}}: <code>{{.File}}</code> — {{.Reason}}</p>{{end}}{{end}}`

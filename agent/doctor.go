@@ -20,6 +20,7 @@ import (
 
 	"github.com/hashicorp/yamux"
 
+	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/spool"
@@ -430,6 +431,7 @@ func doctorWebhooks(d *doctor, w *config.Webhooks) {
 	} else {
 		d.pass("webhook secret", "not set: unsigned deliveries are accepted (set webhooks.secret_file and the same secret in Bitbucket)")
 	}
+	doctorWebhookTLS(d, w)
 	if err := os.MkdirAll(w.SpoolDir, 0o700); err != nil {
 		d.fail("webhook spool", err.Error(), "webhooks.spool_dir must be a directory the agent can create and write (StateDirectory= under systemd)")
 		return
@@ -455,5 +457,24 @@ func doctorWebhooks(d *doctor, w *config.Webhooks) {
 		d.fail("webhook spool", summary, "corrupt spool files were moved to "+filepath.Join(w.SpoolDir, "quarantine")+"; inspect them, then delete them")
 	default:
 		d.pass("webhook spool", "%s", summary)
+	}
+}
+
+// doctorWebhookTLS says how long the webhook listener's certificate lasts.
+func doctorWebhookTLS(d *doctor, w *config.Webhooks) {
+	if w.TLS == nil {
+		return
+	}
+	src, err := certfile.Load(w.TLS.CertFile, w.TLS.KeyFile)
+	if err != nil {
+		d.fail("webhook tls", err.Error(), "webhooks.tls must name a certificate and its key, readable by the agent")
+		return
+	}
+	switch left := time.Until(src.NotAfter()); {
+	case left <= 0:
+		d.fail("webhook tls", fmt.Sprintf("%s expired on %s", w.TLS.CertFile, src.NotAfter().Format(time.DateOnly)),
+			"renew it: Bitbucket refuses to post to an expired certificate (the agent picks renewed files up within a minute)")
+	default:
+		d.pass("webhook tls", "%s valid until %s (%d days left)", w.TLS.CertFile, src.NotAfter().Format(time.DateOnly), int(left.Hours()/24))
 	}
 }

@@ -30,6 +30,9 @@ func (a *Agent) Reload() error {
 	if err := a.audit.Reopen(); err != nil {
 		a.log.Error("audit log could not be reopened; retried at the next decision", "err", err)
 	}
+	if a.webhooks != nil {
+		a.webhooks.checkCert("reload")
+	}
 	old := a.config()
 	next, err := config.LoadAgent(old.File)
 	if err == nil {
@@ -88,7 +91,11 @@ func keepRestartOnly(old, next *config.Agent) []string {
 	keep("audit", old.Audit != next.Audit, func() { next.Audit = old.Audit })
 	ow, nw := old.Webhooks, next.Webhooks
 	ow.Secret, nw.Secret = nil, nil
-	keep("webhooks", ow != nw, func() { next.Webhooks = old.Webhooks })
+	// The certificate files are compared by name: their contents are
+	// re-read on reload, and when they change.
+	sameTLS := (ow.TLS == nil) == (nw.TLS == nil) && (ow.TLS == nil || *ow.TLS == *nw.TLS)
+	ow.TLS, nw.TLS = nil, nil
+	keep("webhooks", ow != nw || !sameTLS, func() { next.Webhooks = old.Webhooks })
 	keep("log.format", old.Log.Format != next.Log.Format, func() { next.Log.Format = old.Log.Format })
 	// The relay connection's HTTP client is built once, at start, with
 	// these (the dial timeout is the upstreams' too; it is kept for both).

@@ -18,6 +18,8 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			Timeouts: config.AgentTimeouts{Dial: 10 * time.Second, TLSHandshake: 10 * time.Second, Upgrade: 10 * time.Second,
 				Keepalive: 15 * time.Second, Idle: 5 * time.Minute},
 			Log: config.Log{Level: "info", Format: "json"},
+			// Parsed anew on every reload: a pointer of its own each time.
+			Webhooks: config.Webhooks{Listen: ":8181", SpoolDir: "/var/lib/ferry/spool", TLS: &config.TLSFiles{CertFile: "hook.pem", KeyFile: "hook.key"}},
 		}
 	}
 	for _, tc := range []struct {
@@ -40,6 +42,8 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			c.Timeouts.Upgrade = 3 * time.Second
 		}, []string{"timeouts.dial", "timeouts.tls_handshake", "timeouts.upgrade"}},
 		{"log format", func(c *config.Agent) { c.Log.Format = "text" }, []string{"log.format"}},
+		{"the webhook listener's certificate files", func(c *config.Agent) { c.Webhooks.TLS.CertFile = "other.pem" }, []string{"webhooks"}},
+		{"the webhook listener without TLS", func(c *config.Agent) { c.Webhooks.TLS = nil }, []string{"webhooks"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			next := base()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
@@ -41,6 +43,7 @@ type webhooks struct {
 	log     *slog.Logger
 	spool   *spool.Spool
 	ln      net.Listener
+	cert    *certfile.Source // nil: plain HTTP
 	metrics *metrics.Agent
 	lanes   []*lane
 	accept  chan struct{} // semaphore, maxConcurrentAccepts
@@ -61,11 +64,20 @@ func openWebhooks(cfg config.Webhooks, log *slog.Logger, m *metrics.Agent) (*web
 	if err != nil {
 		return nil, fmt.Errorf("webhooks.spool_dir %s: %w", cfg.SpoolDir, err)
 	}
+	var cert *certfile.Source
+	if cfg.TLS != nil {
+		if cert, err = certfile.Load(cfg.TLS.CertFile, cfg.TLS.KeyFile); err != nil {
+			return nil, fmt.Errorf("webhooks.tls: %w", err)
+		}
+	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("webhooks.listen %s: %w", cfg.Listen, err)
 	}
-	w := &webhooks{cfg: cfg, log: log, spool: sp, ln: ln, metrics: m, accept: make(chan struct{}, maxConcurrentAccepts)}
+	if cert != nil {
+		ln = tls.NewListener(ln, cert.ServerConfig())
+	}
+	w := &webhooks{cfg: cfg, log: log, spool: sp, ln: ln, cert: cert, metrics: m, accept: make(chan struct{}, maxConcurrentAccepts)}
 	for range cfg.Lanes {
 		w.lanes = append(w.lanes, newLane())
 	}
@@ -256,6 +268,7 @@ func (w *webhooks) noteError(msg string) {
 // WebhookStatus is the webhooks part of /v1/status.
 type WebhookStatus struct {
 	Listen      string      `json:"listen"`
+	TLS         *CertStatus `json:"tls,omitempty"` // nil: plain HTTP
 	Signed      bool        `json:"signature_required"`
 	Accepted    int64       `json:"accepted"`
 	Forwarded   int64       `json:"forwarded"`
@@ -266,6 +279,12 @@ type WebhookStatus struct {
 	OldestAgeS  int64       `json:"oldest_age_seconds"`
 }
 
+// CertStatus is a listener's TLS certificate.
+type CertStatus struct {
+	NotAfter time.Time `json:"not_after"`
+	Problem  string    `json:"problem,omitempty"` // renewed files that do not load
+}
+
 func (w *webhooks) status() *WebhookStatus {
 	st := w.spool.Stats()
 	w.mu.Lock()
@@ -274,6 +293,9 @@ func (w *webhooks) status() *WebhookStatus {
 		LastSent: w.lastSent, LastError: w.lastError, LastErrorAt: w.lastErrorAt, Spool: st}
 	if !st.Oldest.IsZero() {
 		s.OldestAgeS = int64(time.Since(st.Oldest).Seconds())
+	}
+	if w.cert != nil {
+		s.TLS = &CertStatus{NotAfter: w.cert.NotAfter(), Problem: w.cert.Problem()}
 	}
 	return s
 }
@@ -297,7 +319,26 @@ func (w *webhooks) serve(ctx context.Context, a *Agent) {
 			w.runLane(ctx, l, a)
 		}()
 	}
-	w.log.Info("webhook listener started", "listen", w.Addr(), "spool", w.cfg.SpoolDir, "signature_required", w.cfg.Secret != nil)
+	if w.cert != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.NewTicker(certfile.CheckEvery)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					w.checkCert("files changed")
+				}
+			}
+		}()
+	}
+	w.log.Info("webhook listener started", "listen", w.Addr(), "spool", w.cfg.SpoolDir, "signature_required", w.cfg.Secret != nil, "tls", w.cert != nil)
+	if w.cert != nil {
+		w.noteCert("webhook listener's TLS certificate loaded", "start")
+	}
 	if w.cfg.Secret == nil {
 		w.log.Warn("webhooks.secret_file is not set: unsigned webhook deliveries are accepted from anyone who can reach " + w.Addr())
 	}
@@ -308,6 +349,32 @@ func (w *webhooks) serve(ctx context.Context, a *Agent) {
 		srv.Close()
 	}
 	wg.Wait()
+}
+
+// checkCert loads the listener's certificate files again; why says what
+// asked (reload, files changed).
+func (w *webhooks) checkCert(why string) {
+	if w.cert == nil {
+		return
+	}
+	renewed, err := w.cert.Check()
+	switch {
+	case err != nil:
+		w.log.Error("webhook listener's TLS certificate files do not load; still serving the current certificate", "why", why, "err", err)
+	case renewed:
+		w.noteCert("webhook listener's TLS certificate renewed; new connections get it", why)
+	}
+}
+
+// noteCert logs the certificate the listener serves, as a warning when
+// it expires within certfile.ExpiryWarning.
+func (w *webhooks) noteCert(msg, why string) {
+	na := w.cert.NotAfter()
+	level := slog.LevelInfo
+	if time.Until(na) < certfile.ExpiryWarning {
+		level, msg = slog.LevelWarn, msg+"; it expires soon: renew it"
+	}
+	w.log.Log(context.Background(), level, msg, "why", why, "file", w.cert.CertFile, "not_after", na.UTC().Format(time.RFC3339))
 }
 
 // lane is an in-order queue of spooled entries.

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -423,5 +424,77 @@ func TestAgentShutdownLetsWebhookDeliveriesFinish(t *testing.T) {
 	}
 	if n := len(h.target.All()); n != 1 {
 		t.Fatalf("target got %d POSTs, want the delivery once", n)
+	}
+}
+
+// TestWebhookListenerOverTLS: with webhooks.tls Bitbucket posts over
+// HTTPS, plain HTTP is refused, status and doctor show the certificate,
+// and a reload serves renewed files.
+func TestWebhookListenerOverTLS(t *testing.T) {
+	w := newWebhookWorld(t)
+	y := w.relayConfig("127.0.0.1:0", "127.0.0.1:0")
+	w.write("relay.yaml", y)
+	r, rrun := w.startRelayYAML(y)
+	defer rrun.shutdown(t)
+	// Files of its own (the relay serves the world's), renewed below.
+	hookCert, hookKey := filepath.Join(w.dir, "hook-cert.pem"), filepath.Join(w.dir, "hook-key.pem")
+	for from, to := range map[string]string{w.pki.CertFile: hookCert, w.pki.KeyFile: hookKey} {
+		if err := testrig.ReplaceFile(from, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tlsCfg := fmt.Sprintf(", tls: {cert_file: %s, key_file: %s}", hookCert, hookKey)
+	agentYAML := w.agentConfig(r.AgentAddr(), tlsCfg)
+	w.write("agent.yaml", agentYAML)
+	a, arun := w.startAgentYAML(agentYAML)
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+
+	https := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: w.pki.Pool}}}
+	defer https.CloseIdleConnections()
+	body := testrig.RefsChangedPayload("PROJ", "app", 1)
+	resp, err := https.Do(testrig.WebhookPost("https://"+w.hookAddr+"/bitbucket", "repo:refs_changed", webhookSecret, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("delivery over HTTPS: %d", resp.StatusCode)
+	}
+	w.waitDelivered(t, 1)
+	if code, _ := w.post(t, "repo:refs_changed", webhookSecret, body); code == http.StatusAccepted {
+		t.Fatal("a plain HTTP delivery was accepted by an HTTPS listener")
+	}
+	st := a.Status().Webhooks.TLS
+	if st == nil || !st.NotAfter.Equal(w.pki.Cert.Leaf.NotAfter) || st.Problem != "" {
+		t.Fatalf("status TLS: %+v", st)
+	}
+	if page := getPage(t, "http://"+a.DiagAddr()+"/"); !strings.Contains(page, "HTTPS; certificate valid until") {
+		t.Error("status page does not show the webhook listener's certificate")
+	}
+	if ok, out := runDoctor(t, w.world, agentYAML); !strings.HasPrefix(line(out, "webhook tls"), "✓") || !strings.Contains(line(out, "webhook tls"), "days left") {
+		t.Errorf("doctor (ok %v):\n%s", ok, out)
+	}
+
+	// Renewed files, picked up by a reload (or within a minute without).
+	renewed, err := testrig.NewPKIFor(t.TempDir(), 60*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for from, to := range map[string]string{renewed.CertFile: hookCert, renewed.KeyFile: hookKey} {
+		if err := testrig.ReplaceFile(from, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := tls.Dial("tcp", w.hookAddr, &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !bytes.Equal(c.ConnectionState().PeerCertificates[0].Raw, renewed.Cert.Certificate[0]) {
+		t.Fatal("the renewed certificate is not served after a reload")
 	}
 }

@@ -461,7 +461,7 @@ type certInfo struct {
 	Listener string
 	NotAfter time.Time
 	DaysLeft int
-	Soon     bool   // under certExpiryWarning left
+	Soon     bool   // under certfile.ExpiryWarning left
 	Problem  string // renewed files that do not load
 }
 
@@ -479,7 +479,7 @@ func (r *Relay) certInfo() []certInfo {
 	for _, cs := range r.certSources() {
 		na := cs.NotAfter()
 		left := time.Until(na)
-		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: int(left.Hours() / 24), Soon: left < certExpiryWarning, Problem: cs.Problem()})
+		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: int(left.Hours() / 24), Soon: left < certfile.ExpiryWarning, Problem: cs.Problem()})
 	}
 	return out
 }

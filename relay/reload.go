@@ -111,10 +111,6 @@ func newCertSource(listener string, files *config.TLSFiles) (*certSource, error)
 	return &certSource{listener: listener, Source: src}, nil
 }
 
-// certExpiryWarning: a certificate expiring sooner is logged as a warning
-// when loaded.
-const certExpiryWarning = 14 * 24 * time.Hour
-
 // refreshCert loads cs's files again, logging and counting what changed.
 // why says what asked (reload, files changed).
 func (r *Relay) refreshCert(cs *certSource, why string) {
@@ -135,7 +131,7 @@ func (r *Relay) noteCert(cs *certSource, msg, why string) {
 	na := cs.NotAfter()
 	r.metrics.CertExpiry.WithLabelValues(cs.listener).Set(float64(na.Unix()))
 	level := slog.LevelInfo
-	if time.Until(na) < certExpiryWarning {
+	if time.Until(na) < certfile.ExpiryWarning {
 		level, msg = slog.LevelWarn, msg+"; it expires soon: renew it"
 	}
 	r.log.Log(context.Background(), level, msg, "listener", cs.listener, "why", why, "file", cs.CertFile, "not_after", na.UTC().Format(time.RFC3339))

@@ -84,7 +84,18 @@ func status(args []string, stdout, stderr io.Writer) error {
 		if !wh.Signed {
 			sig = "unsigned accepted"
 		}
-		fmt.Fprintf(stdout, "webhooks:  listening on %s (%s); %d accepted, %d delivered since start\n", wh.Listen, sig, wh.Accepted, wh.Forwarded)
+		scheme := "http"
+		if wh.TLS != nil {
+			scheme = "https"
+		}
+		fmt.Fprintf(stdout, "webhooks:  listening on %s://%s (%s); %d accepted, %d delivered since start\n", scheme, wh.Listen, sig, wh.Accepted, wh.Forwarded)
+		if c := wh.TLS; c != nil {
+			line := fmt.Sprintf("  TLS certificate valid until %s (%d days left)", c.NotAfter.Format(time.RFC3339), int(time.Until(c.NotAfter).Hours()/24))
+			if c.Problem != "" {
+				line += "; RENEWED FILES DO NOT LOAD: " + c.Problem
+			}
+			fmt.Fprintln(stdout, line)
+		}
 		line := fmt.Sprintf("  spool %s: %d waiting (%d bytes)", wh.Spool.Dir, wh.Spool.Spooled, wh.Spool.Bytes)
 		if wh.Spool.Spooled > 0 {
 			line += fmt.Sprintf(", oldest %s old", (time.Duration(wh.OldestAgeS) * time.Second).String())

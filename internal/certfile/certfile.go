@@ -111,3 +111,7 @@ func (s *Source) ServerConfig() *tls.Config {
 // CheckEvery is how often the daemons look at certificate files for a
 // renewal.
 const CheckEvery = time.Minute
+
+// ExpiryWarning: a certificate loaded with less than this left is logged
+// as a warning (and shown in red).
+const ExpiryWarning = 14 * 24 * time.Hour

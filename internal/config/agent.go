@@ -111,6 +111,9 @@ type Webhooks struct {
 	SpoolMaxMB    int    `yaml:"spool_max_mb"`         // all spooled deliveries (default 1024)
 	SpoolMaxCount int    `yaml:"spool_max_deliveries"` // default 100000
 	Lanes         int    `yaml:"lanes"`                // deliveries forwarded in parallel; one repository always uses the same lane (default 4)
+	// TLS, if set, makes the listener HTTPS: Bitbucket posts to
+	// https://agent:port/. Renewed files are picked up within a minute.
+	TLS *TLSFiles `yaml:"tls"`
 
 	Secret secret.Source `yaml:"-"`
 }
@@ -348,4 +351,7 @@ func (w *Webhooks) validate(v *validator) {
 	v.count("webhooks.spool_max_mb", &w.SpoolMaxMB, 1024, 1<<20)
 	v.count("webhooks.spool_max_deliveries", &w.SpoolMaxCount, 100000, 10_000_000)
 	v.count("webhooks.lanes", &w.Lanes, 4, 16) // the relay serves 16 deliveries at once per connection
+	if w.TLS != nil {
+		checkTLSFiles(v, "webhooks.tls", w.TLS)
+	}
 }

@@ -161,6 +161,8 @@ func TestAgentErrors(t *testing.T) {
 		{"unknown", strings.Replace(base, "profile:", "profle:", 1), []string{"agent.yaml:8", "profle", "unknown field"}},
 		{"webhooks no listen", base + "webhooks: {spool_dir: /tmp/x}\n", []string{"webhooks.listen", "required"}},
 		{"webhooks no spool", base + "webhooks: {listen: \":8181\"}\n", []string{"webhooks.spool_dir", "persistent"}},
+		{"webhooks tls without key", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, tls: {cert_file: /etc/hostname}}\n", []string{"webhooks.tls", "both cert_file and key_file"}},
+		{"webhooks tls unloadable", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, tls: {cert_file: /etc/hostname, key_file: /etc/hostname}}\n", []string{"webhooks.tls", "cannot load certificate"}},
 		{"webhooks secret", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, secret_file: /nonexistent/s}\n", []string{"webhooks.secret_file"}},
 		{"webhooks lanes", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, lanes: 100}\n", []string{"webhooks.lanes", "1-16"}},
 	}

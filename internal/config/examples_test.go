@@ -32,11 +32,12 @@ func TestExampleConfigsParse(t *testing.T) {
 	a = strings.ReplaceAll(a, "\n#webhooks:", "\nwebhooks:")
 	a = strings.ReplaceAll(a, "\n#  ", "\n  ")
 	a = strings.Replace(a, "/var/lib/ferry/spool", filepath.Join(dir, "spool"), 1)
+	a = strings.NewReplacer("/etc/ferry/hook.pem", cert, "/etc/ferry/hook.key", key).Replace(a)
 	cfg, err := ParseAgent("agent.example.yaml", []byte(a))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !cfg.Webhooks.Enabled() || cfg.Webhooks.Secret == nil || cfg.Webhooks.Lanes != 4 {
+	if !cfg.Webhooks.Enabled() || cfg.Webhooks.Secret == nil || cfg.Webhooks.Lanes != 4 || cfg.Webhooks.TLS == nil {
 		t.Fatalf("the commented webhooks example did not parse as written: %+v", cfg.Webhooks)
 	}
 }
