@@ -37,12 +37,18 @@ type fakeRelay struct {
 
 func startFakeRelay(t *testing.T) *fakeRelay {
 	f := &fakeRelay{sessions: make(chan *yamux.Session, 4)}
+	f.srv, f.addr = serveFakeRelay(t, func(_ *yamux.Stream, sess *yamux.Session) { f.sessions <- sess })
+	return f
+}
+
+// serveFakeRelay welcomes every agent that says hello, then calls
+// welcomed and holds the connection until the agent closes it.
+func serveFakeRelay(t *testing.T, welcomed func(ctrl *yamux.Stream, sess *yamux.Session)) (*http.Server, string) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.addr = ln.Addr().String()
-	f.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
 		if err != nil {
 			return
@@ -62,11 +68,11 @@ func startFakeRelay(t *testing.T) *fakeRelay {
 			return
 		}
 		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: "liar", Tunnel: "t", ConnectionID: "c1"})
-		f.sessions <- sess
+		welcomed(ctrl, sess)
 		<-sess.CloseChan()
 	})}
-	go f.srv.Serve(ln)
-	return f
+	go srv.Serve(ln)
+	return srv, ln.Addr().String()
 }
 
 // exchange opens a stream, writes raw, and returns the HTTP response (or
@@ -268,38 +274,10 @@ diagnostics: {listen: "127.0.0.1:0"}
 // reconnects (a rebalance asks up to 3 times), the agent backs off.
 func TestRelayThatAlwaysSaysGoAwayGetsBackoff(t *testing.T) {
 	var dials atomic.Int32
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv, addr := serveFakeRelay(t, func(ctrl *yamux.Stream, _ *yamux.Session) {
 		dials.Add(1)
-		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{proto.Subprotocol}})
-		if err != nil {
-			return
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		sess, _ := yamux.Server(proto.WebSocketConn(ctx, ws, nil), proto.YamuxConfig(logging.Discard(), 15*time.Second, proto.RelayStreamWindow))
-		defer sess.Close()
-		ctrl, err := sess.AcceptStream()
-		if err != nil {
-			return
-		}
-		if _, err := proto.ReadHeader(ctrl); err != nil {
-			return
-		}
-		if _, err := proto.ReadMessage(ctrl); err != nil {
-			return
-		}
-		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: "rude", Tunnel: "t", ConnectionID: "c"})
 		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgGoAway, Reason: "go away"})
-		select {
-		case <-sess.CloseChan():
-		case <-time.After(5 * time.Second):
-		}
-	})}
-	go srv.Serve(ln)
+	})
 	defer srv.Close()
 
 	dir := t.TempDir()
@@ -309,7 +287,7 @@ func TestRelayThatAlwaysSaysGoAwayGetsBackoff(t *testing.T) {
 upstreams:
   - {name: bitbucket, url: "http://127.0.0.1:1", auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
 diagnostics: {listen: "127.0.0.1:0"}
-`, ln.Addr(), filepath.Join(dir, "tok"), filepath.Join(dir, "pat"))))
+`, addr, filepath.Join(dir, "tok"), filepath.Join(dir, "pat"))))
 	if err != nil {
 		t.Fatal(err)
 	}

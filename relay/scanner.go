@@ -134,7 +134,7 @@ func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 
 // A connection that has opened a stream with id retireStreamID is asked
 // to go away. yamux's stream ids are 32 bits and never reused: a
-// connection that carried a stream a request for months (2^31 of them at
+// connection that opened a stream per request for months (2^31 of them at
 // most) would refuse every new stream. The agent dials a fresh one at
 // once; this one finishes its streams. It is asked once another
 // connection of the tunnel takes requests, so that none are refused
