@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/httperr"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
 
 var (
@@ -268,5 +269,35 @@ func TestRelayTokenCommand(t *testing.T) {
 		if out, err := exec.Command(bin, "version").Output(); err != nil || !strings.HasPrefix(string(out), filepath.Base(bin)+" ") {
 			t.Errorf("%s version: %q %v", bin, out, err)
 		}
+	}
+}
+
+// TestRelayCheckCommand: `ferry-relay check` validates a config as the
+// relay would at start, without starting: exit 0 and a summary, exit 2
+// and the one-line error for a bad file, exit 1 for an expired
+// certificate.
+func TestRelayCheckCommand(t *testing.T) {
+	relayBin, _ := binaries(t)
+	w := newWorld(t)
+	good := w.write("relay.yaml", w.relayYAML(":0"))
+	out, err := exec.Command(relayBin, "check", "--config", good).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), good+": ok") || !strings.Contains(string(out), "2 tunnels, 2 scanners; registry memory") ||
+		!strings.Contains(string(out), "agent certificate "+w.pki.CertFile+" valid until") {
+		t.Fatalf("check of a good config: %v\n%s", err, out)
+	}
+	bad := w.write("bad.yaml", strings.Replace(w.relayYAML(":0"), "scanner_listen", "scanner_lisen", 1))
+	out, err = exec.Command(relayBin, "check", "--config", bad).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "scanner_lisen") || strings.Count(strings.TrimSpace(string(out)), "\n") != 0 {
+		t.Fatalf("check of a bad config: %v\n%s", err, out)
+	}
+	expired, err := testrig.NewPKIFor(t.TempDir(), -30*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := w.write("old.yaml", strings.NewReplacer(w.pki.CertFile, expired.CertFile, w.pki.KeyFile, expired.KeyFile).Replace(w.relayYAML(":0")))
+	out, err = exec.Command(relayBin, "check", "--config", old).CombinedOutput()
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "EXPIRED") || !strings.Contains(string(out), "expired on") {
+		t.Fatalf("check with an expired certificate: %v\n%s", err, out)
 	}
 }

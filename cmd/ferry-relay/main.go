@@ -17,9 +17,10 @@ import (
 )
 
 const usage = `usage:
-  ferry-relay --config FILE   run the relay
-  ferry-relay token           print a new token and its sha256 form for the config
-  ferry-relay version         print the version`
+  ferry-relay --config FILE         run the relay
+  ferry-relay check --config FILE   validate a config (exit 2 if it is bad) and say what it holds
+  ferry-relay token                 print a new token and its sha256 form for the config
+  ferry-relay version               print the version`
 
 func main() { cli.Exit("ferry-relay", run(os.Args[1:], os.Stdout, os.Stderr)) }
 
@@ -34,6 +35,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintln(stdout, t)
 			fmt.Fprintln(stdout, token.Of(t).String())
 			return nil
+		case "check":
+			return check(args[1:], stdout, stderr)
 		case "version":
 			fmt.Fprintf(stdout, "ferry-relay %s (%s)\n", version.Version, version.Commit())
 			return nil
