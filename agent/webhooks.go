@@ -366,13 +366,13 @@ func (w *webhooks) checkCert(why string) {
 	}
 }
 
-// noteCert logs the certificate the listener serves, as a warning when
-// it expires within certfile.ExpiryWarning.
+// noteCert logs the certificate the listener serves, louder as it nears
+// its end (certfile.Source.Urgency).
 func (w *webhooks) noteCert(msg, why string) {
 	na := w.cert.NotAfter()
-	level := slog.LevelInfo
-	if time.Until(na) < certfile.ExpiryWarning {
-		level, msg = slog.LevelWarn, msg+"; it expires soon: renew it"
+	level, advice := w.cert.Urgency()
+	if advice != "" {
+		msg += "; " + advice
 	}
 	w.log.Log(context.Background(), level, msg, "why", why, "file", w.cert.CertFile, "not_after", na.UTC().Format(time.RFC3339))
 }

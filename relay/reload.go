@@ -130,9 +130,9 @@ func (r *Relay) refreshCert(cs *certSource, why string) {
 func (r *Relay) noteCert(cs *certSource, msg, why string) {
 	na := cs.NotAfter()
 	r.metrics.CertExpiry.WithLabelValues(cs.listener).Set(float64(na.Unix()))
-	level := slog.LevelInfo
-	if time.Until(na) < certfile.ExpiryWarning {
-		level, msg = slog.LevelWarn, msg+"; it expires soon: renew it"
+	level, advice := cs.Urgency()
+	if advice != "" {
+		msg += "; " + advice
 	}
 	r.log.Log(context.Background(), level, msg, "listener", cs.listener, "why", why, "file", cs.CertFile, "not_after", na.UTC().Format(time.RFC3339))
 }

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -115,3 +116,15 @@ const CheckEvery = time.Minute
 // ExpiryWarning: a certificate loaded with less than this left is logged
 // as a warning (and shown in red).
 const ExpiryWarning = 14 * 24 * time.Hour
+
+// Urgency is how a log line about the served certificate should read:
+// info while it has ExpiryWarning left, else a warning, with what to do.
+func (s *Source) Urgency() (level slog.Level, advice string) {
+	switch left := time.Until(s.NotAfter()); {
+	case left <= 0:
+		return slog.LevelError, "it has EXPIRED: clients refuse it; renew it"
+	case left < ExpiryWarning:
+		return slog.LevelWarn, "it expires soon: renew it"
+	}
+	return slog.LevelInfo, ""
+}

@@ -2,6 +2,7 @@ package certfile
 
 import (
 	"bytes"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
@@ -67,5 +68,29 @@ func TestRenewalAndHalfRenewedFiles(t *testing.T) {
 	}
 	if _, err := Load(old.CertFile, old.KeyFile); err == nil {
 		t.Fatal("Load took a pair without its key")
+	}
+}
+
+func TestUrgency(t *testing.T) {
+	for _, c := range []struct {
+		validity time.Duration
+		level    slog.Level
+		advice   string
+	}{
+		{90 * 24 * time.Hour, slog.LevelInfo, ""},
+		{10 * 24 * time.Hour, slog.LevelWarn, "expires soon"},
+		{-30 * time.Minute, slog.LevelError, "EXPIRED"},
+	} {
+		pki, err := testrig.NewPKIFor(t.TempDir(), c.validity)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := Load(pki.CertFile, pki.KeyFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if level, advice := s.Urgency(); level != c.level || !strings.Contains(advice, c.advice) {
+			t.Errorf("valid for %v: %v %q, want %v %q", c.validity, level, advice, c.level, c.advice)
+		}
 	}
 }
