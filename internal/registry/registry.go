@@ -83,7 +83,23 @@ type Redis struct {
 	// OnChange, if set, is called with the new Problem() when the
 	// registry goes from working to failing or back.
 	OnChange func(problem string)
+
+	// Entries expire by Redis's clock, not each replica's: a replica
+	// whose clock is off by more than the ttl would otherwise find every
+	// other replica's entries expired (and forward nothing), or keep a
+	// dead one's. skew is Redis's time minus ours, in nanoseconds, taken
+	// at every sync; clock is time.Now (tests move it).
+	skew       atomic.Int64
+	skewWarned bool // owned by sync
+	clock      func() time.Time
 }
+
+// maxQuietSkew: a larger difference between this replica's clock and
+// Redis's is logged (once), as other things on the host may suffer too.
+const maxQuietSkew = 5 * time.Second
+
+// now is the time by Redis's clock, as last measured.
+func (r *Redis) now() time.Time { return r.clock().Add(time.Duration(r.skew.Load())) }
 
 // NewRedis connects lazily to url (redis://[user:pass@]host:port/db); self
 // is this replica's advertise URL.
@@ -96,7 +112,8 @@ func NewRedis(url, self string, log *slog.Logger) (*Redis, error) {
 	opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout = opTimeout, opTimeout, opTimeout
 	opt.MaxRetries = 1
 	opt.PoolSize = 16
-	r := &Redis{c: redis.NewClient(opt), self: self, ttl: defaultTTL, log: log, held: map[string]bool{}, released: map[string]bool{}, kick: make(chan struct{}, 1)}
+	r := &Redis{c: redis.NewClient(opt), self: self, ttl: defaultTTL, log: log, held: map[string]bool{}, released: map[string]bool{}, kick: make(chan struct{}, 1),
+		clock: time.Now}
 	p := "not contacted yet"
 	r.problem.Store(&p)
 	return r, nil
@@ -155,7 +172,7 @@ func (r *Redis) wake() {
 func (r *Redis) Owners(ctx context.Context, tunnel string) ([]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	now := strconv.FormatInt(r.now().UnixMilli(), 10)
 	urls, err := r.c.ZRangeArgs(ctx, redis.ZRangeArgs{Key: tunnelKey(tunnel), ByScore: true, Start: "(" + now, Stop: "+inf"}).Result()
 	r.note(err)
 	if err != nil {
@@ -168,7 +185,7 @@ func (r *Redis) Owners(ctx context.Context, tunnel string) ([]string, error) {
 func (r *Redis) Replicas(ctx context.Context) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	now := strconv.FormatInt(r.now().UnixMilli(), 10)
 	n, err := r.c.ZCount(ctx, replicasKey, "("+now, "+inf").Result()
 	r.note(err)
 	return int(n), err
@@ -183,8 +200,11 @@ func (r *Redis) sync(ctx context.Context) error {
 	clear(r.released)
 	r.mu.Unlock()
 
-	until := float64(time.Now().Add(r.ttl).UnixMilli())
-	now := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	if err := r.measureSkew(ctx); err != nil {
+		return err
+	}
+	until := float64(r.now().Add(r.ttl).UnixMilli())
+	now := strconv.FormatInt(r.now().UnixMilli(), 10)
 	_, err := r.c.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, t := range released {
 			p.ZRem(ctx, tunnelKey(t), r.self)
@@ -210,6 +230,26 @@ func (r *Redis) sync(ctx context.Context) error {
 		r.mu.Unlock()
 	}
 	return err
+}
+
+// measureSkew asks Redis for its time and keeps the difference from ours
+// (taken at the middle of the round trip).
+func (r *Redis) measureSkew(ctx context.Context) error {
+	sent := r.clock()
+	theirs, err := r.c.Time(ctx).Result()
+	if err != nil {
+		return err
+	}
+	mid := sent.Add(r.clock().Sub(sent) / 2)
+	skew := theirs.Sub(mid)
+	r.skew.Store(int64(skew))
+	if large := skew > maxQuietSkew || skew < -maxQuietSkew; large && !r.skewWarned {
+		r.skewWarned = true
+		r.log.Warn("this host's clock differs from redis's; the registry uses redis's time (check NTP on this host)", "redis_minus_local", skew.Round(time.Millisecond).String())
+	} else if !large {
+		r.skewWarned = false
+	}
+	return nil
 }
 
 // Run keeps Redis in step with this replica until ctx ends: at once after

@@ -4,6 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -138,4 +140,49 @@ func TestProblemWhileRedisIsDownAndSharedSecret(t *testing.T) {
 	if s, _ := a.PeerSecret(ctx, "stale"); s != sa {
 		t.Fatalf("a replica's stale secret replaced Redis's: %q", s)
 	}
+}
+
+// Entries expire by Redis's clock: a replica whose clock is a minute
+// behind (or ahead) still finds the others' entries, and they its own.
+func TestClockSkewBetweenReplicas(t *testing.T) {
+	_, a, b := newPair(t)
+	ctx := context.Background()
+	var logs syncLog
+	a.log = slog.New(slog.NewTextHandler(&logs, nil))
+	a.clock = func() time.Time { return time.Now().Add(-time.Minute) }
+	b.clock = func() time.Time { return time.Now().Add(time.Minute) }
+	running(t, a)
+	running(t, b)
+	a.Hold("behind")
+	b.Hold("ahead")
+	eventually(t, "each replica sees the other's tunnel", func() bool {
+		fromB, err1 := b.Owners(ctx, "behind")
+		fromA, err2 := a.Owners(ctx, "ahead")
+		return err1 == nil && err2 == nil && slices.Equal(fromB, []string{a.self}) && slices.Equal(fromA, []string{b.self})
+	})
+	if n, err := a.Replicas(ctx); err != nil || n != 2 {
+		t.Fatalf("replicas seen from the one behind: %d %v", n, err)
+	}
+	if !strings.Contains(logs.String(), "clock differs from redis") {
+		t.Errorf("a minute of skew was not logged:\n%s", logs.String())
+	}
+}
+
+// syncLog is a log destination written by Run's goroutine and read by
+// the test.
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
