@@ -54,8 +54,10 @@ const rotateRetry = time.Minute
 // Log appends entries. A nil *Log records nothing.
 type Log struct {
 	opts Options
-	// openFile is os.OpenFile's append-and-create; tests make it fail.
-	openFile func(name string) (*os.File, error)
+	// openFile is os.OpenFile's append-and-create, moveAside the rename
+	// that starts a rotation; tests make them fail.
+	openFile  func(name string) (*os.File, error)
+	moveAside func(from, to string) error
 
 	mu          sync.Mutex
 	w           io.Writer // nil while the file could not be opened: tried again at the next line
@@ -73,7 +75,7 @@ func Open(o Options) (*Log, error) {
 	if o.Path == "" {
 		return nil, nil
 	}
-	l := &Log{opts: o, state: State{Path: o.Path}, openFile: func(name string) (*os.File, error) {
+	l := &Log{opts: o, state: State{Path: o.Path}, moveAside: os.Rename, openFile: func(name string) (*os.File, error) {
 		return os.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 	}}
 	if o.Path == "-" {
@@ -176,11 +178,13 @@ func (l *Log) write(b []byte) error {
 
 // rotate shifts path.(N-1) → path.N … path → path.1 and opens a new
 // path. The current file is moved aside first: if that fails, nothing has
-// been shifted and the current file stays open.
+// been shifted and the current file stays open. The name it is moved to
+// is new each time, so a file left there by a crash mid-rotation is never
+// overwritten.
 func (l *Log) rotate() error {
 	p := l.opts.Path
-	aside := p + ".rotating"
-	if err := os.Rename(p, aside); err != nil && !errors.Is(err, os.ErrNotExist) {
+	aside := fmt.Sprintf("%s.rotating-%d", p, time.Now().UnixNano())
+	if err := l.moveAside(p, aside); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("rotate audit log: %w", err)
 	}
 	l.f.Close()

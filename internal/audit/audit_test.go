@@ -209,10 +209,7 @@ func TestFailedRotationKeepsWriting(t *testing.T) {
 	defer l.Close()
 	l.Record(Entry{RequestID: "a"})
 	l.Record(Entry{RequestID: "b"})
-	// A non-empty directory where the file would be moved aside.
-	if err := os.MkdirAll(filepath.Join(p+".rotating", "x"), 0o700); err != nil {
-		t.Fatal(err)
-	}
+	l.moveAside = func(string, string) error { return syscall.EROFS }
 	for _, id := range []string{"c", "d"} {
 		if err := l.Record(Entry{RequestID: id}); err != nil {
 			t.Fatalf("line %s lost to a failed rotation: %v", id, err)
@@ -224,7 +221,7 @@ func TestFailedRotationKeepsWriting(t *testing.T) {
 	if st := l.State(); st.Lost != 0 || !strings.Contains(st.LastError, "rotate audit log") {
 		t.Fatalf("state %+v", st)
 	}
-	os.RemoveAll(p + ".rotating")
+	l.moveAside = os.Rename
 	l.rotateAfter = time.Time{}
 	l.Record(Entry{RequestID: "e"})
 	if ids, _ := readLines(t, p+".1"); fmt.Sprint(ids) != "[a b c d]" {
@@ -232,6 +229,9 @@ func TestFailedRotationKeepsWriting(t *testing.T) {
 	}
 	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[e]" {
 		t.Fatalf("%s holds %v", p, ids)
+	}
+	if left, _ := filepath.Glob(p + ".rotating-*"); len(left) != 0 {
+		t.Fatalf("rotation left %v behind", left)
 	}
 }
 
