@@ -75,6 +75,22 @@ func serveFakeRelay(t *testing.T, welcomed func(ctrl *yamux.Stream, sess *yamux.
 	return srv, ln.Addr().String()
 }
 
+// serveAgent runs an agent on cfg until stop is called.
+func serveAgent(t *testing.T, cfg *config.Agent) (a *Agent, stop func()) {
+	t.Helper()
+	a, err := New(cfg, logging.Discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ctx) }()
+	return a, func() { cancel(); <-done }
+}
+
 // exchange opens a stream, writes raw, and returns the HTTP response (or
 // nil if the agent closed the stream without one).
 func exchange(t *testing.T, sess *yamux.Session, raw []byte) *http.Response {
@@ -154,17 +170,8 @@ diagnostics: {listen: "127.0.0.1:0"}
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := New(cfg, logging.Discard())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	a, stop := serveAgent(t, cfg)
+	defer stop()
 	sess := <-relay.sessions
 	// The agent's own credential check talks to Bitbucket once at start;
 	// count what arrives after it.
@@ -291,21 +298,11 @@ diagnostics: {listen: "127.0.0.1:0"}
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := New(cfg, logging.Discard())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Serve(ctx) }()
+	_, stop := serveAgent(t, cfg)
 	// In 1.5 s: 1 + 3 at once, then waits of 250-500 ms and 500-1000 ms:
 	// at most 6 dials. A tight loop makes hundreds.
 	time.Sleep(1500 * time.Millisecond)
-	cancel()
-	<-done
+	stop()
 	if n := dials.Load(); n < 2 || n > 6 {
 		t.Fatalf("%d dials in 1.5 s of goaways; want reconnects, the first ones at once, then backoff", n)
 	}

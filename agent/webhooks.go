@@ -323,16 +323,7 @@ func (w *webhooks) serve(ctx context.Context, a *Agent) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			t := time.NewTicker(certfile.CheckEvery)
-			defer t.Stop()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case <-t.C:
-					w.checkCert("files changed")
-				}
-			}
+			certfile.Watch(ctx, certfile.CheckEvery, func() { w.checkCert("files changed") })
 		}()
 	}
 	w.log.Info("webhook listener started", "listen", w.Addr(), "spool", w.cfg.SpoolDir, "signature_required", w.cfg.Secret != nil, "tls", w.cert != nil)

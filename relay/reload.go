@@ -140,18 +140,11 @@ func (r *Relay) noteCert(cs *certSource, msg, why string) {
 // watchCerts loads certificate files again whenever they change, until
 // ctx ends.
 func (r *Relay) watchCerts(ctx context.Context, every time.Duration) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			for _, cs := range r.certSources() {
-				r.refreshCert(cs, "files changed")
-			}
+	certfile.Watch(ctx, every, func() {
+		for _, cs := range r.certSources() {
+			r.refreshCert(cs, "files changed")
 		}
-	}
+	})
 }
 
 func (r *Relay) certSources() []*certSource {

@@ -5,6 +5,7 @@ package certfile
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"log/slog"
@@ -112,6 +113,21 @@ func (s *Source) ServerConfig() *tls.Config {
 // CheckEvery is how often the daemons look at certificate files for a
 // renewal.
 const CheckEvery = time.Minute
+
+// Watch calls check every interval until ctx ends: the loop each daemon
+// runs over its certificates (check calls Check and logs what it finds).
+func Watch(ctx context.Context, every time.Duration, check func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			check()
+		}
+	}
+}
 
 // ExpiryWarning: a certificate loaded with less than this left is logged
 // as a warning (and shown in red).
