@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,24 +16,6 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/testrig"
 	"github.com/ferry-tunnel/ferry/internal/token"
 )
-
-// syncBuffer is a log destination tests read while the relay writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // servedLeaf is the certificate a TLS handshake with addr presents.
 func servedLeaf(t *testing.T, addr string) []byte {
@@ -71,7 +52,7 @@ scanners: [{name: s, token: "`+token.Of("scanner-token").String()+`", tunnels: [
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs testrig.LogBuffer
 	r, err := New(cfg, slog.New(slog.NewJSONHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -147,7 +146,7 @@ func TestProblemWhileRedisIsDownAndSharedSecret(t *testing.T) {
 func TestClockSkewBetweenReplicas(t *testing.T) {
 	_, a, b := newPair(t)
 	ctx := context.Background()
-	var logs syncLog
+	var logs testrig.LogBuffer
 	a.log = slog.New(slog.NewTextHandler(&logs, nil))
 	a.clock = func() time.Time { return time.Now().Add(-time.Minute) }
 	b.clock = func() time.Time { return time.Now().Add(time.Minute) }
@@ -166,23 +165,4 @@ func TestClockSkewBetweenReplicas(t *testing.T) {
 	if !strings.Contains(logs.String(), "clock differs from redis") {
 		t.Errorf("a minute of skew was not logged:\n%s", logs.String())
 	}
-}
-
-// syncLog is a log destination written by Run's goroutine and read by
-// the test.
-type syncLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *syncLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *syncLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
