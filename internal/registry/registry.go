@@ -237,6 +237,15 @@ func (r *Redis) sync(ctx context.Context) error {
 func (r *Redis) measureSkew(ctx context.Context) error {
 	sent := r.clock()
 	theirs, err := r.c.Time(ctx).Result()
+	if rerr := redis.Error(nil); errors.As(err, &rerr) {
+		// TIME refused (a server that renamed or disabled it): go on by
+		// this host's clock rather than count Redis as down.
+		if !r.skewWarned {
+			r.skewWarned = true
+			r.log.Warn("redis refused TIME; the registry goes by this host's clock (keep the replicas' clocks in step)", "err", err)
+		}
+		return nil
+	}
 	if err != nil {
 		return err
 	}

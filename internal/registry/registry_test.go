@@ -15,9 +15,9 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-func newPair(t *testing.T) (*testrig.Redis, *Redis, *Redis) {
+func newPair(t *testing.T, redisOptions ...string) (*testrig.Redis, *Redis, *Redis) {
 	t.Helper()
-	red, err := testrig.StartRedis(t.TempDir())
+	red, err := testrig.StartRedis(t.TempDir(), redisOptions...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,5 +164,23 @@ func TestClockSkewBetweenReplicas(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "clock differs from redis") {
 		t.Errorf("a minute of skew was not logged:\n%s", logs.String())
+	}
+}
+
+// A Redis that refuses TIME (renamed away on a hardened server) is not
+// counted as down: the registry goes by the hosts' clocks, and says so.
+func TestRedisWithoutTime(t *testing.T) {
+	_, a, b := newPair(t, "--rename-command", "TIME", "")
+	var logs testrig.LogBuffer
+	a.log = slog.New(slog.NewTextHandler(&logs, nil))
+	running(t, a)
+	a.Hold("acme")
+	ctx := context.Background()
+	eventually(t, "the entry seen from the other replica", func() bool {
+		got, err := b.Owners(ctx, "acme")
+		return err == nil && slices.Equal(got, []string{a.self})
+	})
+	if a.Problem() != "" || !strings.Contains(logs.String(), "redis refused TIME") {
+		t.Fatalf("problem %q; log:\n%s", a.Problem(), logs.String())
 	}
 }

@@ -12,8 +12,9 @@ import (
 // Redis is a real redis-server on loopback, without persistence, that a
 // test can stop and start again on the same port.
 type Redis struct {
-	Addr string
-	dir  string
+	Addr  string
+	dir   string
+	extra []string // more redis-server options
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -21,13 +22,14 @@ type Redis struct {
 }
 
 // StartRedis runs redis-server on a free loopback port it can be
-// restarted on.
-func StartRedis(dir string) (*Redis, error) {
+// restarted on; extra are more redis-server options (e.g. a hardened
+// server's "--rename-command", "TIME", "").
+func StartRedis(dir string, extra ...string) (*Redis, error) {
 	addr, err := StableAddr()
 	if err != nil {
 		return nil, err
 	}
-	r := &Redis{Addr: addr, dir: dir}
+	r := &Redis{Addr: addr, dir: dir, extra: extra}
 	return r, r.Start()
 }
 
@@ -41,8 +43,8 @@ func (r *Redis) Start() error {
 		return fmt.Errorf("redis-server not installed (make deps): %w", err)
 	}
 	_, port, _ := net.SplitHostPort(r.Addr)
-	cmd := exec.Command(bin, "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no",
-		"--dir", r.dir, "--protected-mode", "yes", "--loglevel", "warning")
+	cmd := exec.Command(bin, append([]string{"--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no",
+		"--dir", r.dir, "--protected-mode", "yes", "--loglevel", "warning"}, r.extra...)...)
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start redis-server: %w", err)
