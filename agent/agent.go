@@ -423,13 +423,17 @@ type ConnStatus struct {
 	Reconnects   int       `json:"reconnects"`
 	LastError    string    `json:"last_error,omitempty"`
 	LastErrorAt  time.Time `json:"last_error_at,omitempty"`
+	// RelayCertNotAfter: when the certificate the relay presented on
+	// this connection expires (zero over ws://).
+	RelayCertNotAfter time.Time `json:"relay_certificate_not_after,omitzero"`
 }
 
-func (c *connState) connected(welcome proto.Message) {
+func (c *connState) connected(welcome proto.Message, certNotAfter time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.st.Connected, c.st.Since = true, time.Now()
 	c.st.RelayID, c.st.ConnectionID = welcome.RelayID, welcome.ConnectionID
+	c.st.RelayCertNotAfter = certNotAfter
 }
 
 func (c *connState) failed(err error) {
@@ -496,8 +500,8 @@ func (a *Agent) CloseIdleConnections() { a.upstreams().closeIdle() }
 const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 <div class="sub">version {{.Version}} · relay <code>{{.Relay}}</code> · up since {{ts .StartedAt}} ({{ago .StartedAt}})</div>
 <h2>Relay connections: {{if .Connected}}<span class="ok">{{.Connected}} of {{len .Connections}} up</span>{{else}}<span class="bad">none up</span>{{end}}</h2>
-<table><tr><th>#</th><th>state</th><th>since</th><th>relay</th><th class="num">reconnects</th><th>last error</th></tr>
-{{range .Connections}}<tr><td>{{.Slot}}</td>{{if .Connected}}<td class="ok">up</td>{{else}}<td class="bad">down</td>{{end}}<td>{{ago .Since}}</td><td>{{.RelayID}}</td><td class="num">{{.Reconnects}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr>
+<table><tr><th>#</th><th>state</th><th>since</th><th>relay</th><th>relay certificate until</th><th class="num">reconnects</th><th>last error</th></tr>
+{{range .Connections}}<tr><td>{{.Slot}}</td>{{if .Connected}}<td class="ok">up</td>{{else}}<td class="bad">down</td>{{end}}<td>{{ago .Since}}</td><td>{{.RelayID}}</td><td>{{if not .RelayCertNotAfter.IsZero}}{{ts .RelayCertNotAfter}}{{end}}</td><td class="num">{{.Reconnects}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr>
 {{end}}</table>
 <h2>Upstreams</h2>
 <table><tr><th>upstream</th><th>credential</th><th>user</th><th>expires</th><th>checked</th></tr>

@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/yamux"
 	"golang.org/x/net/http/httpproxy"
 
+	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/version"
@@ -227,7 +228,7 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 // succeeded.
 func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err error) {
 	cork := &proto.CorkSlot{}
-	ws, err := a.dial(proto.WithCorkSlot(ctx, cork))
+	ws, certNotAfter, err := a.dial(proto.WithCorkSlot(ctx, cork))
 	if err != nil {
 		return false, err
 	}
@@ -243,10 +244,19 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 		return false, err
 	}
 	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
-	st.connected(welcome)
+	st.connected(welcome, certNotAfter)
 	st.setLive(ctrl, sess)
 	a.metrics.RelayConnections.Inc()
 	log.Info("connected to relay", "relay", a.config().Relay.URL, "tunnel", welcome.Tunnel)
+	if !certNotAfter.IsZero() {
+		a.metrics.RelayCertExpiry.WithLabelValues().Set(float64(certNotAfter.Unix()))
+		if left := time.Until(certNotAfter); left < certfile.ExpiryWarning {
+			// The relay's operators renew it; this side is where an
+			// expired one stops the tunnel, so say so here too.
+			log.Warn("the relay's TLS certificate expires soon; tell the relay's operators (agents refuse it once expired)",
+				"not_after", certNotAfter.UTC().Format(time.RFC3339), "days_left", int(left.Hours()/24))
+		}
+	}
 
 	var inflight atomic.Int64 // streams of this session being served
 	goaway := make(chan string, 1)
@@ -361,10 +371,12 @@ func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, inflight *atomic.
 }
 
 // dial opens the WebSocket to the relay and explains refusals.
-func (a *Agent) dial(ctx context.Context) (*websocket.Conn, error) {
+// dial opens the WebSocket to the relay. certNotAfter is when the
+// certificate the relay presented expires (zero over ws://).
+func (a *Agent) dial(ctx context.Context) (ws *websocket.Conn, certNotAfter time.Time, err error) {
 	tok, err := a.config().Relay.Token.Value()
 	if err != nil {
-		return nil, fmt.Errorf("relay token: %w", err)
+		return nil, time.Time{}, fmt.Errorf("relay token: %w", err)
 	}
 	hdr := http.Header{}
 	hdr.Set("Authorization", "Bearer "+tok)
@@ -377,13 +389,16 @@ func (a *Agent) dial(ctx context.Context) (*websocket.Conn, error) {
 		Subprotocols: []string{proto.Subprotocol},
 	})
 	if err != nil {
-		return nil, describeDialError(a.config().Relay.URL, resp, err)
+		return nil, time.Time{}, describeDialError(a.config().Relay.URL, resp, err)
 	}
 	if ws.Subprotocol() != proto.Subprotocol {
 		ws.CloseNow()
-		return nil, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", a.config().Relay.URL, proto.Subprotocol)
+		return nil, time.Time{}, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", a.config().Relay.URL, proto.Subprotocol)
 	}
-	return ws, nil
+	if resp.TLS != nil && len(resp.TLS.PeerCertificates) > 0 {
+		certNotAfter = resp.TLS.PeerCertificates[0].NotAfter
+	}
+	return ws, certNotAfter, nil
 }
 
 // refusedError is a relay's refusal of the upgrade that asked the agent

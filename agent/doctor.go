@@ -188,7 +188,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 	// The real thing: WebSocket upgrade, token, hello.
 	hctx, cancel := context.WithTimeout(ctx, 2*doctorStepTimeout)
 	defer cancel()
-	ws, err := a.dial(hctx)
+	ws, _, err := a.dial(hctx)
 	if err != nil {
 		hint := ""
 		if strings.Contains(err.Error(), "401") {

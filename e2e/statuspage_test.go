@@ -3,8 +3,12 @@ package e2e
 import (
 	"io"
 	"net/http"
+	"os/exec"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func getPage(t *testing.T, url string) string {
@@ -44,5 +48,26 @@ func TestStatusPages(t *testing.T) {
 		if strings.Contains(page, "<script") || strings.Contains(page, "<link") || strings.Contains(page, "src=") || strings.Contains(page, "url(") {
 			t.Errorf("%s page loads external assets", name)
 		}
+	}
+}
+
+// TestAgentReportsTheRelayCertificate: the agent shows when the
+// certificate its relay presents expires, in its status, `ferry-agent
+// status` and a metric, since an expired one stops the tunnel on this side.
+func TestAgentReportsTheRelayCertificate(t *testing.T) {
+	_, agentBin := binaries(t)
+	e := newEnv(t)
+	want := e.pki.Cert.Leaf.NotAfter
+	for _, c := range e.agent.Status().Connections {
+		if !c.RelayCertNotAfter.Equal(want) {
+			t.Fatalf("connection %d: relay certificate expiry %v, want %v", c.Slot, c.RelayCertNotAfter, want)
+		}
+	}
+	if v := testutil.ToFloat64(e.agent.Metrics().RelayCertExpiry.WithLabelValues()); int64(v) != want.Unix() {
+		t.Fatalf("metric %v, want %d", v, want.Unix())
+	}
+	out, err := exec.Command(agentBin, "status", "--addr", e.agent.DiagAddr()).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "relay certificate valid until "+want.Format(time.DateOnly)) {
+		t.Fatalf("ferry-agent status: %v\n%s", err, out)
 	}
 }

@@ -58,6 +58,9 @@ func status(args []string, stdout, stderr io.Writer) error {
 		line := fmt.Sprintf("  connection %d: ", c.Slot)
 		if c.Connected {
 			line += fmt.Sprintf("up since %s (relay %s)", c.Since.Format(time.RFC3339), c.RelayID)
+			if !c.RelayCertNotAfter.IsZero() {
+				line += fmt.Sprintf(", relay certificate valid until %s (%d days left)", c.RelayCertNotAfter.Format(time.DateOnly), int(time.Until(c.RelayCertNotAfter).Hours()/24))
+			}
 		} else {
 			line += "down"
 		}

@@ -170,6 +170,10 @@ type Agent struct {
 
 	AuditLost prometheus.Counter
 
+	// RelayCertExpiry has no labels; a Vec so that it is absent until
+	// set (an alert on "expires within 14 days" must not fire on 0).
+	RelayCertExpiry *prometheus.GaugeVec
+
 	WebhookAccepted  prometheus.Counter
 	WebhookRefused   *prometheus.CounterVec // reason
 	WebhookForwarded prometheus.Counter
@@ -210,6 +214,9 @@ func NewAgent() *Agent {
 			Name: "ferry_agent_credential_valid", Help: "1 if the upstream accepted the credential at the last check, else 0.",
 		}, []string{"upstream"}),
 		Reloads: newReloads(f, "agent"),
+		RelayCertExpiry: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_agent_relay_certificate_expiry_timestamp_seconds", Help: "When the TLS certificate the relay presented at the last connection expires (Unix time); absent over ws://.",
+		}, nil),
 		AuditLost: f.NewCounter(prometheus.CounterOpts{
 			Name: "ferry_agent_audit_lines_lost_total", Help: "Decisions the audit log could not record (disk full, file unwritable); the request itself was served. The error is in the agent log and ferry-agent status.",
 		}),
