@@ -339,6 +339,7 @@ func TestConnectionRetiredBeforeStreamIDsRunOut(t *testing.T) {
 	// The relay's streams are 2, 4, 6 …: retire from the 10th, at the
 	// 15th whatever else is connected.
 	r.retireStreamID, r.forceRetireStreamID = 20, 30
+	r.retireGrace = 300 * time.Millisecond
 	servePlainRelay(t, r)
 	streamPerRequest := func(w io.Writer, req *http.Request, n seen) bool {
 		io.WriteString(w, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
@@ -374,12 +375,18 @@ func TestConnectionRetiredBeforeStreamIDsRunOut(t *testing.T) {
 	if m, err := goAway(a, 100*time.Millisecond); err == nil {
 		t.Fatalf("a second control message: %+v", m)
 	}
+	// This fake agent never closes it; the relay cuts it after the grace.
+	if !closedWithin(a.sess, 5*time.Second) {
+		t.Fatal("a retired connection the agent kept open was never cut")
+	}
+	waitFor(t, "the cut connection out of the tunnel", func() bool { return len(r.auth.Load().tunnels["t"].snapshot()) == 0 })
 
 	// With another connection up, a connection is retired at the 10th.
 	b := startKeepAliveAgent(t, r, streamPerRequest)
-	get(9) // all on b: a is draining
+	conns := r.auth.Load().tunnels["t"].snapshot()
+	bc := conns[len(conns)-1]
+	get(9) // all on b: a is gone
 	c := startKeepAliveAgent(t, r, streamPerRequest)
-	bc := r.auth.Load().tunnels["t"].snapshot()[1]
 	get(1)
 	if m, err := goAway(b, 5*time.Second); err != nil || m.Type != proto.MsgGoAway || m.Reason != proto.GoAwayStreamIDs {
 		t.Fatalf("agent got %+v, %v; want goaway for stream ids", m, err)

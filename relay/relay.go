@@ -82,6 +82,7 @@ type Relay struct {
 	certCheck time.Duration
 	// See the constants; tests lower them.
 	retireStreamID, forceRetireStreamID uint32
+	retireGrace                         time.Duration
 	// hooks: webhook deliveries in flight, which shutdown lets finish
 	// within its grace (a delivery cut after the target took it is sent
 	// again). hookMu guards hooks.Add against that Wait; hooksClosed:
@@ -102,7 +103,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
 	}
 	r.certCheck = certfile.CheckEvery
-	r.retireStreamID, r.forceRetireStreamID = retireStreamID, forceRetireStreamID
+	r.retireStreamID, r.forceRetireStreamID, r.retireGrace = retireStreamID, forceRetireStreamID, retireGrace
 	r.copyBuffers = httpx.NewBufferPool(128 << 10)
 	r.proxy = r.newProxy()
 	r.webhookClient = newWebhookClient()

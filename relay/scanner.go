@@ -142,6 +142,9 @@ func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 const (
 	retireStreamID      = math.MaxUint32 - 1<<28
 	forceRetireStreamID = math.MaxUint32 - 1<<27
+	// retireGrace: a retired connection the agent has not closed by then
+	// (its streams long finished: the agent's drain is 30 s) is cut.
+	retireGrace = time.Hour
 )
 
 // retire asks c, once, to go away because its stream ids are running out.
@@ -152,6 +155,7 @@ func (r *Relay) retire(c *agentConn) {
 	r.log.Info("agent connection has used most of its stream ids; asking the agent to open a fresh one", "tunnel", c.tunnel.id, "connection_id", c.id,
 		"agent_id", c.agentID, "served", c.served.Load())
 	c.goAway(proto.GoAwayStreamIDs)
+	time.AfterFunc(r.retireGrace, func() { c.sess.Close() })
 }
 
 // pooledStream takes an idle keep-alive stream of the route's connection
