@@ -189,8 +189,11 @@ func TestDeadKeptStreamIsReplaced(t *testing.T) {
 			io.WriteString(w, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
 			return false
 		}
+		// Decided before answering: once the answer is out the test may
+		// flip closeAfter for the next request.
+		keep := !closeAfter.Load()
 		answerOK(w, req, n)
-		return !closeAfter.Load()
+		return keep
 	})
 	closeAfter.Store(true)
 	if code, body := scannerDo(t, r, "GET", nil, nil); code != 200 || body != "stream 1" {
