@@ -250,11 +250,11 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 	log.Info("connected to relay", "relay", a.config().Relay.URL, "tunnel", welcome.Tunnel)
 	if !certNotAfter.IsZero() {
 		a.metrics.RelayCertExpiry.WithLabelValues().Set(float64(certNotAfter.Unix()))
-		if left := time.Until(certNotAfter); left < certfile.ExpiryWarning {
+		if level, _ := certfile.Urgency(certNotAfter); level > slog.LevelInfo {
 			// The relay's operators renew it; this side is where an
 			// expired one stops the tunnel, so say so here too.
 			log.Warn("the relay's TLS certificate expires soon; tell the relay's operators (agents refuse it once expired)",
-				"not_after", certNotAfter.UTC().Format(time.RFC3339), "days_left", int(left.Hours()/24))
+				"not_after", certNotAfter.UTC().Format(time.RFC3339), "days_left", certfile.DaysLeft(certNotAfter))
 		}
 	}
 

@@ -470,11 +470,11 @@ func doctorWebhookTLS(d *doctor, w *config.Webhooks) {
 		d.fail("webhook tls", err.Error(), "webhooks.tls must name a certificate and its key, readable by the agent")
 		return
 	}
-	switch left := time.Until(src.NotAfter()); {
-	case left <= 0:
-		d.fail("webhook tls", fmt.Sprintf("%s expired on %s", w.TLS.CertFile, src.NotAfter().Format(time.DateOnly)),
+	na := src.NotAfter()
+	if !na.After(time.Now()) {
+		d.fail("webhook tls", fmt.Sprintf("%s expired on %s", w.TLS.CertFile, na.Format(time.DateOnly)),
 			"renew it: Bitbucket refuses to post to an expired certificate (the agent picks renewed files up within a minute)")
-	default:
-		d.pass("webhook tls", "%s valid until %s (%d days left)", w.TLS.CertFile, src.NotAfter().Format(time.DateOnly), int(left.Hours()/24))
+		return
 	}
+	d.pass("webhook tls", "%s valid until %s (%d days left)", w.TLS.CertFile, na.Format(time.DateOnly), certfile.DaysLeft(na))
 }

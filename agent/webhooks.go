@@ -358,10 +358,10 @@ func (w *webhooks) checkCert(why string) {
 }
 
 // noteCert logs the certificate the listener serves, louder as it nears
-// its end (certfile.Source.Urgency).
+// its end (certfile.Urgency).
 func (w *webhooks) noteCert(msg, why string) {
 	na := w.cert.NotAfter()
-	level, advice := w.cert.Urgency()
+	level, advice := certfile.Urgency(na)
 	if advice != "" {
 		msg += "; " + advice
 	}

@@ -462,7 +462,7 @@ type certInfo struct {
 	Listener string
 	NotAfter time.Time
 	DaysLeft int
-	Soon     bool   // under certfile.ExpiryWarning left
+	Soon     bool   // certfile.Urgency above info
 	Problem  string // renewed files that do not load
 }
 
@@ -479,8 +479,8 @@ func (r *Relay) certInfo() []certInfo {
 	var out []certInfo
 	for _, cs := range r.certSources() {
 		na := cs.NotAfter()
-		left := time.Until(na)
-		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: int(left.Hours() / 24), Soon: left < certfile.ExpiryWarning, Problem: cs.Problem()})
+		level, _ := certfile.Urgency(na)
+		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: certfile.DaysLeft(na), Soon: level > slog.LevelInfo, Problem: cs.Problem()})
 	}
 	return out
 }

@@ -130,7 +130,7 @@ func (r *Relay) refreshCert(cs *certSource, why string) {
 func (r *Relay) noteCert(cs *certSource, msg, why string) {
 	na := cs.NotAfter()
 	r.metrics.CertExpiry.WithLabelValues(cs.listener).Set(float64(na.Unix()))
-	level, advice := cs.Urgency()
+	level, advice := certfile.Urgency(na)
 	if advice != "" {
 		msg += "; " + advice
 	}

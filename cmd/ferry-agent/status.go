@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/ferry-tunnel/ferry/agent"
+	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/cli"
 )
 
@@ -59,7 +60,7 @@ func status(args []string, stdout, stderr io.Writer) error {
 		if c.Connected {
 			line += fmt.Sprintf("up since %s (relay %s)", c.Since.Format(time.RFC3339), c.RelayID)
 			if !c.RelayCertNotAfter.IsZero() {
-				line += fmt.Sprintf(", relay certificate valid until %s (%d days left)", c.RelayCertNotAfter.Format(time.DateOnly), int(time.Until(c.RelayCertNotAfter).Hours()/24))
+				line += fmt.Sprintf(", relay certificate valid until %s (%d days left)", c.RelayCertNotAfter.Format(time.DateOnly), certfile.DaysLeft(c.RelayCertNotAfter))
 			}
 		} else {
 			line += "down"
@@ -93,7 +94,7 @@ func status(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintf(stdout, "webhooks:  listening on %s://%s (%s); %d accepted, %d delivered since start\n", scheme, wh.Listen, sig, wh.Accepted, wh.Forwarded)
 		if c := wh.TLS; c != nil {
-			line := fmt.Sprintf("  TLS certificate valid until %s (%d days left)", c.NotAfter.Format(time.RFC3339), int(time.Until(c.NotAfter).Hours()/24))
+			line := fmt.Sprintf("  TLS certificate valid until %s (%d days left)", c.NotAfter.Format(time.RFC3339), certfile.DaysLeft(c.NotAfter))
 			if c.Problem != "" {
 				line += "; RENEWED FILES DO NOT LOAD: " + c.Problem
 			}

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"log/slog"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/certfile"
@@ -44,16 +45,15 @@ func check(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		na := src.NotAfter()
-		left := time.Until(na)
+		level, advice := certfile.Urgency(na)
 		note := ""
-		switch {
-		case left <= 0:
-			note = " EXPIRED"
-			expired = fmt.Errorf("%s: the %s certificate %s expired on %s", path, c.name, c.files.CertFile, na.Format(time.DateOnly))
-		case left < certfile.ExpiryWarning:
-			note = " (renew it soon)"
+		if advice != "" {
+			note = "; " + advice
 		}
-		fmt.Fprintf(stdout, "  %s certificate %s valid until %s, %d days left%s\n", c.name, c.files.CertFile, na.Format(time.DateOnly), int(left.Hours()/24), note)
+		if level >= slog.LevelError {
+			expired = fmt.Errorf("%s: the %s certificate %s expired on %s", path, c.name, c.files.CertFile, na.Format(time.DateOnly))
+		}
+		fmt.Fprintf(stdout, "  %s certificate %s valid until %s, %d days left%s\n", c.name, c.files.CertFile, na.Format(time.DateOnly), certfile.DaysLeft(na), note)
 	}
 	return expired
 }

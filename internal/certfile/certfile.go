@@ -133,10 +133,14 @@ func Watch(ctx context.Context, every time.Duration, check func()) {
 // as a warning (and shown in red).
 const ExpiryWarning = 14 * 24 * time.Hour
 
-// Urgency is how a log line about the served certificate should read:
-// info while it has ExpiryWarning left, else a warning, with what to do.
-func (s *Source) Urgency() (level slog.Level, advice string) {
-	switch left := time.Until(s.NotAfter()); {
+// DaysLeft is the whole days until notAfter.
+func DaysLeft(notAfter time.Time) int { return int(time.Until(notAfter).Hours() / 24) }
+
+// Urgency is how a line about a certificate expiring at notAfter should
+// read: info while it has ExpiryWarning left, else a warning, an error
+// once expired, with what to do.
+func Urgency(notAfter time.Time) (level slog.Level, advice string) {
+	switch left := time.Until(notAfter); {
 	case left <= 0:
 		return slog.LevelError, "it has EXPIRED: clients refuse it; renew it"
 	case left < ExpiryWarning:

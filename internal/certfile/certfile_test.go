@@ -89,7 +89,7 @@ func TestUrgency(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if level, advice := s.Urgency(); level != c.level || !strings.Contains(advice, c.advice) {
+		if level, advice := Urgency(s.NotAfter()); level != c.level || !strings.Contains(advice, c.advice) {
 			t.Errorf("valid for %v: %v %q, want %v %q", c.validity, level, advice, c.level, c.advice)
 		}
 	}
