@@ -49,7 +49,7 @@ func checkManifests(t *testing.T, path string) {
 			sd, _ := doc["stringData"].(map[string]any)
 			if rc, ok := sd["relay.yaml"].(string); ok {
 				w := newWorld(t)
-				peer := w.write("peer-secret", "s3cret")
+				peer := w.write("peer-secret", "deploy-test-peer-secret")
 				rc = strings.NewReplacer("/etc/ferry/tls/tls.crt", w.pki.CertFile, "/etc/ferry/tls/tls.key", w.pki.KeyFile, "/etc/ferry/peer/secret", peer).Replace(rc)
 				cfg, err := config.ParseRelay("relay.yaml (Secret)", []byte(rc))
 				if err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,11 +23,17 @@ type replica struct {
 	proc                                    *proc
 }
 
-func newReplica(t *testing.T, w *world, name, redisURL string) *replica {
+// newReplica writes a replica's config; peerSecretFile "" shares a
+// secret through Redis.
+func newReplica(t *testing.T, w *world, name, redisURL, peerSecretFile string) *replica {
 	rp := &replica{name: name, agentAddr: stableAddr(t), scannerAddr: stableAddr(t), adminAddr: stableAddr(t), peer: stableAddr(t)}
 	y := w.relayYAMLWith(rp.agentAddr, rp.scannerAddr, "")
 	y = strings.Replace(y, `admin_listen: "127.0.0.1:0"`, fmt.Sprintf("admin_listen: %q", rp.adminAddr), 1)
-	y += fmt.Sprintf("registry: {backend: redis, redis_url: %q, advertise_url: \"http://%s\"}\n", redisURL, rp.peer)
+	extra := ""
+	if peerSecretFile != "" {
+		extra = fmt.Sprintf(", peer_secret_file: %q", peerSecretFile)
+	}
+	y += fmt.Sprintf("registry: {backend: redis, redis_url: %q, advertise_url: \"http://%s\"%s}\n", redisURL, rp.peer, extra)
 	rp.cfg = w.write("relay-"+name+".yaml", y)
 	return rp
 }
@@ -101,7 +108,7 @@ func TestScaleOutWithRedis(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(red.Stop)
-	a, b, c := newReplica(t, w, "a", red.URL()), newReplica(t, w, "b", red.URL()), newReplica(t, w, "c", red.URL())
+	a, b, c := newReplica(t, w, "a", red.URL(), ""), newReplica(t, w, "b", red.URL(), ""), newReplica(t, w, "c", red.URL(), "")
 	for _, rp := range []*replica{a, b, c} {
 		rp.start(t, relayBin)
 	}
@@ -230,6 +237,98 @@ func TestScaleOutWithRedis(t *testing.T) {
 
 	agent2.signal(syscall.SIGTERM)
 	for _, rp := range []*replica{a, b, c} {
+		if code := rp.proc.signal(syscall.SIGTERM); code != 0 {
+			t.Errorf("relay %s exited %d", rp.name, code)
+		}
+	}
+}
+
+// TestPeerSecretRotation rotates the replicas' peer_secret_file under
+// load, one replica at a time, as a rolling Secret update does: with
+// two lines (send the first, accept either) not one forwarded request
+// fails. Replicas that do not share a secret tell the scanner so in a
+// 502, not a 401 that would blame its token, and say why in the log.
+func TestPeerSecretRotation(t *testing.T) {
+	relayBin, agentBin := binaries(t)
+	w := newWorld(t)
+	red, err := testrig.StartRedis(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(red.Stop)
+	const oldS, newS = "old-peer-secret-0123456789", "new-peer-secret-0123456789"
+	secA, secB := w.write("peer-a", oldS), w.write("peer-b", oldS)
+	// rewrite replaces a replica's secret file (beside it, then renamed
+	// over, as the README says to) and lets the replica's once-a-second
+	// look at it pass.
+	rewrite := func(path string, lines ...string) {
+		t.Helper()
+		next := path + ".next"
+		if err := os.WriteFile(next, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(next, path); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(1200 * time.Millisecond)
+	}
+	a, b := newReplica(t, w, "a", red.URL(), secA), newReplica(t, w, "b", red.URL(), secB)
+	a.start(t, relayBin)
+	b.start(t, relayBin)
+	agent := startProc(t, "agent", agentBin, "--config", w.write("agent.yaml", w.agentYAML(a.agentAddr, "")))
+	waitFor(t, "two connections on A", func() bool { return a.connections(t) == 2 })
+	viaB := "http://" + b.scannerAddr + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+	client := newClient()
+	defer client.CloseIdleConnections()
+	waitFor(t, "B forwards to A", func() bool { code, _ := scannerGET(t, client, viaB); return code == 200 })
+
+	l := startLoad(t, 4, viaB)
+	more := func(what string) {
+		t.Helper()
+		before := l.ok.Load()
+		waitFor(t, what, func() bool { return l.ok.Load() > before+50 })
+	}
+	more("traffic via B")
+	rewrite(secA, newS, oldS) // A accepts the new one too
+	more("traffic via B after A took both")
+	rewrite(secB, newS, oldS) // B sends the new one
+	more("traffic via B after B took both")
+	rewrite(secA, newS)
+	rewrite(secB, newS) // the old one is gone everywhere
+	more("traffic via B after the old secret went")
+	l.finish()
+	if n := l.failed.Load(); n != 0 {
+		t.Errorf("%d of %d requests via B failed during the rotation", n, n+l.ok.Load())
+	}
+
+	// B's secret is not A's: the scanner is told it is the relay's fault.
+	rewrite(secB, "a-different-secret-0123456789")
+	code, body := scannerGET(t, client, viaB)
+	if code != http.StatusBadGateway || errorBody(t, body).Error != "upstream_error" || !strings.Contains(body, "do not share a peer secret") {
+		t.Errorf("via B with a secret A does not know: %d %s", code, body)
+	}
+	b.proc.waitLog("replica holding the tunnel refused this replica's peer secret: every replica needs the same registry.peer_secret_file (during a rotation, both lines)")
+	a.proc.waitLog("internal listener: request without the peer secret refused")
+	if m := getMetrics(t, a.adminAddr); !strings.Contains(m, `ferry_relay_auth_failures_total{endpoint="peer"}`) {
+		t.Errorf("A did not count the refused peer")
+	}
+	// A file rewritten into something unusable: forwarding stops, and
+	// B's log says why; fixed, it forwards again without a restart.
+	rewrite(secB, "short")
+	code, body = scannerGET(t, client, viaB)
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "peer_secret_file unreadable") {
+		t.Errorf("via B with a short secret: %d %s", code, body)
+	}
+	if logs := procLogs(b.proc, "peer secret unreadable; forwarding between replicas fails until it is fixed"); len(logs) == 0 || !strings.Contains(fmt.Sprint(logs[0]["err"]), "too short") {
+		t.Errorf("B's log about its unreadable secret: %v", logs)
+	}
+	rewrite(secB, newS)
+	if code, body := scannerGET(t, client, viaB); code != 200 {
+		t.Errorf("via B after its secret was fixed: %d %s", code, body)
+	}
+
+	agent.signal(syscall.SIGTERM)
+	for _, rp := range []*replica{a, b} {
 		if code := rp.proc.signal(syscall.SIGTERM); code != 0 {
 			t.Errorf("relay %s exited %d", rp.name, code)
 		}

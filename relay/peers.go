@@ -24,7 +24,14 @@ const (
 	hdrHop        = "X-Ferry-Hop"
 	hdrScanner    = "X-Ferry-Scanner"
 	hdrPublicBase = "X-Ferry-Public-Base"
+	// hdrPeerRefused marks the internal listener's refusal of a peer
+	// secret, told apart from a 401 that Bitbucket answered.
+	hdrPeerRefused = "X-Ferry-Peer-Refused"
 )
+
+// errPeerRefused: the replica holding the tunnel did not accept this
+// one's peer secret.
+var errPeerRefused = errors.New("the replica holding the tunnel refused this replica's peer secret")
 
 // peerRoute is where the scanner handler decided to forward a request.
 type peerRoute struct {
@@ -75,6 +82,12 @@ func (r *Relay) newPeerProxy() (*httputil.ReverseProxy, *http.Transport) {
 				// TTL; answer now rather than wait.
 				r.log.Warn("replica holding the tunnel is unreachable", "request_id", rt.rid, "replica", rt.target.Host, "err", err)
 				httperr.Respond(w, req, http.StatusServiceUnavailable, httperr.TunnelOffline, "the relay replica holding this tunnel is unreachable; retry")
+			case errors.Is(err, errPeerRefused):
+				// Not the scanner's fault, whatever the status: a 401
+				// would send its operators looking at its token.
+				r.log.Error("replica holding the tunnel refused this replica's peer secret: every replica needs the same registry.peer_secret_file (during a rotation, both lines)",
+					"request_id", rt.rid, "replica", rt.target.Host)
+				httperr.Respond(w, req, http.StatusBadGateway, httperr.UpstreamError, "the relay's replicas do not share a peer secret; the relay's operators must fix registry.peer_secret_file")
 			case httpx.IsTimeout(err):
 				httperr.Respond(w, req, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "the replica holding the tunnel did not answer in time")
 			default:
@@ -83,6 +96,9 @@ func (r *Relay) newPeerProxy() (*httputil.ReverseProxy, *http.Transport) {
 			}
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			if resp.StatusCode == http.StatusUnauthorized && resp.Header.Get(hdrPeerRefused) != "" {
+				return errPeerRefused
+			}
 			resp.Header.Del(httperr.RequestIDHeader) // same value, set by this replica
 			return nil
 		},
@@ -101,9 +117,9 @@ func (r *Relay) forwardToPeer(w http.ResponseWriter, req *http.Request, tunnelID
 	if len(owners) == 0 {
 		return false, ""
 	}
-	secret := r.peerSecretValue()
+	secret, _ := r.peerSecrets()
 	if secret == "" {
-		return false, "this replica has no peer secret yet (registry unavailable at start?)"
+		return false, "this replica has no peer secret to forward with (the registry unavailable since start, or peer_secret_file unreadable: see the relay's log)"
 	}
 	target, err := url.Parse(owners[rand.N(len(owners))])
 	if err != nil {
@@ -115,27 +131,36 @@ func (r *Relay) forwardToPeer(w http.ResponseWriter, req *http.Request, tunnelID
 	return true, ""
 }
 
-// peerSecretValue is the secret replicas share ("" until known).
-func (r *Relay) peerSecretValue() string {
+// peerSecrets returns the secret this replica sends to the others and
+// those it accepts from them (none until known). From a file of two
+// lines, during a rotation, it sends the first and accepts either.
+func (r *Relay) peerSecrets() (send string, accept []string) {
 	if src := r.cfg.Registry.PeerSecret; src != nil {
-		s, err := src.Value()
+		vs, err := src.Values()
 		if err != nil {
-			r.log.Error("peer secret unreadable", "err", err)
-			return ""
+			r.log.Error("peer secret unreadable; forwarding between replicas fails until it is fixed", "err", err)
+			return "", nil
 		}
-		return s
+		return vs[0], vs
 	}
 	if p := r.peerSecret.Load(); p != nil {
-		return *p
+		return *p, []string{*p}
 	}
-	return ""
+	return "", nil
 }
 
 // checkPeer authenticates a request on the internal listener.
 func (r *Relay) checkPeer(req *http.Request) bool {
-	want := r.peerSecretValue()
 	got, ok := bearerToken(req)
-	return ok && want != "" && subtle.ConstantTimeCompare([]byte(got), []byte(want)) == 1 && req.Header.Get(hdrHop) == "1"
+	if !ok || req.Header.Get(hdrHop) != "1" {
+		return false
+	}
+	_, accept := r.peerSecrets()
+	match := 0
+	for _, want := range accept {
+		match |= subtle.ConstantTimeCompare([]byte(got), []byte(want))
+	}
+	return match == 1
 }
 
 // peerSecretCheck is how often a replica compares its peer secret with

@@ -392,6 +392,7 @@ func (r *Relay) authRequest(w http.ResponseWriter, req *http.Request, peer bool)
 		if !r.checkPeer(req) {
 			r.metrics.AuthFailures.WithLabelValues("peer").Inc()
 			r.log.Warn("internal listener: request without the peer secret refused", "remote", req.RemoteAddr)
+			w.Header().Set(hdrPeerRefused, "secret") // the forwarding replica tells its scanner what went wrong
 			httperr.Respond(w, req, http.StatusUnauthorized, httperr.Unauthorized, "peer secret missing or not accepted")
 			return nil, false
 		}

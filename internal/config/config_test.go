@@ -118,6 +118,28 @@ func TestRelayRedisRegistry(t *testing.T) {
 	if err != nil || c.Registry.InternalListen != ":7443" {
 		t.Fatalf("internal_listen: %v %+v", err, c.Registry)
 	}
+
+	// peer_secret_file: one long secret, or two during a rotation.
+	dir := t.TempDir()
+	withSecret := func(body string) (*Relay, error) {
+		p := writeFile(t, dir, "peer", body)
+		return ParseRelay("relay.yaml", []byte(relayYAML()+"registry: {backend: redis, redis_url: \"redis://redis:6379/0\", advertise_url: \"http://10.1.2.3:7443\", peer_secret_file: \""+p+"\"}\n"))
+	}
+	c, err = withSecret("new-peer-secret-0123\nold-peer-secret-0123\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vs, _ := c.Registry.PeerSecret.Values(); len(vs) != 2 || vs[0] != "new-peer-secret-0123" {
+		t.Fatalf("two-line peer secret: %q", vs)
+	}
+	for body, want := range map[string]string{
+		"s3cret\n": "registry.peer_secret_file: secret file " + dir + "/peer: line 1: 6 characters is too short, at least 16",
+		"aaaaaaaaaaaaaaaa\nbbbbbbbbbbbbbbbb\ncccccccccccccccc\n": "3 secrets, at most 2 (one per line)",
+	} {
+		if _, err := withSecret(body); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("peer secret %q: %v, want %q", body, err, want)
+		}
+	}
 }
 
 func TestAgentValid(t *testing.T) {

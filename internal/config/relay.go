@@ -89,7 +89,7 @@ type Registry struct {
 	InternalListen string `yaml:"internal_listen"`
 	PeerSecretFile string `yaml:"peer_secret_file"`
 
-	PeerSecret secret.Source `yaml:"-"` // nil: a shared secret is kept in Redis
+	PeerSecret *secret.File `yaml:"-"` // nil: a shared secret is kept in Redis
 }
 
 // validateRedis checks the scale-out settings. advertise_url may name
@@ -139,7 +139,10 @@ func (g *Registry) validateRedis(v *validator) {
 			v.failf("registry.peer_secret_file", "%v", err)
 			return
 		}
-		src, err := secret.NewFile(g.PeerSecretFile)
+		// The peer secret lets its holder act as any scanner on the
+		// internal listener, so it must not be guessable. Two lines
+		// during a rotation: the first is sent, either is accepted.
+		src, err := secret.NewFileWith(g.PeerSecretFile, secret.FileOptions{MaxLines: 2, MinLen: 16})
 		if err != nil {
 			v.failf("registry.peer_secret_file", "%v", err)
 			return

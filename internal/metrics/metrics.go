@@ -120,7 +120,7 @@ func NewRelay() *Relay {
 			Name: "ferry_relay_agent_connects_total", Help: "Agent connection attempts by tunnel and result (accepted, handshake_failed, rebalanced, over_limit).",
 		}, []string{"tunnel", "result"}),
 		AuthFailures: f.NewCounterVec(prometheus.CounterOpts{
-			Name: "ferry_relay_auth_failures_total", Help: "Failed authentications by endpoint (agent, scanner).",
+			Name: "ferry_relay_auth_failures_total", Help: "Failed authentications by endpoint (agent, scanner, peer: the internal listener).",
 		}, []string{"endpoint"}),
 		RateLimited: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_relay_rate_limited_total", Help: "Requests refused with 429 after repeated failed authentication, by endpoint.",

@@ -25,12 +25,24 @@ type Source interface {
 // checkEvery and re-reads it when its size or modification time changed.
 type File struct {
 	path string
+	opts FileOptions
 
 	mu      sync.Mutex
-	val     string
+	vals    []string // never modified in place: a reload replaces it
+	err     error    // of the last look; a broken file is not used until fixed
 	mod     time.Time
 	size    int64
 	checked time.Time
+}
+
+// FileOptions loosen or tighten what a secret file may hold.
+type FileOptions struct {
+	// MaxLines > 1 allows several secrets, one per line (blank lines
+	// skipped), for a rotation: the first is the one to send, any is
+	// one to accept. 0 or 1: exactly one line.
+	MaxLines int
+	// MinLen refuses a secret shorter than this many bytes.
+	MinLen int
 }
 
 const checkEvery = time.Second
@@ -40,8 +52,11 @@ const checkEvery = time.Second
 const maxSecret = 64 << 10
 
 // NewFile reads path once, so a missing or empty file fails at start-up.
-func NewFile(path string) (*File, error) {
-	f := &File{path: path}
+func NewFile(path string) (*File, error) { return NewFileWith(path, FileOptions{}) }
+
+// NewFileWith is NewFile with options.
+func NewFileWith(path string, opts FileOptions) (*File, error) {
+	f := &File{path: path, opts: opts}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, err := f.reloadLocked(); err != nil {
@@ -52,41 +67,92 @@ func NewFile(path string) (*File, error) {
 
 func (f *File) String() string { return "file " + f.path }
 
-// Value implements Source.
+// Value implements Source. With several lines it is the first.
 func (f *File) Value() (string, error) {
+	vs, err := f.Values()
+	if err != nil {
+		return "", err
+	}
+	return vs[0], nil
+}
+
+// Values returns every secret the file holds, in file order (at least
+// one). The caller must not modify the slice.
+func (f *File) Values() ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if time.Since(f.checked) < checkEvery {
-		return f.val, nil
+		if f.err != nil {
+			return nil, f.err
+		}
+		return f.vals, nil
 	}
-	return f.reloadLocked()
+	vals, err := f.reloadLocked()
+	if err != nil {
+		// Until the file is fixed, every caller gets the error, not the
+		// last good value: emptying or removing the file must stop its
+		// use, and a half-written file should fail the same way each time.
+		f.vals, f.mod, f.size = nil, time.Time{}, 0
+	}
+	f.err = err
+	return vals, err
 }
 
-func (f *File) reloadLocked() (string, error) {
+func (f *File) reloadLocked() ([]string, error) {
 	f.checked = time.Now()
 	st, err := os.Stat(f.path)
 	if err != nil {
-		return "", f.fail(err)
+		return nil, f.fail(err)
 	}
-	if st.ModTime().Equal(f.mod) && st.Size() == f.size && f.val != "" {
-		return f.val, nil
+	if st.ModTime().Equal(f.mod) && st.Size() == f.size && f.vals != nil {
+		return f.vals, nil
 	}
 	if st.Size() > maxSecret {
-		return "", f.fail(fmt.Errorf("%d bytes is too large for a credential", st.Size()))
+		return nil, f.fail(fmt.Errorf("%d bytes is too large for a credential", st.Size()))
 	}
 	b, err := os.ReadFile(f.path)
 	if err != nil {
-		return "", f.fail(err)
+		return nil, f.fail(err)
 	}
-	v := strings.TrimSpace(string(b))
-	if v == "" {
-		return "", f.fail(errors.New("file is empty"))
+	vals, err := f.parse(string(b))
+	if err != nil {
+		return nil, f.fail(err)
 	}
-	if strings.ContainsAny(v, "\r\n") {
-		return "", f.fail(errors.New("more than one line"))
+	f.vals, f.mod, f.size = vals, st.ModTime(), st.Size()
+	return vals, nil
+}
+
+func (f *File) parse(b string) ([]string, error) {
+	b = strings.TrimSpace(b)
+	if b == "" {
+		return nil, errors.New("file is empty")
 	}
-	f.val, f.mod, f.size = v, st.ModTime(), st.Size()
-	return v, nil
+	if f.opts.MaxLines <= 1 {
+		if strings.ContainsAny(b, "\r\n") {
+			return nil, errors.New("more than one line")
+		}
+		return f.checkLen([]string{b})
+	}
+	var vals []string
+	for line := range strings.Lines(b) {
+		if v := strings.TrimSpace(line); v != "" {
+			vals = append(vals, v)
+		}
+	}
+	if len(vals) > f.opts.MaxLines {
+		return nil, fmt.Errorf("%d secrets, at most %d (one per line)", len(vals), f.opts.MaxLines)
+	}
+	return f.checkLen(vals)
+}
+
+func (f *File) checkLen(vals []string) ([]string, error) {
+	for i, v := range vals {
+		if len(v) < f.opts.MinLen {
+			// Which line, never the value.
+			return nil, fmt.Errorf("line %d: %d characters is too short, at least %d", i+1, len(v), f.opts.MinLen)
+		}
+	}
+	return vals, nil
 }
 
 // fail wraps err with the file's path, once (os errors already carry it).

@@ -57,3 +57,58 @@ func TestEnv(t *testing.T) {
 		t.Fatal("unset variable accepted")
 	}
 }
+
+// A file of several secrets, for a rotation: the first is the one to
+// send, all are there to accept; limits on count and length hold at the
+// first read and at every re-read, and an error never carries a value.
+func TestFileList(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "peer")
+	opts := FileOptions{MaxLines: 2, MinLen: 8}
+	os.WriteFile(p, []byte("new-secret-1\n\n  old-secret-0  \n"), 0o600)
+	f, err := NewFileWith(p, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vs, _ := f.Values()
+	if v, _ := f.Value(); v != "new-secret-1" || len(vs) != 2 || vs[1] != "old-secret-0" {
+		t.Fatalf("Value %q, Values %q", v, vs)
+	}
+
+	// A rewrite that breaks the rules is an error until it is fixed.
+	os.WriteFile(p, []byte("short\n"), 0o600)
+	f.mu.Lock()
+	f.checked = time.Time{}
+	f.mu.Unlock()
+	if _, err := f.Values(); err == nil || !strings.Contains(err.Error(), "line 1: 5 characters is too short, at least 8") || strings.Contains(err.Error(), "short\n") {
+		t.Fatalf("short secret: %v", err)
+	}
+	// Until the file is fixed, not the last good value either.
+	if v, err := f.Value(); err == nil || v != "" {
+		t.Fatalf("second look at a broken file within checkEvery: %q, %v", v, err)
+	}
+	os.WriteFile(p, []byte("fixed-secret\n"), 0o600)
+	f.mu.Lock()
+	f.checked = time.Time{}
+	f.mu.Unlock()
+	if v, err := f.Value(); v != "fixed-secret" || err != nil {
+		t.Fatalf("after the fix: %q, %v", v, err)
+	}
+
+	for name, body := range map[string]string{"three": "aaaaaaaa\nbbbbbbbb\ncccccccc\n", "empty": "\n \n", "short2": "aaaaaaaa\nsecret\n"} {
+		q := filepath.Join(dir, name)
+		os.WriteFile(q, []byte(body), 0o600)
+		_, err := NewFileWith(q, opts)
+		if err == nil {
+			t.Errorf("%s accepted", name)
+			continue
+		}
+		if strings.Contains(err.Error(), "secret\n") || strings.Contains(err.Error(), "aaaaaaaa") {
+			t.Errorf("%s: error shows a value: %v", name, err)
+		}
+	}
+	// One line is still one line without MaxLines.
+	if _, err := NewFileWith(p, FileOptions{MinLen: 4}); err != nil {
+		t.Errorf("single short-enough line: %v", err)
+	}
+}
