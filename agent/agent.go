@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,25 +28,24 @@ import (
 // Agent is one agent process. Create with New, bind with Listen, run with
 // Serve (or all with Run).
 type Agent struct {
-	cfg         atomic.Pointer[config.Agent] // swapped whole by Reload
-	log         *slog.Logger
-	level       *slog.LevelVar // nil: level not reloadable
-	ups         atomic.Pointer[upstreamSet]
-	pool        *httpx.BufferPool
-	reloadMu    sync.Mutex
-	relayClient *http.Client
-	proxy       func(*url.URL) (*url.URL, error) // egress proxy for the relay
-	streams     *streamListener
-	audit       *audit.Log
-	conns       []*connState
-	stats       stats
-	metrics     *metrics.Agent
-	recheck     chan struct{}  // asks watchCredentials to check now
-	draining    atomic.Bool    // set at shutdown: no new connections, no new streams
-	inflight    atomic.Int64   // requests being served
-	bg          sync.WaitGroup // sessions draining after a goaway
-	denials     *statuspage.Recent[audit.Entry]
-	page        *statuspage.Page
+	cfg      atomic.Pointer[config.Agent] // swapped whole by Reload
+	log      *slog.Logger
+	level    *slog.LevelVar // nil: level not reloadable
+	ups      atomic.Pointer[upstreamSet]
+	pool     *httpx.BufferPool
+	reloadMu sync.Mutex
+	relay    atomic.Pointer[relayDialer] // how connections reach the relay; a reload may move them
+	streams  *streamListener
+	audit    *audit.Log
+	conns    []*connState
+	stats    stats
+	metrics  *metrics.Agent
+	recheck  chan struct{}  // asks watchCredentials to check now
+	draining atomic.Bool    // set at shutdown: no new connections, no new streams
+	inflight atomic.Int64   // requests being served
+	bg       sync.WaitGroup // sessions draining after a goaway
+	denials  *statuspage.Recent[audit.Entry]
+	page     *statuspage.Page
 
 	webhooks *webhooks     // nil: webhooks.listen unset
 	nextSlot atomic.Uint32 // round robin over connections for agent-opened streams
@@ -68,17 +66,13 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a.ups.Store(ups)
-	proxy, err := relayProxy(&cfg.Relay)
+	d, err := newRelayDialer(cfg)
 	if err != nil {
 		return nil, err
 	}
-	rc, err := newRelayClient(cfg, proxy)
-	if err != nil {
-		return nil, err
-	}
-	a.relayClient, a.proxy = rc, proxy
+	a.relay.Store(d)
 	for i := 0; i < cfg.Relay.Connections; i++ {
-		a.conns = append(a.conns, &connState{slot: i})
+		a.conns = append(a.conns, &connState{slot: i, move: make(chan *moveReq, 1)})
 	}
 	return a, nil
 }
@@ -217,7 +211,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	a.bg.Wait()
 	diagSrv.Close()
 	a.CloseIdleConnections()
-	a.relayClient.CloseIdleConnections()
+	a.relay.Load().client.CloseIdleConnections()
 	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
 			runErr = err
@@ -354,7 +348,8 @@ func (a *Agent) Status() Status {
 // connState tracks one relay connection slot for status and readiness.
 type connState struct {
 	slot       int
-	rebalanced int // rebalance goaways in a row; owned by keepConnected
+	rebalanced int           // rebalance goaways in a row; owned by keepConnected
+	move       chan *moveReq // a reload's new relay settings, taken by the live connection
 
 	mu sync.Mutex
 	st ConnStatus

@@ -50,10 +50,10 @@ func relayProxy(rc *config.RelayClient) (func(*url.URL) (*url.URL, error), error
 	return httpproxy.FromEnvironment().ProxyFunc(), nil
 }
 
-// proxyFor is the proxy (nil: none) used to reach the relay URL. The
+// proxyFor is the proxy (nil: none) d uses to reach its relay URL. The
 // WebSocket URL is mapped to http(s) for NO_PROXY and scheme matching.
-func (a *Agent) proxyFor(relayURL string) (*url.URL, error) {
-	u, err := url.Parse(relayURL)
+func (d *relayDialer) proxyFor() (*url.URL, error) {
+	u, err := url.Parse(d.url)
 	if err != nil {
 		return nil, err
 	}
@@ -64,7 +64,7 @@ func (a *Agent) proxyFor(relayURL string) (*url.URL, error) {
 	case "ws":
 		hu.Scheme = "http"
 	}
-	return a.proxy(&hu)
+	return d.proxy(&hu)
 }
 
 // ProxyRefusal explains an egress proxy's refusal of CONNECT to target.
@@ -165,17 +165,45 @@ func (e goAwayError) Error() string { return "relay asked this connection to go 
 // reconnecting with backoff. Once the agent drains it stops dialling.
 func (a *Agent) keepConnected(ctx context.Context, slot int) {
 	st := a.conns[slot]
+	defer func() { // a reload waiting on this slot hears now, not at its timeout
+		select {
+		case req := <-st.move:
+			req.done <- errors.New("the agent is stopping")
+		default:
+		}
+	}()
 	b := newBackoff()
-	quickGoAways := 0 // goaways in a row on connections that lived under stableAfter
+	quickGoAways := 0   // goaways in a row on connections that lived under stableAfter
+	var moved *liveConn // made by a move (reload), to serve at once
 	for {
-		if a.draining.Load() {
+		if a.draining.Load() || ctx.Err() != nil {
+			if moved != nil {
+				// SIGTERM during a move: the successor has taken no
+				// request the drain waits for; it goes with the rest.
+				moved.sess.Close()
+			}
 			<-ctx.Done()
 			return
 		}
 		started := time.Now()
-		up, err := a.runConnection(ctx, st)
+		lc, err := moved, error(nil)
+		moved = nil
+		if lc == nil {
+			lc, err = a.connect(ctx, st, a.relay.Load())
+		}
+		up := err == nil
+		if up {
+			err = a.serve(ctx, st, lc)
+		}
 		if ctx.Err() != nil {
 			return
+		}
+		var mv movedError
+		if errors.As(err, &mv) {
+			moved = mv.next
+			quickGoAways = 0
+			b.reset()
+			continue
 		}
 		st.failed(err)
 		a.metrics.Reconnects.Inc()
@@ -223,31 +251,52 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 	}
 }
 
-// runConnection dials, handshakes and serves one relay connection until it
-// ends or the relay sends goaway. up reports whether the handshake
-// succeeded.
-func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err error) {
+// liveConn is a relay connection the relay has welcomed.
+type liveConn struct {
+	sess         *yamux.Session
+	ctrl         *yamux.Stream
+	welcome      proto.Message
+	certNotAfter time.Time
+	dialer       *relayDialer // the settings it was made with
+}
+
+// movedError: the slot's connection moved to next (new relay settings);
+// the old one finishes its streams in the background.
+type movedError struct{ next *liveConn }
+
+func (movedError) Error() string { return "connection moved to new relay settings" }
+
+// connect dials the relay with d, starts the session and introduces this
+// agent.
+func (a *Agent) connect(ctx context.Context, st *connState, d *relayDialer) (*liveConn, error) {
 	cork := &proto.CorkSlot{}
-	ws, certNotAfter, err := a.dial(proto.WithCorkSlot(ctx, cork))
+	ws, certNotAfter, err := a.dial(proto.WithCorkSlot(ctx, cork), d)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	conn := proto.WebSocketConn(ctx, ws, cork.Corker())
 	sess, err := yamux.Client(conn, proto.YamuxConfig(a.log, a.config().Timeouts.Keepalive, proto.AgentStreamWindow))
 	if err != nil {
 		conn.Close() // also stops the conn's flusher
-		return false, fmt.Errorf("start session: %w", err)
+		return nil, fmt.Errorf("start session: %w", err)
 	}
 	ctrl, welcome, err := a.hello(sess, st.rebalanced)
 	if err != nil {
 		sess.Close()
-		return false, err
+		return nil, err
 	}
+	return &liveConn{sess: sess, ctrl: ctrl, welcome: welcome, certNotAfter: certNotAfter, dialer: d}, nil
+}
+
+// serve serves one welcomed relay connection until it ends, the relay
+// sends goaway, or a reload moves it (movedError).
+func (a *Agent) serve(ctx context.Context, st *connState, lc *liveConn) error {
+	sess, ctrl, welcome, certNotAfter := lc.sess, lc.ctrl, lc.welcome, lc.certNotAfter
 	log := a.log.With("slot", st.slot, "relay_id", welcome.RelayID, "connection_id", welcome.ConnectionID)
 	st.connected(welcome, certNotAfter)
 	st.setLive(ctrl, sess)
 	a.metrics.RelayConnections.Inc()
-	log.Info("connected to relay", "relay", a.config().Relay.URL, "tunnel", welcome.Tunnel)
+	log.Info("connected to relay", "relay", lc.dialer.url, "tunnel", welcome.Tunnel)
 	if !certNotAfter.IsZero() {
 		a.metrics.RelayCertExpiry.WithLabelValues().Set(float64(certNotAfter.Unix()))
 		if level, _ := certfile.Urgency(certNotAfter); level > slog.LevelInfo {
@@ -301,20 +350,10 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 		wg.Wait()
 		a.metrics.RelayConnections.Dec()
 	}
-	select {
-	case <-sess.CloseChan():
-		st.setLive(nil, nil)
-		finish()
-		return true, errors.New("relay connection closed")
-	case <-ctx.Done():
-		st.setLive(nil, nil)
-		finish()
-		return true, ctx.Err()
-	case reason := <-goaway:
-		st.setLive(nil, nil)
-		log.Info("relay asked this connection to go away; reconnecting while its streams finish", "reason", reason)
-		// The old session finishes its streams on its own; this slot dials
-		// again at once. The drainer belongs to the agent's bg group.
+	// finishLater lets the session finish its streams while the slot
+	// goes on with another connection. The drainer belongs to the
+	// agent's bg group.
+	finishLater := func() {
 		a.bg.Add(1)
 		go func() {
 			defer a.bg.Done()
@@ -333,7 +372,58 @@ func (a *Agent) runConnection(ctx context.Context, st *connState) (up bool, err 
 			}
 			finish()
 		}()
-		return true, goAwayError{reason}
+	}
+	for {
+		select {
+		case <-sess.CloseChan():
+			st.setLive(nil, nil)
+			finish()
+			return errors.New("relay connection closed")
+		case <-ctx.Done():
+			st.setLive(nil, nil)
+			finish()
+			return ctx.Err()
+		case reason := <-goaway:
+			st.setLive(nil, nil)
+			log.Info("relay asked this connection to go away; reconnecting while its streams finish", "reason", reason)
+			finishLater()
+			return goAwayError{reason}
+		case req := <-st.move:
+			if req.dialer == lc.dialer || req.ctx.Err() != nil {
+				req.done <- nil // made with these settings already, or the asker gave up
+				continue
+			}
+			next, err := a.connect(ctx, st, req.dialer)
+			if err == nil && req.ctx.Err() != nil {
+				next.sess.Close() // too late: the reload was refused meanwhile
+				err = req.ctx.Err()
+			}
+			if err != nil {
+				if !req.reports {
+					log.Warn("could not connect with the new relay settings; this connection stays, and redials with them when it ends", "relay", req.dialer.url, "err", err)
+				}
+				req.done <- err
+				continue
+			}
+			// The successor is up: the relay stops sending here (its ack
+			// means nothing more is on the way), and what is in flight
+			// finishes in the background.
+			if ack := st.startDrain(); ack != nil {
+				t := time.NewTimer(2 * time.Second)
+				select {
+				case <-ack:
+				case <-sess.CloseChan():
+				case <-t.C:
+					log.Warn("relay did not acknowledge draining in 2s; moving on")
+				}
+				t.Stop()
+			}
+			st.setLive(nil, nil)
+			req.done <- nil
+			log.Info("moved to new relay settings; this connection finishes its streams", "relay", req.dialer.url)
+			finishLater()
+			return movedError{next: next}
+		}
 	}
 }
 
@@ -370,10 +460,10 @@ func (a *Agent) dispatch(ctx context.Context, s *yamux.Stream, inflight *atomic.
 	}
 }
 
-// dial opens the WebSocket to the relay and explains refusals.
-// dial opens the WebSocket to the relay. certNotAfter is when the
-// certificate the relay presented expires (zero over ws://).
-func (a *Agent) dial(ctx context.Context) (ws *websocket.Conn, certNotAfter time.Time, err error) {
+// dial opens the WebSocket to the relay with d's settings and explains
+// refusals. certNotAfter is when the certificate the relay presented
+// expires (zero over ws://).
+func (a *Agent) dial(ctx context.Context, d *relayDialer) (ws *websocket.Conn, certNotAfter time.Time, err error) {
 	tok, err := a.config().Relay.Token.Value()
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("relay token: %w", err)
@@ -383,17 +473,17 @@ func (a *Agent) dial(ctx context.Context) (ws *websocket.Conn, certNotAfter time
 	hdr.Set("User-Agent", "ferry-agent/"+version.Version)
 	// ctx (not a timeout context) because it outlives the handshake as the
 	// connection's context; the transport's timeouts bound the handshake.
-	ws, resp, err := websocket.Dial(ctx, a.config().Relay.URL, &websocket.DialOptions{
-		HTTPClient:   a.relayClient,
+	ws, resp, err := websocket.Dial(ctx, d.url, &websocket.DialOptions{
+		HTTPClient:   d.client,
 		HTTPHeader:   hdr,
 		Subprotocols: []string{proto.Subprotocol},
 	})
 	if err != nil {
-		return nil, time.Time{}, describeDialError(a.config().Relay.URL, resp, err)
+		return nil, time.Time{}, describeDialError(d.url, resp, err)
 	}
 	if ws.Subprotocol() != proto.Subprotocol {
 		ws.CloseNow()
-		return nil, time.Time{}, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", a.config().Relay.URL, proto.Subprotocol)
+		return nil, time.Time{}, fmt.Errorf("dial relay %s: relay did not agree to subprotocol %s (is it a ferry relay?)", d.url, proto.Subprotocol)
 	}
 	if resp.TLS != nil && len(resp.TLS.PeerCertificates) > 0 {
 		certNotAfter = resp.TLS.PeerCertificates[0].NotAfter

@@ -73,7 +73,7 @@ func Doctor(ctx context.Context, path string, out io.Writer) bool {
 		d.fail("config", err.Error(), "")
 		return false
 	}
-	defer a.relayClient.CloseIdleConnections()
+	defer a.relay.Load().client.CloseIdleConnections()
 	a.doctorRelay(ctx, d)
 	ups := a.upstreams()
 	for _, name := range ups.names {
@@ -107,7 +107,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 			d.skip(n, why)
 		}
 	}
-	proxy, err := a.proxyFor(a.config().Relay.URL)
+	proxy, err := a.relay.Load().proxyFor()
 	if err != nil {
 		d.fail("dns", "proxy settings: "+err.Error(), "check relay.proxy_url or HTTPS_PROXY")
 		skipRest(0, "no usable proxy setting")
@@ -188,7 +188,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 	// The real thing: WebSocket upgrade, token, hello.
 	hctx, cancel := context.WithTimeout(ctx, 2*doctorStepTimeout)
 	defer cancel()
-	ws, _, err := a.dial(hctx)
+	ws, _, err := a.dial(hctx, a.relay.Load())
 	if err != nil {
 		hint := ""
 		if strings.Contains(err.Error(), "401") {

@@ -15,10 +15,13 @@ import (
 // Reload re-reads the config file (SIGHUP). A file that fails validation
 // leaves the running config in force, with the error logged and returned.
 // Upstreams, policies, credentials, the relay token and the log level
-// change at once; settings that need a restart (keepRestartOnly: relay
-// url, ca_file, connections, proxy, the relay connection's timeouts,
-// diagnostics, audit, webhooks, log format, agent_id) keep their running
-// values, with a warning naming them.
+// change at once. New relay settings (url, ca_file and its contents,
+// proxy, the connection's timeouts) are tried on a live connection
+// first, and a reload whose settings cannot connect is refused whole;
+// then the connections move one by one, each serving until its
+// successor is up. Settings that need a restart (keepRestartOnly:
+// connections, diagnostics, audit, webhooks, log format, agent_id) keep
+// their running values, with a warning naming them.
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
@@ -41,6 +44,11 @@ func (a *Agent) Reload() error {
 		kept := keepRestartOnly(old, next)
 		var ups *upstreamSet
 		if ups, err = newUpstreamSet(next, a.log, a.pool); err == nil {
+			if changed := relaySettingsDiffer(old, next); len(changed) > 0 {
+				err = a.moveRelay(next, changed)
+			}
+		}
+		if err == nil {
 			if len(kept) > 0 {
 				a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
 			}
@@ -82,11 +90,7 @@ func keepRestartOnly(old, next *config.Agent) []string {
 		}
 	}
 	keep("agent_id", old.AgentID != next.AgentID, func() { next.AgentID = old.AgentID })
-	keep("relay.url", old.Relay.URL != next.Relay.URL, func() { next.Relay.URL = old.Relay.URL })
-	keep("relay.ca_file", old.Relay.CAFile != next.Relay.CAFile, func() { next.Relay.CAFile, next.Relay.CA = old.Relay.CAFile, old.Relay.CA })
-	next.Relay.CA = old.Relay.CA // the client was built with the running pool
 	keep("relay.connections", old.Relay.Connections != next.Relay.Connections, func() { next.Relay.Connections = old.Relay.Connections })
-	keep("relay.proxy_url", old.Relay.ProxyURL != next.Relay.ProxyURL, func() { next.Relay.ProxyURL = old.Relay.ProxyURL })
 	keep("diagnostics.listen", old.Diagnostics != next.Diagnostics, func() { next.Diagnostics = old.Diagnostics })
 	keep("audit", old.Audit != next.Audit, func() { next.Audit = old.Audit })
 	ow, nw := old.Webhooks, next.Webhooks
@@ -97,12 +101,6 @@ func keepRestartOnly(old, next *config.Agent) []string {
 	ow.TLS, nw.TLS = nil, nil
 	keep("webhooks", ow != nw || !sameTLS, func() { next.Webhooks = old.Webhooks })
 	keep("log.format", old.Log.Format != next.Log.Format, func() { next.Log.Format = old.Log.Format })
-	// The relay connection's HTTP client is built once, at start, with
-	// these (the dial timeout is the upstreams' too; it is kept for both).
-	ot, nt := old.Timeouts, next.Timeouts
-	keep("timeouts.dial", ot.Dial != nt.Dial, func() { next.Timeouts.Dial = ot.Dial })
-	keep("timeouts.tls_handshake", ot.TLSHandshake != nt.TLSHandshake, func() { next.Timeouts.TLSHandshake = ot.TLSHandshake })
-	keep("timeouts.upgrade", ot.Upgrade != nt.Upgrade, func() { next.Timeouts.Upgrade = ot.Upgrade })
 	return kept
 }
 

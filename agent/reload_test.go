@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
 
 // A reload that changes a setting the agent reads only at start keeps the
@@ -32,15 +33,14 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			c.Timeouts.Keepalive = 5 * time.Second
 			c.Timeouts.Idle = time.Minute
 		}, nil},
-		{"relay url and connections", func(c *config.Agent) {
+		{"connections", func(c *config.Agent) { c.Relay.Connections = 4 }, []string{"relay.connections"}},
+		{"relay url, proxy and the relay connection's timeouts change (connections move to them)", func(c *config.Agent) {
 			c.Relay.URL = "wss://elsewhere.example/v1/connect"
-			c.Relay.Connections = 4
-		}, []string{"relay.url", "relay.connections"}},
-		{"the relay connection's timeouts", func(c *config.Agent) {
+			c.Relay.ProxyURL = "http://proxy.example:3128"
 			c.Timeouts.Dial = time.Second
 			c.Timeouts.TLSHandshake = 2 * time.Second
 			c.Timeouts.Upgrade = 3 * time.Second
-		}, []string{"timeouts.dial", "timeouts.tls_handshake", "timeouts.upgrade"}},
+		}, nil},
 		{"log format", func(c *config.Agent) { c.Log.Format = "text" }, []string{"log.format"}},
 		{"the webhook listener's certificate files", func(c *config.Agent) { c.Webhooks.TLS.CertFile = "other.pem" }, []string{"webhooks"}},
 		{"the webhook listener without TLS", func(c *config.Agent) { c.Webhooks.TLS = nil }, []string{"webhooks"}},
@@ -62,5 +62,42 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 				t.Errorf("after the reload: %+v, want %+v", next, want)
 			}
 		})
+	}
+}
+
+// What makes a reload move the relay connections: each setting the
+// dial uses, and a CA file renewed under the same name.
+func TestRelaySettingsDiffer(t *testing.T) {
+	pkiA, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkiB, err := testrig.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := func() *config.Agent {
+		return &config.Agent{Relay: config.RelayClient{URL: "wss://relay.example/v1/connect", CAFile: "/etc/ferry/ca.pem", CA: pkiA.Pool, Connections: 2},
+			Timeouts: config.AgentTimeouts{Dial: 10 * time.Second, TLSHandshake: 10 * time.Second, Upgrade: 10 * time.Second, Keepalive: 15 * time.Second}}
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*config.Agent)
+		want   []string
+	}{
+		{"nothing", func(*config.Agent) {}, nil},
+		{"what is not the dial's", func(c *config.Agent) { c.Relay.Connections, c.Timeouts.Keepalive = 3, time.Second }, nil},
+		{"the same CA read again", func(c *config.Agent) { c.Relay.CA = pkiA.Pool.Clone() }, nil},
+		{"a renewed CA under the same name", func(c *config.Agent) { c.Relay.CA = pkiB.Pool }, []string{"relay.ca_file"}},
+		{"system roots instead", func(c *config.Agent) { c.Relay.CAFile, c.Relay.CA = "", nil }, []string{"relay.ca_file"}},
+		{"url and proxy", func(c *config.Agent) { c.Relay.URL, c.Relay.ProxyURL = "wss://b.example/v1/connect", "http://p:3128" }, []string{"relay.url", "relay.proxy_url"}},
+		{"timeouts", func(c *config.Agent) { c.Timeouts.Dial, c.Timeouts.TLSHandshake, c.Timeouts.Upgrade = 1, 2, 3 },
+			[]string{"timeouts.dial", "timeouts.tls_handshake", "timeouts.upgrade"}},
+	} {
+		next := base()
+		tc.change(next)
+		if got := relaySettingsDiffer(base(), next); !slices.Equal(got, tc.want) {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
 	}
 }

@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -69,5 +71,117 @@ func TestAgentExplainsProxyRefusals(t *testing.T) {
 		if !strings.Contains(msg, "proxy") || !strings.Contains(msg, c.want) {
 			t.Errorf("%s: last error %q does not explain the proxy's %s", c.name, msg, c.want)
 		}
+	}
+}
+
+// An egress proxy put in by a reload, and taken out again: the agent's
+// connections move (make before break) without a failed request, with
+// one connection and with two; settings that cannot connect are refused
+// whole and the running connections stay.
+func TestReloadMovesRelayConnections(t *testing.T) {
+	for _, n := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d connections", n), func(t *testing.T) { testReloadMovesRelayConnections(t, n) })
+	}
+}
+
+func testReloadMovesRelayConnections(t *testing.T, n int) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	tp, err := testrig.StartTinyproxy(w.dir, testrig.TinyproxyOptions{ConnectPorts: []int{relayPort(t, r.AgentAddr())}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tp.Stop()
+	conns := fmt.Sprintf("  connections: %d\n", n)
+	direct := strings.Replace(w.agentYAML(r.AgentAddr(), ""), "  connections: 2\n", conns, 1)
+	withProxy := func(addr string) string {
+		return strings.Replace(direct, conns, conns+"  proxy_url: http://"+addr+"\n", 1)
+	}
+	w.write("agent.yaml", direct)
+	a, arun := w.startAgentYAML(direct)
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == n })
+	// connIDs are the slots' connections, once all are up.
+	connIDs := func() []string {
+		var ids []string
+		for _, c := range a.Status().Connections {
+			if c.Connected {
+				ids = append(ids, c.ConnectionID)
+			}
+		}
+		return ids
+	}
+	// movedFrom waits until no slot holds a connection of before.
+	movedFrom := func(what string, before []string) []string {
+		t.Helper()
+		var ids []string
+		waitFor(t, what, func() bool {
+			ids = connIDs()
+			if len(ids) != n {
+				return false
+			}
+			for _, id := range ids {
+				if slices.Contains(before, id) {
+					return false
+				}
+			}
+			return true
+		})
+		return ids
+	}
+	first := connIDs()
+	l := startLoad(t, 4, "http://"+r.ScannerAddr()+"/t/"+tunnelID+"/bitbucket/rest/api/1.0/projects/PROJ/repos/app")
+	more := func(what string) {
+		t.Helper()
+		before := l.ok.Load()
+		waitFor(t, what, func() bool { return l.ok.Load() > before+100 })
+	}
+	more("traffic")
+
+	// A proxy that is not there: refused, nothing moves.
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := closed.Addr().String()
+	closed.Close()
+	w.write("agent.yaml", withProxy(deadAddr))
+	err = a.Reload()
+	if err == nil || !strings.Contains(err.Error(), "the running connections stay") || !strings.Contains(err.Error(), deadAddr) {
+		t.Fatalf("reload to a proxy that is not there: %v", err)
+	}
+	checkReloadMetrics(t, "after the refused reload", a.Metrics().Reloads, 0, 1, 0)
+	if ids := connIDs(); !slices.Equal(ids, first) {
+		t.Fatalf("after the refused reload: connections %q, were %q", ids, first)
+	}
+	more("traffic after the refused reload")
+
+	// Through the proxy.
+	w.write("agent.yaml", withProxy(tp.Addr))
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	checkReloadMetrics(t, "after moving through the proxy", a.Metrics().Reloads, 1, 1, 1)
+	viaProxy := movedFrom("connections to move through the proxy", first)
+	if log := tp.Log(); !strings.Contains(log, "CONNECT") || !strings.Contains(log, r.AgentAddr()) {
+		t.Fatalf("tinyproxy did not carry the new connection:\n%s", log)
+	}
+	more("traffic through the proxy")
+
+	// And back out: the proxy can then go away without the tunnel noticing.
+	w.write("agent.yaml", direct)
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	back := movedFrom("connections to move back", viaProxy)
+	tp.Stop()
+	more("traffic after the proxy stopped")
+	if ids := connIDs(); !slices.Equal(ids, back) {
+		t.Errorf("connections %q changed to %q when the proxy stopped: they still went through it", back, ids)
+	}
+	l.finish()
+	if n := l.failed.Load(); n != 0 {
+		t.Errorf("%d of %d requests failed while the connection moved", n, n+l.ok.Load())
 	}
 }
