@@ -498,3 +498,63 @@ func TestWebhookListenerOverTLS(t *testing.T) {
 		t.Fatal("the renewed certificate is not served after a reload")
 	}
 }
+
+// TestWebhookTargetToken: with webhook_token_file the relay sends the
+// target a token of its own, so the target can refuse POSTs from anyone
+// else. A target that turned to a new token first refuses deliveries
+// (kept spooled, retried, none lost) until the relay's file has it too,
+// which takes no reload.
+func TestWebhookTargetToken(t *testing.T) {
+	w := newWebhookWorld(t)
+	tokenFile := w.write("hook-token", "hook-token-1")
+	y := strings.Replace(w.relayConfig("127.0.0.1:0", "127.0.0.1:0"), "  - id: other\n", "    webhook_token_file: "+tokenFile+"\n  - id: other\n", 1)
+	r, rrun := w.startRelayYAML(y)
+	defer rrun.shutdown(t)
+	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", lanes: 1"))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+
+	w.target.RequireToken("hook-token-1")
+	_, first := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 1))
+	got := w.waitDelivered(t, 1)
+	if got[0].DeliveryID != first || got[0].Header.Get("Authorization") != "Bearer hook-token-1" {
+		t.Fatalf("first delivery %s with Authorization %q", got[0].DeliveryID, got[0].Header.Get("Authorization"))
+	}
+
+	w.target.RequireToken("hook-token-2")
+	_, second := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 2))
+	waitFor(t, "the target refusing the old token", func() bool {
+		for _, rc := range w.target.All() {
+			if rc.DeliveryID == second && rc.Status == http.StatusUnauthorized {
+				return true
+			}
+		}
+		return false
+	})
+	if n := len(spoolFiles(t, w.spoolDir)); n != 1 {
+		t.Fatalf("%d spooled while the target refused the token, want the delivery kept", n)
+	}
+	waitFor(t, "the agent to show the refusal", func() bool {
+		ws := a.Status().Webhooks
+		return ws != nil && strings.Contains(ws.LastError, "401")
+	})
+	w.write("hook-token", "hook-token-2")
+	got = w.waitDelivered(t, 2)
+	if got[1].DeliveryID != second || got[1].Header.Get("Authorization") != "Bearer hook-token-2" {
+		t.Fatalf("second delivery %s with Authorization %q", got[1].DeliveryID, got[1].Header.Get("Authorization"))
+	}
+	waitFor(t, "spool emptied", func() bool { return a.Status().Webhooks.Spool.Spooled == 0 })
+
+	// An unreadable file: the relay says so, the delivery waits.
+	os.Remove(tokenFile)
+	time.Sleep(1100 * time.Millisecond) // the relay looks at the file at most once a second
+	_, third := w.post(t, "repo:refs_changed", webhookSecret, testrig.RefsChangedPayload("PROJ", "app", 3))
+	waitFor(t, "the relay's refusal", func() bool {
+		ws := a.Status().Webhooks
+		return ws != nil && strings.Contains(ws.LastError, "webhook_token_file")
+	})
+	w.write("hook-token", "hook-token-2")
+	if got := w.waitDelivered(t, 3); got[2].DeliveryID != third {
+		t.Fatalf("third delivery %s, want %s", got[2].DeliveryID, third)
+	}
+}

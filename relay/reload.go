@@ -21,7 +21,7 @@ type authTables struct {
 	scannerHashes []token.Hash
 	scanners      []*scannerAuth // parallel to scannerHashes
 	// webhookTargets: tunnel id → webhook_target (absent: none).
-	webhookTargets map[string]string
+	webhookTargets map[string]webhookTarget
 	scannerByName  map[string]*scannerAuth // for requests forwarded by a peer replica
 	// maxStreams is limits.max_streams_per_tunnel: here, not read from
 	// the config the relay started with, so that a reload changes it (an
@@ -33,7 +33,7 @@ type authTables struct {
 }
 
 func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
-	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]string{}, scannerByName: map[string]*scannerAuth{},
+	a := &authTables{tunnels: map[string]*tunnel{}, webhookTargets: map[string]webhookTarget{}, scannerByName: map[string]*scannerAuth{},
 		maxStreams: int64(cfg.Limits.MaxStreamsPerTunnel), maxAgentConns: cfg.Limits.MaxAgentConnsPerTunnel}
 	for _, tc := range cfg.Tunnels {
 		t := (*tunnel)(nil)
@@ -45,7 +45,7 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 		}
 		a.tunnels[tc.ID] = t
 		if tc.WebhookTarget != "" {
-			a.webhookTargets[tc.ID] = tc.WebhookTarget
+			a.webhookTargets[tc.ID] = webhookTarget{url: tc.WebhookTarget, token: tc.WebhookToken}
 		}
 		for _, h := range tc.AgentHashes {
 			a.agentHashes = append(a.agentHashes, h)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/secret"
 	"github.com/ferry-tunnel/ferry/internal/spool"
 	"github.com/ferry-tunnel/ferry/proto"
 )
@@ -95,7 +96,8 @@ func (r *Relay) serveWebhook(ctx context.Context, log *slog.Logger, t *tunnel, s
 		s.SetReadDeadline(time.Now().Add(webhookAckTimeout))
 		io.Copy(io.Discard, br)
 	}
-	target := r.webhookTarget(t.id)
+	wt := r.webhookTarget(t.id)
+	target := wt.url
 	if target == "" {
 		log.Warn("webhook delivery for a tunnel without webhook_target; the agent keeps it spooled and retries", "event", in.Header.Get("X-Event-Key"))
 		answer(http.StatusNotFound, "no_target", "tunnel "+t.id+" has no webhook_target configured on the relay", nil)
@@ -112,6 +114,15 @@ func (r *Relay) serveWebhook(ctx context.Context, log *slog.Logger, t *tunnel, s
 	out.Header = httpx.WebhookHeaders(in.Header)
 	out.Header.Set("X-Ferry-Tunnel", t.id)
 	out.Header.Set("X-Ferry-Delivery-Id", id)
+	if wt.token != nil {
+		tok, err := wt.token.Value()
+		if err != nil {
+			log.Error("cannot read the tunnel's webhook_token_file; the agent keeps the delivery and retries", "err", err)
+			answer(http.StatusBadGateway, "target_unreachable", "the relay cannot read this tunnel's webhook_token_file", nil)
+			return
+		}
+		out.Header.Set("Authorization", "Bearer "+tok)
+	}
 	if rcv := in.Header.Get("X-Ferry-Received"); rcv != "" {
 		out.Header.Set("X-Ferry-Received", rcv)
 	}
@@ -152,5 +163,11 @@ func (r *Relay) startHook() bool {
 	return true
 }
 
+// webhookTarget is where a tunnel's deliveries go, and with what token.
+type webhookTarget struct {
+	url   string       // "": none
+	token *secret.File // nil: none
+}
+
 // webhookTarget is the tunnel's webhook_target in the running config.
-func (r *Relay) webhookTarget(tunnel string) string { return r.auth.Load().webhookTargets[tunnel] }
+func (r *Relay) webhookTarget(tunnel string) webhookTarget { return r.auth.Load().webhookTargets[tunnel] }

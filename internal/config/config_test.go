@@ -70,6 +70,8 @@ func TestRelayErrorsNameFileLineField(t *testing.T) {
 		{"advertise any", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\", advertise_url: \"http://0.0.0.0:7443\"}\n", []string{"registry.advertise_url", "reach"}},
 		{"advertise path", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\", advertise_url: \"http://10.0.0.5:7443/x\"}\n", []string{"registry.advertise_url", "HOST:PORT"}},
 		{"redis fields on memory", relayYAML() + "registry: {redis_url: \"redis://r:6379\"}\n", []string{"registry.backend", "need backend: redis"}},
+		{"webhook token without target", strings.Replace(relayYAML(), "    agent_tokens:", "    webhook_token_file: /etc/ferry/hook-token\n    agent_tokens:", 1), []string{"tunnels[0].webhook_token_file", "webhook_target, which is not set"}},
+		{"webhook token missing", strings.Replace(relayYAML(), "    agent_tokens:", "    webhook_target: https://hooks.example/x\n    webhook_token_file: /nonexistent/hook-token\n    agent_tokens:", 1), []string{"tunnels[0].webhook_token_file", "/nonexistent/hook-token", "no such file"}},
 		{"two docs", relayYAML() + "---\na: 1\n", []string{"more than one YAML document"}},
 		{"empty", "", []string{"empty"}},
 	}

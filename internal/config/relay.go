@@ -68,8 +68,13 @@ type Tunnel struct {
 	ID            string   `yaml:"id"`
 	AgentTokens   []string `yaml:"agent_tokens"`
 	WebhookTarget string   `yaml:"webhook_target"`
+	// WebhookTokenFile holds a token the relay sends to webhook_target
+	// as "Authorization: Bearer", so the target can tell deliveries from
+	// the relay from anyone else's POSTs. Re-read when it changes.
+	WebhookTokenFile string `yaml:"webhook_token_file"`
 
-	AgentHashes []token.Hash `yaml:"-"`
+	AgentHashes  []token.Hash `yaml:"-"`
+	WebhookToken *secret.File `yaml:"-"` // nil: no webhook_token_file
 }
 
 // Scanner is a cloud client allowed to use some tunnels.
@@ -217,6 +222,15 @@ func (c *Relay) validate(v *validator) {
 		}
 		if t.WebhookTarget != "" {
 			checkURL(v, f+".webhook_target", t.WebhookTarget, "http", "https")
+		}
+		if t.WebhookTokenFile != "" {
+			if t.WebhookTarget == "" {
+				v.failf(f+".webhook_token_file", "is for webhook_target, which is not set")
+			} else if p, err := ExpandCredentialsDir(t.WebhookTokenFile); err != nil {
+				v.failf(f+".webhook_token_file", "%v", err)
+			} else if t.WebhookToken, err = secret.NewFile(p); err != nil {
+				v.failf(f+".webhook_token_file", "%v", err)
+			}
 		}
 	}
 	scanners := map[string]bool{}

@@ -73,6 +73,15 @@ type WebhookTarget struct {
 	failNext int
 	down     bool
 	hold     chan struct{} // non-nil: answers wait until it is closed
+	token    string        // non-empty: POSTs without "Authorization: Bearer <token>" get 401
+}
+
+// RequireToken makes the target answer 401 to POSTs that do not carry
+// "Authorization: Bearer tok" ("" accepts any).
+func (t *WebhookTarget) RequireToken(tok string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.token = tok
 }
 
 // HoldAnswers makes every POST wait, recorded, for its answer until
@@ -133,6 +142,8 @@ func (t *WebhookTarget) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t.mu.Lock()
 	status := http.StatusNoContent
 	switch {
+	case t.token != "" && r.Header.Get("Authorization") != "Bearer "+t.token:
+		status = http.StatusUnauthorized
 	case t.down:
 		status = http.StatusServiceUnavailable
 	case t.failNext > 0:
@@ -149,7 +160,12 @@ func (t *WebhookTarget) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if status != http.StatusNoContent {
+	switch status {
+	case http.StatusNoContent:
+	case http.StatusUnauthorized:
+		http.Error(w, "bad or missing token", status)
+		return
+	default:
 		http.Error(w, "target temporarily unavailable", status)
 		return
 	}
