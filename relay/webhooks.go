@@ -170,4 +170,6 @@ type webhookTarget struct {
 }
 
 // webhookTarget is the tunnel's webhook_target in the running config.
-func (r *Relay) webhookTarget(tunnel string) webhookTarget { return r.auth.Load().webhookTargets[tunnel] }
+func (r *Relay) webhookTarget(tunnel string) webhookTarget {
+	return r.auth.Load().webhookTargets[tunnel]
+}
