@@ -32,6 +32,7 @@ type Agent struct {
 	log      *slog.Logger
 	level    *slog.LevelVar // nil: level not reloadable
 	ups      atomic.Pointer[upstreamSet]
+	gates    gates // per upstream name, across reloads
 	pool     *httpx.BufferPool
 	reloadMu sync.Mutex
 	relay    atomic.Pointer[relayDialer] // how connections reach the relay; a reload may move them
@@ -61,10 +62,12 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 	a := &Agent{log: log, pool: httpx.NewBufferPool(32 << 10), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1),
 		denials: statuspage.NewRecent[audit.Entry](25), page: statuspage.New("ferry agent", "/v1/status", agentPage)}
 	a.cfg.Store(cfg)
-	ups, err := newUpstreamSet(cfg, log, a.pool)
+	a.gates.metrics = a.metrics
+	ups, err := newUpstreamSet(cfg, log, a.pool, &a.gates)
 	if err != nil {
 		return nil, err
 	}
+	ups.applyLimits()
 	a.ups.Store(ups)
 	d, err := newRelayDialer(cfg)
 	if err != nil {

@@ -33,6 +33,7 @@ type upstream struct {
 	proxy     *httputil.ReverseProxy
 	transport *http.Transport
 	log       *slog.Logger
+	gate      *gate // max_concurrent_requests; shared with the same name's upstream before a reload
 }
 
 // upstreamSet is the configured upstreams, replaced whole on reload.
@@ -41,7 +42,7 @@ type upstreamSet struct {
 	names  []string
 }
 
-func newUpstreamSet(cfg *config.Agent, log *slog.Logger, pool *httpx.BufferPool) (*upstreamSet, error) {
+func newUpstreamSet(cfg *config.Agent, log *slog.Logger, pool *httpx.BufferPool, gs *gates) (*upstreamSet, error) {
 	s := &upstreamSet{byName: map[string]*upstream{}}
 	bodies := httpx.NewBufferPool(upstreamBodyChunk)
 	for i := range cfg.Upstreams {
@@ -49,10 +50,19 @@ func newUpstreamSet(cfg *config.Agent, log *slog.Logger, pool *httpx.BufferPool)
 		if err != nil {
 			return nil, err
 		}
+		u.gate = gs.get(u.cfg.Name)
 		s.byName[u.cfg.Name] = u
 		s.names = append(s.names, u.cfg.Name)
 	}
 	return s, nil
+}
+
+// applyLimits puts the set's max_concurrent_requests in force; called
+// once the set is the one in use, so a refused reload changes nothing.
+func (s *upstreamSet) applyLimits() {
+	for _, u := range s.byName {
+		u.gate.setLimit(u.cfg.MaxConcurrentRequests)
+	}
 }
 
 func (s *upstreamSet) closeIdle() {
@@ -316,7 +326,34 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel = context.WithDeadline(ctx, hdr.Deadline)
 		defer cancel()
 	}
+	if !a.admit(ctx, rec, r, u, &entry) {
+		return
+	}
+	defer u.gate.release()
 	u.proxy.ServeHTTP(rec, r.WithContext(ctx))
+}
+
+// admit takes one of the upstream's max_concurrent_requests slots,
+// waiting up to max_queue_wait (or the request's deadline) in arrival
+// order. It answers 503 upstream_busy, and reports false, when none came
+// free; a request that took a slot must release it.
+func (a *Agent) admit(ctx context.Context, w http.ResponseWriter, r *http.Request, u *upstream, entry *audit.Entry) bool {
+	err := u.gate.acquire(ctx, u.cfg.MaxQueueWait)
+	if err == nil {
+		return true
+	}
+	name := u.cfg.Name
+	limit, _, _ := u.gate.state()
+	entry.Decision, entry.Rule = "deny", "max_concurrent_requests"
+	if errors.Is(err, errGateTimeout) {
+		u.gate.refused.Inc()
+		a.log.Warn("upstream at its max_concurrent_requests; request refused after waiting", "upstream", name, "limit", limit,
+			"waited", u.cfg.MaxQueueWait.String(), "request_id", entry.RequestID)
+	} // else the scanner left, or its deadline passed, while waiting: the answer goes nowhere
+	w.Header().Set("Retry-After", "5")
+	httperr.Respond(w, r, http.StatusServiceUnavailable, httperr.UpstreamBusy,
+		fmt.Sprintf("upstream %s is at this agent's limit of %d requests at once (upstreams[].max_concurrent_requests); none finished within %s, retry later", name, limit, u.cfg.MaxQueueWait))
+	return false
 }
 
 // readCloser forwards a checked body while closing the original.

@@ -43,7 +43,7 @@ func (a *Agent) Reload() error {
 		// from next (the upstreams' transports) uses the running ones too.
 		kept := keepRestartOnly(old, next)
 		var ups *upstreamSet
-		if ups, err = newUpstreamSet(next, a.log, a.pool); err == nil {
+		if ups, err = newUpstreamSet(next, a.log, a.pool, &a.gates); err == nil {
 			if changed := relaySettingsDiffer(old, next); len(changed) > 0 {
 				err = a.moveRelay(next, changed)
 			}
@@ -53,6 +53,7 @@ func (a *Agent) Reload() error {
 				a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
 			}
 			prev := a.ups.Swap(ups)
+			ups.applyLimits()
 			a.cfg.Store(next)
 			if a.level != nil {
 				var l slog.Level

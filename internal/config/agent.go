@@ -72,6 +72,12 @@ type Upstream struct {
 	HideResponseHeaders []string `yaml:"hide_response_headers"`
 	// ResponseTimeout bounds the wait for the upstream's response headers.
 	ResponseTimeout time.Duration `yaml:"response_timeout"`
+	// MaxConcurrentRequests bounds the requests this agent has in flight
+	// to the upstream (0: no bound), so scanners cannot swamp it, whatever
+	// the relay allows. Past it requests wait in arrival order, up to
+	// MaxQueueWait, then get 503 upstream_busy. Reloadable.
+	MaxConcurrentRequests int           `yaml:"max_concurrent_requests"`
+	MaxQueueWait          time.Duration `yaml:"max_queue_wait"`
 
 	CA     *x509.CertPool `yaml:"-"`
 	Policy *policy.Policy `yaml:"-"`
@@ -243,6 +249,10 @@ func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
 	case u.ResponseTimeout < 0:
 		v.failf(f+".response_timeout", "must be positive")
 	}
+	if u.MaxConcurrentRequests < 0 || u.MaxConcurrentRequests > 100000 {
+		v.failf(f+".max_concurrent_requests", "%d is out of range 0-100000 (0: no limit)", u.MaxConcurrentRequests)
+	}
+	v.duration(f+".max_queue_wait", &u.MaxQueueWait, time.Minute, 100*time.Millisecond, 10*time.Minute)
 	switch u.Auth.Type {
 	case "bearer":
 		if u.Auth.Username != "" || u.Auth.PasswordFile != "" {

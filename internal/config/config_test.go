@@ -181,6 +181,8 @@ func TestAgentErrors(t *testing.T) {
 		{"missing pat", strings.Replace(base, "/pat\"}", "/nope\"}", 1), []string{"upstreams[0].auth.token_file", "no such file"}},
 		{"auth type", strings.Replace(base, "type: bearer", "type: ntlm", 1), []string{"upstreams[0].auth.type"}},
 		{"scope", strings.Replace(base, `"PROJ/*"`, `"PROJ"`, 1), []string{"upstreams[0].repositories"}},
+		{"concurrency", strings.Replace(base, "profile:", "max_concurrent_requests: -1\n    profile:", 1), []string{"upstreams[0].max_concurrent_requests", "0-100000"}},
+		{"queue wait", strings.Replace(base, "profile:", "max_queue_wait: 1h\n    profile:", 1), []string{"upstreams[0].max_queue_wait", "out of range"}},
 		{"connections", strings.Replace(base, "url: wss", "connections: 99\n  url: wss", 1), []string{"relay.connections"}},
 		{"unknown", strings.Replace(base, "profile:", "profle:", 1), []string{"agent.yaml:8", "profle", "unknown field"}},
 		{"webhooks no listen", base + "webhooks: {spool_dir: /tmp/x}\n", []string{"webhooks.listen", "required"}},

@@ -224,7 +224,6 @@ func (v *validator) checkLog(l *Log) {
 	}
 }
 
-// duration applies a default and bounds to a duration field.
 // count defaults *n to def when unset and checks it is in 1..hi.
 func (v *validator) count(field string, n *int, def, hi int) {
 	switch {
@@ -235,6 +234,7 @@ func (v *validator) count(field string, n *int, def, hi int) {
 	}
 }
 
+// duration applies a default and bounds to a duration field.
 func (v *validator) duration(field string, d *time.Duration, def, lo, hi time.Duration) {
 	switch {
 	case *d == 0:

@@ -24,6 +24,7 @@ const (
 	UnknownUpstream = "unknown_upstream"
 	TunnelOffline   = "tunnel_offline"
 	TunnelBusy      = "tunnel_busy"
+	UpstreamBusy    = "upstream_busy"
 	UpstreamError   = "upstream_error"
 	UpstreamTimeout = "upstream_timeout"
 	BadRequest      = "bad_request"

@@ -166,6 +166,11 @@ type Agent struct {
 	CredentialExpiry *prometheus.GaugeVec   // upstream
 	CredentialValid  *prometheus.GaugeVec   // upstream
 
+	// upstreams[].max_concurrent_requests, by upstream.
+	UpstreamInFlight *prometheus.GaugeVec
+	UpstreamWaiting  *prometheus.GaugeVec
+	UpstreamBusy     *prometheus.CounterVec
+
 	Reloads Reloads
 
 	AuditLost prometheus.Counter
@@ -195,6 +200,15 @@ func NewAgent() *Agent {
 		StreamsInFlight: f.NewGauge(prometheus.GaugeOpts{
 			Name: "ferry_agent_streams_in_flight", Help: "Requests from the tunnel being served now.",
 		}),
+		UpstreamInFlight: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_agent_upstream_requests_in_flight", Help: "Requests forwarded to the upstream and not yet finished.",
+		}, []string{"upstream"}),
+		UpstreamWaiting: f.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ferry_agent_upstream_requests_waiting", Help: "Requests waiting for a slot under the upstream's max_concurrent_requests.",
+		}, []string{"upstream"}),
+		UpstreamBusy: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_agent_upstream_busy_total", Help: "Requests refused with 503 upstream_busy after waiting max_queue_wait for a slot.",
+		}, []string{"upstream"}),
 		Requests: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_agent_requests_total", Help: "Requests from the tunnel by upstream, method class, status code and policy decision.",
 		}, []string{"upstream", "method_class", "code", "decision"}),

@@ -41,6 +41,8 @@ type Bitbucket struct {
 	// accept it, as by a Bitbucket whose compression covers their type.
 	GzipLFSBatch atomic.Bool
 
+	inFlight atomic.Int64 // requests being answered now
+
 	mu        sync.Mutex
 	redirects map[string]string // path -> Location, answered with 302
 	seen      []SeenRequest
@@ -129,8 +131,13 @@ func (b *Bitbucket) Seen() []SeenRequest {
 	return append([]SeenRequest(nil), b.seen...)
 }
 
+// InFlight is how many requests it is answering now.
+func (b *Bitbucket) InFlight() int64 { return b.inFlight.Load() }
+
 // ServeHTTP implements http.Handler.
 func (b *Bitbucket) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	b.inFlight.Add(1)
+	defer b.inFlight.Add(-1)
 	b.mu.Lock()
 	b.seen = append(b.seen, SeenRequest{Method: r.Method, Path: r.URL.Path, RawPath: r.URL.EscapedPath(), Query: r.URL.RawQuery, Header: r.Header.Clone()})
 	b.mu.Unlock()

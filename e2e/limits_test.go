@@ -1,0 +1,129 @@
+package e2e
+
+import (
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+// TestUpstreamConcurrencyLimit: upstreams[].max_concurrent_requests is
+// the broker owner's own bound on what scanners put on Bitbucket,
+// whatever the relay allows. Past it requests wait in turn; one that
+// waits max_queue_wait gets 503 upstream_busy with Retry-After, and
+// Bitbucket never sees it. A reload changes the wait and the limit for
+// requests already waiting.
+func TestUpstreamConcurrencyLimit(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	limited := func(limit int, wait string) string {
+		return strings.Replace(w.agentYAML(r.AgentAddr(), ""), "    response_timeout: 5s\n",
+			"    response_timeout: 5s\n    max_concurrent_requests: "+itoa(limit)+"\n    max_queue_wait: "+wait+"\n", 1)
+	}
+	w.write("agent.yaml", limited(2, "300ms"))
+	a, arun := w.startAgentYAML(limited(2, "300ms"))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	// Each slow download holds a slot for about 4 s.
+	w.bb.AddSynthetic("PROJ", "app", "slow.bin", testrig.Synthetic{Size: 800 << 10, BytesPerSec: 200 << 10})
+	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+	get := func(path string) (int, http.Header, string) {
+		req, _ := http.NewRequest("GET", base+path, nil)
+		req.Header.Set("Authorization", "Bearer "+scannerToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, nil, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, string(b)
+	}
+	slow := func(n int) chan int {
+		codes := make(chan int, n)
+		for range n {
+			go func() {
+				code, _, _ := get("/raw/slow.bin")
+				codes <- code
+			}()
+		}
+		return codes
+	}
+
+	codes := slow(2)
+	waitFor(t, "two slow downloads at Bitbucket", func() bool { return w.bb.InFlight() == 2 })
+	start := time.Now()
+	code, hdr, body := get("")
+	if code != http.StatusServiceUnavailable || errorBody(t, body).Error != "upstream_busy" || hdr.Get("Retry-After") != "5" ||
+		!strings.Contains(body, "limit of 2 requests at once") {
+		t.Fatalf("third request while two hold the slots: %d %v %s", code, hdr, body)
+	}
+	if waited := time.Since(start); waited < 300*time.Millisecond {
+		t.Errorf("refused after %v, before max_queue_wait", waited)
+	}
+	// seen: whether Bitbucket got the (fast) request for the repository.
+	seen := func() bool {
+		for _, s := range w.bb.Seen() {
+			if s.Path == "/rest/api/1.0/projects/PROJ/repos/app" {
+				return true
+			}
+		}
+		return false
+	}
+	if seen() {
+		t.Fatal("Bitbucket saw the refused request")
+	}
+	if v := testutil.ToFloat64(a.Metrics().UpstreamBusy.WithLabelValues("bitbucket")); v != 1 {
+		t.Errorf("upstream_busy counted %v, want 1", v)
+	}
+	if d := a.Status().Requests.LastDenial; !strings.Contains(d, "max_concurrent_requests") {
+		t.Errorf("status last denial %q", d)
+	}
+
+	// A longer wait, by reload: the next request waits its turn and
+	// gets in when a download ends.
+	w.write("agent.yaml", limited(2, "30s"))
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan int, 1)
+	go func() {
+		code, _, _ := get("")
+		waited <- code
+	}()
+	waitFor(t, "the request waiting", func() bool {
+		return testutil.ToFloat64(a.Metrics().UpstreamWaiting.WithLabelValues("bitbucket")) == 1
+	})
+	if w.bb.InFlight() != 2 || seen() {
+		t.Fatalf("the waiting request reached Bitbucket while both slots were held (%d at Bitbucket)", w.bb.InFlight())
+	}
+	for range 2 {
+		if c := <-codes; c != 200 {
+			t.Errorf("slow download: %d", c)
+		}
+	}
+	if c := <-waited; c != 200 || !seen() {
+		t.Fatalf("request that waited its turn: %d", c)
+	}
+
+	// Requests waiting when a reload raises the limit go in at once.
+	codes = slow(4)
+	waitFor(t, "two at Bitbucket, two waiting", func() bool {
+		return w.bb.InFlight() == 2 && testutil.ToFloat64(a.Metrics().UpstreamWaiting.WithLabelValues("bitbucket")) == 2
+	})
+	w.write("agent.yaml", limited(4, "30s"))
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "four at Bitbucket", func() bool { return w.bb.InFlight() == 4 })
+	for range 4 {
+		if c := <-codes; c != 200 {
+			t.Errorf("slow download: %d", c)
+		}
+	}
+}
