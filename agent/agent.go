@@ -307,6 +307,7 @@ type Status struct {
 	Connected     int                `json:"connected"`
 	Connections   []ConnStatus       `json:"connections"`
 	Upstreams     []string           `json:"upstreams"`
+	Load          []UpstreamLoad     `json:"load"` // per upstream, in Upstreams' order
 	StartedAt     time.Time          `json:"started_at"`
 	UptimeSec     int64              `json:"uptime_seconds"`
 	Requests      RequestStats       `json:"requests"`
@@ -329,6 +330,9 @@ func (a *Agent) Status() Status {
 			s.Connected++
 		}
 		s.Connections = append(s.Connections, cs)
+	}
+	for _, name := range ups.names {
+		s.Load = append(s.Load, ups.byName[name].gate.load(name))
 	}
 	a.credMu.Lock()
 	for _, name := range ups.names {
@@ -505,6 +509,7 @@ const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 <table><tr><th>upstream</th><th>credential</th><th>user</th><th>expires</th><th>checked</th></tr>
 {{range .Credentials}}<tr><td><code>{{.Upstream}}</code></td>{{if .Valid}}<td class="ok">accepted</td>{{else}}<td class="bad">{{.Problem}}</td>{{end}}<td>{{.User}}</td><td>{{ts .Expiry}}</td><td>{{ago .Checked}}</td></tr>
 {{else}}<tr><td colspan="5" class="empty">{{range $.Upstreams}}<code>{{.}}</code> {{end}}— credentials not checked yet</td></tr>{{end}}</table>
+<p>{{range .Load}}<code>{{.Upstream}}</code>: {{.InFlight}} in flight{{if .Limit}} of {{.Limit}} at most{{end}}{{if .Waiting}}, <span class="warn">{{.Waiting}} waiting</span>{{end}}{{if .Refused}}, <span class="bad">{{.Refused}} refused busy since start</span>{{end}} · {{end}}</p>
 <h2>Requests: {{.Requests.Total}} ({{.Requests.Allowed}} allowed, {{.Requests.Denied}} denied)</h2>
 {{if .RecentDenials}}<table><tr><th>time</th><th>scanner</th><th>request</th><th>rule</th><th>status</th><th>request id</th></tr>
 {{range .RecentDenials}}<tr><td>{{ts .Time}}</td><td>{{.Scanner}}</td><td><code>{{.Method}} {{.Path}}</code></td><td><code>{{.Rule}}</code></td><td class="warn">{{.Status}}</td><td><code>{{.RequestID}}</code></td></tr>

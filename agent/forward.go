@@ -346,7 +346,6 @@ func (a *Agent) admit(ctx context.Context, w http.ResponseWriter, r *http.Reques
 	limit, _, _ := u.gate.state()
 	entry.Decision, entry.Rule = "deny", "max_concurrent_requests"
 	if errors.Is(err, errGateTimeout) {
-		u.gate.refused.Inc()
 		a.log.Warn("upstream at its max_concurrent_requests; request refused after waiting", "upstream", name, "limit", limit,
 			"waited", u.cfg.MaxQueueWait.String(), "request_id", entry.RequestID)
 	} // else the scanner left, or its deadline passed, while waiting: the answer goes nowhere

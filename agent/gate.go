@@ -20,10 +20,11 @@ type gate struct {
 	inFlight, waiting prometheus.Gauge
 	refused           prometheus.Counter
 
-	mu    sync.Mutex
-	limit int // 0: none
-	busy  int
-	queue []chan struct{} // waiting, oldest first; closed when given a slot
+	mu       sync.Mutex
+	limit    int // 0: none
+	busy     int
+	queue    []chan struct{} // waiting, oldest first; closed when given a slot
+	refusedN int64           // waits that ran out, since start
 }
 
 // setLimit changes the limit; a higher one lets waiting requests in.
@@ -62,6 +63,10 @@ func (g *gate) acquire(ctx context.Context, wait time.Duration) error {
 		err = errGateTimeout
 	}
 	g.mu.Lock()
+	if err == errGateTimeout {
+		g.refusedN++
+		g.refused.Inc()
+	}
 	if i := slices.Index(g.queue, ch); i >= 0 {
 		g.queue = slices.Delete(g.queue, i, i+1)
 		g.mu.Unlock()
@@ -100,6 +105,21 @@ func (g *gate) state() (limit, busy, waiting int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.limit, g.busy, len(g.queue)
+}
+
+// UpstreamLoad is what one upstream carries now, in /v1/status.
+type UpstreamLoad struct {
+	Upstream string `json:"upstream"`
+	InFlight int    `json:"in_flight"`
+	Limit    int    `json:"max_concurrent_requests"` // 0: none
+	Waiting  int    `json:"waiting"`
+	Refused  int64  `json:"refused_busy"` // 503 upstream_busy since start
+}
+
+func (g *gate) load(name string) UpstreamLoad {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return UpstreamLoad{Upstream: name, InFlight: g.busy, Limit: g.limit, Waiting: len(g.queue), Refused: g.refusedN}
 }
 
 // gates holds one gate per upstream name, across reloads.

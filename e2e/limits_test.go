@@ -3,6 +3,7 @@ package e2e
 import (
 	"io"
 	"net/http"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +20,7 @@ import (
 // Bitbucket never sees it. A reload changes the wait and the limit for
 // requests already waiting.
 func TestUpstreamConcurrencyLimit(t *testing.T) {
+	_, agentBin := binaries(t)
 	w := newWorld(t)
 	r, rrun := w.startRelay("127.0.0.1:0")
 	defer rrun.shutdown(t)
@@ -81,8 +83,19 @@ func TestUpstreamConcurrencyLimit(t *testing.T) {
 	if v := testutil.ToFloat64(a.Metrics().UpstreamBusy.WithLabelValues("bitbucket")); v != 1 {
 		t.Errorf("upstream_busy counted %v, want 1", v)
 	}
-	if d := a.Status().Requests.LastDenial; !strings.Contains(d, "max_concurrent_requests") {
+	st := a.Status()
+	if d := st.Requests.LastDenial; !strings.Contains(d, "max_concurrent_requests") {
 		t.Errorf("status last denial %q", d)
+	}
+	if l := st.Load; len(l) != 1 || l[0].Upstream != "bitbucket" || l[0].InFlight != 2 || l[0].Limit != 2 || l[0].Refused != 1 {
+		t.Errorf("status load %+v, want bitbucket 2 of 2 in flight, 1 refused", l)
+	}
+	if page := getPage(t, "http://"+a.DiagAddr()+"/"); !strings.Contains(page, "2 in flight of 2 at most") || !strings.Contains(page, "1 refused busy since start") {
+		t.Errorf("status page does not show the upstream's load")
+	}
+	out, err := exec.Command(agentBin, "status", "--addr", a.DiagAddr()).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "bitbucket: 2 in flight (max_concurrent_requests 2), 1 refused busy since start") {
+		t.Errorf("ferry-agent status: %v\n%s", err, out)
 	}
 
 	// A longer wait, by reload: the next request waits its turn and

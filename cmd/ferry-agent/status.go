@@ -51,6 +51,19 @@ func status(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(stdout, "relay:     %s\n", s.Relay)
 	fmt.Fprintf(stdout, "uptime:    %s\n", (time.Duration(s.UptimeSec) * time.Second).String())
 	fmt.Fprintf(stdout, "upstreams: %v\n", s.Upstreams)
+	for _, l := range s.Load {
+		line := fmt.Sprintf("  %s: %d in flight", l.Upstream, l.InFlight)
+		if l.Limit > 0 {
+			line += fmt.Sprintf(" (max_concurrent_requests %d)", l.Limit)
+		}
+		if l.Waiting > 0 {
+			line += fmt.Sprintf(", %d waiting", l.Waiting)
+		}
+		if l.Refused > 0 {
+			line += fmt.Sprintf(", %d refused busy since start", l.Refused)
+		}
+		fmt.Fprintln(stdout, line)
+	}
 	fmt.Fprintf(stdout, "requests:  %d (%d allowed, %d denied)\n", s.Requests.Total, s.Requests.Allowed, s.Requests.Denied)
 	if s.Requests.LastDenial != "" {
 		fmt.Fprintf(stdout, "last denial: %s at %s\n", s.Requests.LastDenial, s.Requests.LastDeniedAt.Format(time.RFC3339))
