@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ferry-tunnel/ferry/internal/testrig"
+	"github.com/ferry-tunnel/ferry/internal/token"
 )
 
 // TestUpstreamConcurrencyLimit: upstreams[].max_concurrent_requests is
@@ -135,6 +136,81 @@ func TestUpstreamConcurrencyLimit(t *testing.T) {
 	}
 	waitFor(t, "four at Bitbucket", func() bool { return w.bb.InFlight() == 4 })
 	for range 4 {
+		if c := <-codes; c != 200 {
+			t.Errorf("slow download: %d", c)
+		}
+	}
+}
+
+// TestScannerStreamLimit: scanners[].max_streams keeps one scanner from
+// taking every slot of a tunnel it shares with others: past it that
+// scanner gets 429 with Retry-After, and the others go on. Requests in
+// flight across a relay reload still count; a raised limit applies at
+// once.
+func TestScannerStreamLimit(t *testing.T) {
+	w := newWorld(t)
+	const iacToken = "iac-scanner-token"
+	withLimit := func(n int) string {
+		y := w.relayYAML("127.0.0.1:0")
+		y = strings.Replace(y, "    tunnels: ["+tunnelID+"]\n", "    tunnels: ["+tunnelID+"]\n    max_streams: "+itoa(n)+"\n", 1)
+		return y + "  - name: iac\n    token: \"" + token.Of(iacToken).String() + "\"\n    tunnels: [" + tunnelID + "]\n"
+	}
+	w.write("relay.yaml", withLimit(2))
+	r, rrun := w.startRelayYAML(withLimit(2))
+	defer rrun.shutdown(t)
+	a, arun := w.startAgent(r.AgentAddr(), "")
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	w.bb.AddSynthetic("PROJ", "app", "slow.bin", testrig.Synthetic{Size: 800 << 10, BytesPerSec: 200 << 10})
+	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+	get := func(tok, path string) (int, http.Header, string) {
+		req, _ := http.NewRequest("GET", base+path, nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0, nil, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, string(b)
+	}
+	codes := make(chan int, 2)
+	for range 2 {
+		go func() {
+			code, _, _ := get(scannerToken, "/raw/slow.bin")
+			codes <- code
+		}()
+	}
+	waitFor(t, "two slow downloads at Bitbucket", func() bool { return w.bb.InFlight() == 2 })
+
+	code, hdr, body := get(scannerToken, "")
+	if code != http.StatusTooManyRequests || errorBody(t, body).Error != "too_many_requests" || hdr.Get("Retry-After") != "1" ||
+		!strings.Contains(body, `scanner \"appsec\" has 2 requests in flight`) {
+		t.Fatalf("appsec's third request: %d %v %s", code, hdr, body)
+	}
+	if code, _, body := get(iacToken, ""); code != 200 {
+		t.Fatalf("the other scanner on the same tunnel: %d %s", code, body)
+	}
+	if v := testutil.ToFloat64(r.Metrics().ScannerOverLimit.WithLabelValues("appsec")); v != 1 {
+		t.Errorf("over-limit counted %v, want 1", v)
+	}
+
+	// A reload that leaves the limit: the two in flight still count.
+	w.write("relay.yaml", withLimit(2)+"  - name: extra\n    token: \""+token.Of("extra-token").String()+"\"\n    tunnels: ["+tunnelID+"]\n")
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, _ := get(scannerToken, ""); code != http.StatusTooManyRequests {
+		t.Fatalf("after a reload, with two still in flight: %d, want 429", code)
+	}
+	w.write("relay.yaml", withLimit(3))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, body := get(scannerToken, ""); code != 200 {
+		t.Fatalf("after raising the limit to 3: %d %s", code, body)
+	}
+	for range 2 {
 		if c := <-codes; c != 200 {
 			t.Errorf("slow download: %d", c)
 		}

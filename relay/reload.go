@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/certfile"
@@ -53,7 +54,13 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 		}
 	}
 	for _, sc := range cfg.Scanners {
-		sa := &scannerAuth{name: sc.Name, tunnels: map[string]bool{}}
+		sa := &scannerAuth{name: sc.Name, tunnels: map[string]bool{}, maxStreams: int64(sc.MaxStreams)}
+		if prev != nil && prev.scannerByName[sc.Name] != nil {
+			// Requests in flight across the reload still count.
+			sa.requests = prev.scannerByName[sc.Name].requests
+		} else {
+			sa.requests = new(atomic.Int64)
+		}
 		for _, t := range sc.Tunnels {
 			sa.tunnels[t] = true
 		}

@@ -63,6 +63,7 @@ func TestRelayErrorsNameFileLineField(t *testing.T) {
 		{"bad listen", strings.Replace(relayYAML(), `"127.0.0.1:0"`, `"localhost"`, 1), []string{"agent_listen", "host:port"}},
 		{"type", strings.Replace(relayYAML(), "insecure_plaintext: true", "insecure_plaintext: maybe", 1), []string{"relay.yaml:2", "bool"}},
 		{"shared token", strings.Replace(relayYAML(), scannerHash, agentHash, 1), []string{"scanners[0].token", "agent token"}},
+		{"scanner max_streams", strings.Replace(relayYAML(), "    tunnels: [acme-bbdc]", "    tunnels: [acme-bbdc]\n    max_streams: -3", 1), []string{"scanners[0].max_streams", "0-1000000"}},
 		{"redis url", relayYAML() + "registry: {backend: redis, advertise_url: \"http://10.0.0.5:7443\"}\n", []string{"registry.redis_url", "required"}},
 		{"redis bad url", relayYAML() + "registry: {backend: redis, redis_url: \"http://x\", advertise_url: \"http://10.0.0.5:7443\"}\n", []string{"registry.redis_url"}},
 		{"advertise", relayYAML() + "registry: {backend: redis, redis_url: \"redis://r:6379\"}\n", []string{"registry.advertise_url", "required"}},

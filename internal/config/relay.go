@@ -82,6 +82,10 @@ type Scanner struct {
 	Name    string   `yaml:"name"`
 	Token   string   `yaml:"token"`
 	Tunnels []string `yaml:"tunnels"`
+	// MaxStreams bounds this scanner's requests in flight on this relay,
+	// over all its tunnels (0: only the tunnels' own limit), so that one
+	// scanner cannot take a tunnel's every slot from the others.
+	MaxStreams int `yaml:"max_streams"`
 
 	Hash token.Hash `yaml:"-"`
 }
@@ -259,6 +263,9 @@ func (c *Relay) validate(v *validator) {
 		s.Hash = h
 		if len(s.Tunnels) == 0 {
 			v.failf(f+".tunnels", "list the tunnels this scanner may use")
+		}
+		if s.MaxStreams < 0 || s.MaxStreams > 1000000 {
+			v.failf(f+".max_streams", "%d is out of range 0-1000000 (0: no limit of its own)", s.MaxStreams)
 		}
 		for j, id := range s.Tunnels {
 			if !tunnels[id] {

@@ -97,6 +97,7 @@ type Relay struct {
 	AuthFailures     *prometheus.CounterVec // endpoint
 	RateLimited      *prometheus.CounterVec // endpoint
 	StreamsInFlight  *prometheus.GaugeVec   // tunnel
+	ScannerOverLimit *prometheus.CounterVec // scanner
 	Requests         *prometheus.CounterVec // tunnel, upstream, method_class, code
 	RequestDuration  *prometheus.HistogramVec
 	Bytes            *prometheus.CounterVec // tunnel, direction
@@ -125,6 +126,9 @@ func NewRelay() *Relay {
 		RateLimited: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "ferry_relay_rate_limited_total", Help: "Requests refused with 429 after repeated failed authentication, by endpoint.",
 		}, []string{"endpoint"}),
+		ScannerOverLimit: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "ferry_relay_scanner_over_limit_total", Help: "Requests refused with 429 because the scanner had its max_streams in flight.",
+		}, []string{"scanner"}),
 		StreamsInFlight: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ferry_relay_streams_in_flight", Help: "Scanner requests being carried through the tunnel now, by tunnel.",
 		}, []string{"tunnel"}),
