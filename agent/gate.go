@@ -63,19 +63,24 @@ func (g *gate) acquire(ctx context.Context, wait time.Duration) error {
 		err = errGateTimeout
 	}
 	g.mu.Lock()
+	i := slices.Index(g.queue, ch)
+	if i < 0 {
+		// Given a slot just as the wait ended: take it, unless the
+		// request is gone, then pass it on.
+		g.mu.Unlock()
+		g.inFlight.Inc()
+		if ctx.Err() != nil {
+			g.release()
+			return ctx.Err()
+		}
+		return nil
+	}
+	g.queue = slices.Delete(g.queue, i, i+1)
 	if err == errGateTimeout {
 		g.refusedN++
 		g.refused.Inc()
 	}
-	if i := slices.Index(g.queue, ch); i >= 0 {
-		g.queue = slices.Delete(g.queue, i, i+1)
-		g.mu.Unlock()
-		return err
-	}
 	g.mu.Unlock()
-	// Given a slot just as the wait ended: pass it on.
-	g.inFlight.Inc()
-	g.release()
 	return err
 }
 
