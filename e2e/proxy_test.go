@@ -3,10 +3,12 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
@@ -183,5 +185,80 @@ func testReloadMovesRelayConnections(t *testing.T, n int) {
 	l.finish()
 	if n := l.failed.Load(); n != 0 {
 		t.Errorf("%d of %d requests failed while the connection moved", n, n+l.ok.Load())
+	}
+}
+
+// TestReloadRelayCARotation: the relay moves to a certificate from a new
+// CA. A reload of the agent that would reconnect is refused while its
+// relay.ca_file lacks that CA, and the tunnel carries on; the same file
+// rewritten with both CAs (same name, new contents) is picked up by the
+// next reload, which moves the connections to handshakes with the new
+// certificate.
+func TestReloadRelayCARotation(t *testing.T) {
+	w := newWorld(t)
+	w.write("relay.yaml", w.relayYAML("127.0.0.1:0"))
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	oldCA, err := os.ReadFile(w.pki.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayCA := w.write("relay-ca.pem", string(oldCA)) // the agent's relay.ca_file
+	agentYAML := func(dialTimeout string) string {
+		y := strings.Replace(w.agentYAML(r.AgentAddr(), ""), "  ca_file: "+w.pki.CAFile+"\n  connections", "  ca_file: "+relayCA+"\n  connections", 1)
+		return y + "timeouts: {dial: " + dialTimeout + "}\n"
+	}
+	w.write("agent.yaml", agentYAML("10s"))
+	a, arun := w.startAgentYAML(agentYAML("10s"))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	e := &env{world: w, client: newClient()}
+	defer e.client.CloseIdleConnections()
+	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+
+	// The relay's certificate now comes from another CA.
+	next, err := testrig.NewPKIFor(t.TempDir(), 20*24*time.Hour) // told apart from the old one by its expiry
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := testrig.ReplaceFile(next.KeyFile, w.pki.KeyFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := testrig.ReplaceFile(next.CertFile, w.pki.CertFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	// A reload that reconnects is refused: the new connection does not
+	// trust the relay; the running ones stay and serve.
+	w.write("agent.yaml", agentYAML("9s"))
+	err = a.Reload()
+	if err == nil || !strings.Contains(err.Error(), "the running connections stay") || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("reload while the relay's CA is unknown: %v", err)
+	}
+	if s, _, b := e.do("GET", url, scannerToken, nil, nil); s != 200 {
+		t.Fatalf("after the refused reload: %d %s", s, b)
+	}
+	// Both CAs in the same file: the next reload trusts the new one.
+	newCA, err := os.ReadFile(next.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.write("relay-ca.pem", string(oldCA)+string(newCA))
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "both connections on the new certificate", func() bool {
+		n := 0
+		for _, c := range a.Status().Connections {
+			if c.Connected && c.RelayCertNotAfter.Equal(next.Cert.Leaf.NotAfter) {
+				n++
+			}
+		}
+		return n == 2
+	})
+	if s, _, b := e.do("GET", url, scannerToken, nil, nil); s != 200 {
+		t.Fatalf("after the move: %d %s", s, b)
 	}
 }
