@@ -194,6 +194,10 @@ func TestScannerStreamLimit(t *testing.T) {
 	if v := testutil.ToFloat64(r.Metrics().ScannerOverLimit.WithLabelValues("appsec")); v != 1 {
 		t.Errorf("over-limit counted %v, want 1", v)
 	}
+	want := `<tr><td>appsec</td><td><code>` + tunnelID + `</code> </td><td class="num">2</td><td class="num">2</td><td class="num warn">1</td></tr>`
+	if page := getPage(t, "http://"+r.AdminAddr()+"/"); !strings.Contains(page, want) {
+		t.Errorf("relay status page lacks the scanner's load %s", want)
+	}
 
 	// A reload that leaves the limit: the two in flight still count.
 	w.write("relay.yaml", withLimit(2)+"  - name: extra\n    token: \""+token.Of("extra-token").String()+"\"\n    tunnels: ["+tunnelID+"]\n")

@@ -71,8 +71,14 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 			fmt.Sprintf("tunnel %s already holds %d agent connections on this relay, its limit (limits.max_agent_connections_per_tunnel): agents started twice, or a leaked agent token?", t.id, n))
 		return
 	}
-	// startAgent returns once the connection is in the tunnel, or failed.
-	defer t.joined()
+	// startAgent returns once the connection is in the tunnel (which then
+	// holds the place join gave), or failed.
+	inTunnel := false
+	defer func() {
+		if !inTunnel {
+			t.joined()
+		}
+	}()
 	if !r.trackSession() {
 		httperr.Write(w, http.StatusServiceUnavailable, httperr.TunnelOffline, "relay is shutting down; reconnect to another replica")
 		return
@@ -88,7 +94,7 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 	if slot != nil {
 		cork = slot.Corker()
 	}
-	if err := r.startAgent(newAgentSession(r, t, req.RemoteAddr, rid), ws, cork, th); err != nil {
+	if inTunnel, err = r.startAgent(newAgentSession(r, t, req.RemoteAddr, rid), ws, cork, th); err != nil {
 		log.Info("agent connection ended", "tunnel", t.id, "err", err)
 	}
 }
@@ -97,8 +103,9 @@ func (r *Relay) handleConnect(w http.ResponseWriter, req *http.Request) {
 // agent in its tunnel. It returns then: from here the connection runs
 // on yamux's goroutines, and the session tears itself down when it ends
 // (see agentSession). This goroutine, whose stack grew deep in the TLS
-// handshake, does not stay for the months a tunnel may live.
-func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corker, th token.Hash) error {
+// handshake, does not stay for the months a tunnel may live. inTunnel
+// reports whether the connection was added to its tunnel.
+func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corker, th token.Hash) (inTunnel bool, err error) {
 	t, log := a.t, a.log
 	out := proto.WebSocketConn(r.life, ws, cork)
 	conn := &sessionConn{out: out, closed: a.ended}
@@ -109,7 +116,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 	if err != nil {
 		out.Close() // also stops the conn's flusher
 		r.sessions.Done()
-		return fmt.Errorf("start session: %w", err)
+		return false, fmt.Errorf("start session: %w", err)
 	}
 	a.sess = sess
 	established := false
@@ -124,7 +131,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 	if err != nil {
 		r.metrics.AgentConnects.WithLabelValues(t.id, "handshake_failed").Inc()
 		log.Warn("agent handshake failed", "err", err)
-		return err
+		return false, err
 	}
 	ac := a.ac.Load()
 	if r.mayRebalance(r.life, rebalanced) {
@@ -139,7 +146,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 			case <-sess.CloseChan():
 			case <-time.After(2 * time.Second):
 			}
-			return nil
+			return false, nil
 		}
 	} else {
 		t.add(ac)
@@ -158,7 +165,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 	if !a.establish() {
 		a.finish() // it closed while joining the tunnel
 	}
-	return nil
+	return true, nil
 }
 
 // pingLoop pings an agent that does not ping (older agents) every

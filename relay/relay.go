@@ -8,10 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -455,6 +457,24 @@ type relayPageData struct {
 	Requests, Refused, Failed int64
 	Recent                    []ErrorEvent
 	Certs                     []certInfo
+	Scanners                  []scannerInfo
+}
+
+// scannerInfo is what the status page says of a scanner.
+type scannerInfo struct {
+	Name                 string
+	Tunnels              []string
+	InFlight, MaxStreams int64
+	OverLimit            int64
+}
+
+func (r *Relay) scannerInfo() []scannerInfo {
+	var out []scannerInfo
+	for _, sa := range r.auth.Load().scanners { // the running config's order
+		out = append(out, scannerInfo{Name: sa.name, Tunnels: slices.Sorted(maps.Keys(sa.tunnels)), InFlight: sa.load.requests.Load(),
+			MaxStreams: sa.maxStreams, OverLimit: sa.load.overLimit.Load()})
+	}
+	return out
 }
 
 // certInfo is what the status page says of a listener's certificate.
@@ -471,7 +491,7 @@ func (r *Relay) pageData() relayPageData {
 		RelayID: r.id, Version: version.Version, Started: r.started, Tunnels: r.tunnelStatus(),
 		Registry: r.cfg.Registry.Backend, Advertise: r.cfg.Registry.AdvertiseURL, RegistryProblem: r.registry.Problem(),
 		Requests: r.requests.Load(), Refused: r.refused.Load(), Failed: r.failed.Load(), Recent: r.recent.List(),
-		Certs: r.certInfo(),
+		Certs: r.certInfo(), Scanners: r.scannerInfo(),
 	}
 }
 
@@ -494,6 +514,10 @@ const relayPage = `<h1>ferry relay <code>{{.RelayID}}</code></h1>
 {{range .Tunnels}}{{$t := .}}{{if .Connections}}{{range .Connections}}<tr><td><code>{{$t.ID}}</code></td><td class="ok">online</td><td>{{.AgentID}}</td><td>{{.Version}}</td><td>{{.Remote}}</td><td>{{ago .ConnectedAt}}</td><td>{{range .Upstreams}}<code>{{.}}</code> {{end}}</td><td class="num">{{.InFlight}}</td><td class="num">{{.Served}}</td></tr>
 {{end}}{{else}}<tr><td><code>{{.ID}}</code></td><td class="bad">offline</td><td colspan="7" class="empty">no agent connected: scanners get 503 tunnel_offline</td></tr>
 {{end}}{{end}}</table>
+<h2>Scanners</h2>
+<table><tr><th>scanner</th><th>tunnels</th><th class="num">in flight</th><th class="num">max_streams</th><th class="num">refused over it</th></tr>
+{{range .Scanners}}<tr><td>{{.Name}}</td><td>{{range .Tunnels}}<code>{{.}}</code> {{end}}</td><td class="num">{{.InFlight}}</td><td class="num">{{if .MaxStreams}}{{.MaxStreams}}{{else}}<span class="empty">none</span>{{end}}</td>{{if .OverLimit}}<td class="num warn">{{.OverLimit}}</td>{{else}}<td class="num">0</td>{{end}}</tr>
+{{end}}</table>
 <h2>Recent scanner errors</h2>
 {{if .Recent}}<table><tr><th>time</th><th>status</th><th>error</th><th>tunnel</th><th>scanner</th><th>request</th><th>request id</th></tr>
 {{range .Recent}}<tr><td>{{ts .Time}}</td><td class="{{if ge .Status 500}}bad{{else}}warn{{end}}">{{.Status}}</td><td>{{.Code}}</td><td>{{.Tunnel}}</td><td>{{.Scanner}}</td><td><code>{{.Method}} {{.Path}}</code></td><td><code>{{.RequestID}}</code></td></tr>

@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/certfile"
@@ -57,9 +56,9 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 		sa := &scannerAuth{name: sc.Name, tunnels: map[string]bool{}, maxStreams: int64(sc.MaxStreams)}
 		if prev != nil && prev.scannerByName[sc.Name] != nil {
 			// Requests in flight across the reload still count.
-			sa.requests = prev.scannerByName[sc.Name].requests
+			sa.load = prev.scannerByName[sc.Name].load
 		} else {
-			sa.requests = new(atomic.Int64)
+			sa.load = new(scannerLoad)
 		}
 		for _, t := range sc.Tunnels {
 			sa.tunnels[t] = true

@@ -342,15 +342,16 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 	// Reserve slots first: check and count are one atomic step. The
 	// scanner's own limit first, so that a scanner over it does not take
 	// the tunnel's slots from the others, even for a moment.
-	if n := sc.requests.Add(1); sc.maxStreams > 0 && n > sc.maxStreams {
-		sc.requests.Add(-1)
+	if n := sc.load.requests.Add(1); sc.maxStreams > 0 && n > sc.maxStreams {
+		sc.load.requests.Add(-1)
+		sc.load.overLimit.Add(1)
 		r.metrics.ScannerOverLimit.WithLabelValues(sc.name).Inc()
 		w.Header().Set("Retry-After", "1")
 		httperr.Respond(w, req, http.StatusTooManyRequests, httperr.TooManyRequests,
 			fmt.Sprintf("scanner %q has %d requests in flight on this relay, its limit (scanners[].max_streams); retry shortly", sc.name, sc.maxStreams))
 		return
 	}
-	defer sc.requests.Add(-1)
+	defer sc.load.requests.Add(-1)
 	if n := t.requests.Add(1); n > auth.maxStreams {
 		t.requests.Add(-1)
 		w.Header().Set("Retry-After", "1")
@@ -479,10 +480,15 @@ func pathOnly(uri string) string {
 type scannerAuth struct {
 	name    string
 	tunnels map[string]bool
-	// maxStreams is scanners[].max_streams (0: none); requests counts
-	// the scanner's requests in flight here, shared across reloads.
+	// maxStreams is scanners[].max_streams (0: none).
 	maxStreams int64
-	requests   *atomic.Int64
+	load       *scannerLoad // shared across reloads
+}
+
+// scannerLoad counts a scanner's requests on this relay.
+type scannerLoad struct {
+	requests  atomic.Int64 // in flight
+	overLimit atomic.Int64 // refused 429 over max_streams, since start
 }
 
 // authScanner accepts "Authorization: Bearer <token>", and Basic with the

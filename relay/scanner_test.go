@@ -34,6 +34,9 @@ func TestPickLeastInFlightSkipsDraining(t *testing.T) {
 	a, b, c := &agentConn{id: "a", sess: open()}, &agentConn{id: "b", sess: open()}, &agentConn{id: "c", sess: open()}
 	tn := &tunnel{id: "t"}
 	for _, x := range []*agentConn{a, b, c} {
+		if _, ok := tn.join(3); !ok {
+			t.Fatal("join refused")
+		}
 		tn.add(x)
 	}
 	a.inflight.Store(5)
@@ -53,5 +56,34 @@ func TestPickLeastInFlightSkipsDraining(t *testing.T) {
 	tn.remove(c)
 	if got := tn.pick(nil); got != nil {
 		t.Fatalf("picked %s from only a draining connection", got.id)
+	}
+}
+
+// A connection's place moves from joining to the tunnel in one step:
+// counted twice for a moment, a tunnel one short of its limit would
+// refuse a connection it had room for (seen in a test: a tunnel with a
+// limit of 1 and one connection said it already held 2).
+func TestJoiningAgentIsCountedOnce(t *testing.T) {
+	open := func() *yamux.Session { return &yamux.Session{} }
+	tn := &tunnel{id: "t"}
+	if held, ok := tn.join(2); !ok || held != 0 {
+		t.Fatalf("first join: %d %v", held, ok)
+	}
+	tn.add(&agentConn{id: "a", agentID: "x", sess: open()})
+	held, ok := tn.join(2)
+	if !ok || held != 1 {
+		t.Fatalf("second join, one connection in: held %d, ok %v; want 1, true", held, ok)
+	}
+	// The second one is refused as a rebalance: it keeps its place until
+	// it gives it back.
+	if tn.addUnlessSameAgent(&agentConn{id: "b", agentID: "x", sess: open()}) {
+		t.Fatal("second connection of the same agent added")
+	}
+	if held, ok := tn.join(2); ok || held != 2 {
+		t.Fatalf("third join while the second holds its place: %d %v", held, ok)
+	}
+	tn.joined()
+	if held, ok := tn.join(2); !ok || held != 1 {
+		t.Fatalf("join after the second gave its place back: %d %v", held, ok)
 	}
 }

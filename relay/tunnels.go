@@ -51,16 +51,21 @@ type agentConn struct {
 	ctrl   *yamux.Stream
 }
 
+// add puts c, which join let in, into the tunnel. Its place moves from
+// joining to conns in one step: counted twice for a moment, a tunnel one
+// short of its limit would refuse a connection it has room for.
 func (t *tunnel) add(c *agentConn) {
 	t.mu.Lock()
 	t.conns = append(t.conns, c)
+	t.joining--
 	t.mu.Unlock()
 }
 
-// addUnlessSameAgent adds c unless a live connection of the same agent is
-// already here (the check and the add are one step, so two connections of
-// one agent arriving together cannot both pass). It reports whether c was
-// added.
+// addUnlessSameAgent adds c, as add does, unless a live connection of the
+// same agent is already here (the check and the add are one step, so two
+// connections of one agent arriving together cannot both pass). It
+// reports whether c was added; if not, the caller still holds its place
+// from join.
 func (t *tunnel) addUnlessSameAgent(c *agentConn) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -70,6 +75,7 @@ func (t *tunnel) addUnlessSameAgent(c *agentConn) bool {
 		}
 	}
 	t.conns = append(t.conns, c)
+	t.joining--
 	return true
 }
 
@@ -87,8 +93,8 @@ func (t *tunnel) held() bool {
 
 // join reserves a place for an agent connection being set up, unless
 // the tunnel holds limit already (set up or being set up); held is that
-// number. The caller calls joined once the connection is in t.conns or
-// has failed.
+// number. add hands the place to the connection; a caller whose
+// connection failed before that calls joined.
 func (t *tunnel) join(limit int) (held int, ok bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
