@@ -36,17 +36,7 @@ func TestUpstreamConcurrencyLimit(t *testing.T) {
 	// Each slow download holds a slot for about 4 s.
 	w.bb.AddSynthetic("PROJ", "app", "slow.bin", testrig.Synthetic{Size: 800 << 10, BytesPerSec: 200 << 10})
 	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
-	get := func(path string) (int, http.Header, string) {
-		req, _ := http.NewRequest("GET", base+path, nil)
-		req.Header.Set("Authorization", "Bearer "+scannerToken)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return 0, nil, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, resp.Header, string(b)
-	}
+	get := func(path string) (int, http.Header, string) { return getAs(scannerToken, base+path) }
 	slow := func(n int) chan int {
 		codes := make(chan int, n)
 		for range n {
@@ -163,17 +153,7 @@ func TestScannerStreamLimit(t *testing.T) {
 	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
 	w.bb.AddSynthetic("PROJ", "app", "slow.bin", testrig.Synthetic{Size: 800 << 10, BytesPerSec: 200 << 10})
 	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
-	get := func(tok, path string) (int, http.Header, string) {
-		req, _ := http.NewRequest("GET", base+path, nil)
-		req.Header.Set("Authorization", "Bearer "+tok)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return 0, nil, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, resp.Header, string(b)
-	}
+	get := func(tok, path string) (int, http.Header, string) { return getAs(tok, base+path) }
 	codes := make(chan int, 2)
 	for range 2 {
 		go func() {
@@ -219,4 +199,18 @@ func TestScannerStreamLimit(t *testing.T) {
 			t.Errorf("slow download: %d", c)
 		}
 	}
+}
+
+// getAs GETs url with a scanner token; safe in any goroutine (a failed
+// request is status 0 and the error as the body).
+func getAs(tok, url string) (int, http.Header, string) {
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, string(b)
 }

@@ -81,6 +81,16 @@ func (rp *replica) readyz(t *testing.T) string {
 	return fmt.Sprintf("%d %s", resp.StatusCode, b)
 }
 
+// startRedis starts a real redis-server for the test.
+func startRedis(t *testing.T) *testrig.Redis {
+	red, err := testrig.StartRedis(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(red.Stop)
+	return red
+}
+
 func scannerGET(t *testing.T, client *http.Client, url string) (int, string) {
 	t.Helper()
 	req, _ := http.NewRequest("GET", url, nil)
@@ -102,12 +112,7 @@ func scannerGET(t *testing.T, client *http.Client, url string) (int, string) {
 // for a replica started after Redis lost the shared peer secret.
 func TestScaleOutWithRedis(t *testing.T) {
 	relayBin, agentBin := binaries(t)
-	w := newWorld(t)
-	red, err := testrig.StartRedis(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(red.Stop)
+	w, red := newWorld(t), startRedis(t)
 	a, b, c := newReplica(t, w, "a", red.URL(), ""), newReplica(t, w, "b", red.URL(), ""), newReplica(t, w, "c", red.URL(), "")
 	for _, rp := range []*replica{a, b, c} {
 		rp.start(t, relayBin)
@@ -250,12 +255,7 @@ func TestScaleOutWithRedis(t *testing.T) {
 // 502, not a 401 that would blame its token, and say why in the log.
 func TestPeerSecretRotation(t *testing.T) {
 	relayBin, agentBin := binaries(t)
-	w := newWorld(t)
-	red, err := testrig.StartRedis(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(red.Stop)
+	w, red := newWorld(t), startRedis(t)
 	const oldS, newS = "old-peer-secret-0123456789", "new-peer-secret-0123456789"
 	secA, secB := w.write("peer-a", oldS), w.write("peer-b", oldS)
 	// rewrite replaces a replica's secret file (beside it, then renamed
