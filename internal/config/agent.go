@@ -75,7 +75,9 @@ type Upstream struct {
 	// MaxConcurrentRequests bounds the requests this agent has in flight
 	// to the upstream (0: no bound), so scanners cannot swamp it, whatever
 	// the relay allows. Past it requests wait in arrival order, up to
-	// MaxQueueWait, then get 503 upstream_busy. Reloadable.
+	// MaxQueueWait (default 30 s: with the default response_timeout,
+	// within the relay's 150 s wait for response headers), then get 503
+	// upstream_busy. Reloadable.
 	MaxConcurrentRequests int           `yaml:"max_concurrent_requests"`
 	MaxQueueWait          time.Duration `yaml:"max_queue_wait"`
 
@@ -252,7 +254,7 @@ func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
 	if u.MaxConcurrentRequests < 0 || u.MaxConcurrentRequests > 100000 {
 		v.failf(f+".max_concurrent_requests", "%d is out of range 0-100000 (0: no limit)", u.MaxConcurrentRequests)
 	}
-	v.duration(f+".max_queue_wait", &u.MaxQueueWait, time.Minute, 100*time.Millisecond, 10*time.Minute)
+	v.duration(f+".max_queue_wait", &u.MaxQueueWait, 30*time.Second, 100*time.Millisecond, 10*time.Minute)
 	switch u.Auth.Type {
 	case "bearer":
 		if u.Auth.Username != "" || u.Auth.PasswordFile != "" {

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/token"
 )
@@ -160,6 +161,11 @@ func TestAgentValid(t *testing.T) {
 	u := c.Upstreams[0]
 	if u.URL != "https://bitbucket.internal:7990" || u.Policy == nil || u.Auth.TokenFile != filepath.Join(dir, "pat") {
 		t.Fatalf("upstream: %+v", u)
+	}
+	// No bound of the agent's own by default; the wait, with the default
+	// response_timeout, stays within the relay's 150 s for headers.
+	if u.MaxConcurrentRequests != 0 || u.MaxQueueWait+u.ResponseTimeout > 150*time.Second {
+		t.Fatalf("concurrency defaults: %d, wait %v + response %v", u.MaxConcurrentRequests, u.MaxQueueWait, u.ResponseTimeout)
 	}
 	if v, _ := u.Auth.Secret.Value(); v != "pat" {
 		t.Fatalf("secret %q", v)
