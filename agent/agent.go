@@ -35,6 +35,7 @@ type Agent struct {
 	gates    gates // per upstream name, across reloads
 	pool     *httpx.BufferPool
 	reloadMu sync.Mutex
+	loads    *config.Loads               // for status: when the config was loaded, a refused reload
 	relay    atomic.Pointer[relayDialer] // how connections reach the relay; a reload may move them
 	streams  *streamListener
 	audit    *audit.Log
@@ -62,6 +63,7 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 	a := &Agent{log: log, pool: httpx.NewBufferPool(32 << 10), streams: newStreamListener(), started: time.Now(), metrics: metrics.NewAgent(), creds: map[string]CredentialReport{}, recheck: make(chan struct{}, 1),
 		denials: statuspage.NewRecent[audit.Entry](25), page: statuspage.New("ferry agent", "/v1/status", agentPage)}
 	a.cfg.Store(cfg)
+	a.loads = config.NewLoads(cfg.File)
 	a.gates.metrics = a.metrics
 	ups, err := newUpstreamSet(cfg, log, a.pool, &a.gates)
 	if err != nil {
@@ -306,6 +308,7 @@ type Status struct {
 	Relay         string             `json:"relay"`
 	Connected     int                `json:"connected"`
 	Connections   []ConnStatus       `json:"connections"`
+	Config        config.LoadState   `json:"config"`
 	Upstreams     []string           `json:"upstreams"`
 	Load          []UpstreamLoad     `json:"load"` // per upstream, in Upstreams' order
 	StartedAt     time.Time          `json:"started_at"`
@@ -321,7 +324,7 @@ type Status struct {
 func (a *Agent) Status() Status {
 	cfg, ups := a.config(), a.upstreams()
 	s := Status{
-		AgentID: cfg.AgentID, Version: version.Version, Relay: cfg.Relay.URL, Upstreams: ups.names,
+		AgentID: cfg.AgentID, Version: version.Version, Relay: cfg.Relay.URL, Config: a.loads.State(), Upstreams: ups.names,
 		StartedAt: a.started, UptimeSec: int64(time.Since(a.started).Seconds()), Requests: a.stats.snapshot(),
 	}
 	for _, c := range a.conns {
@@ -501,6 +504,7 @@ func (a *Agent) CloseIdleConnections() { a.upstreams().closeIdle() }
 
 const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 <div class="sub">version {{.Version}} · relay <code>{{.Relay}}</code> · up since {{ts .StartedAt}} ({{ago .StartedAt}})</div>
+{{with .Config}}{{if .LastError}}<p class="bad">config reload refused {{ts .LastErrorAt}}: {{.LastError}} — the config loaded {{ts .LoadedAt}} stays in force</p>{{end}}{{end}}
 <h2>Relay connections: {{if .Connected}}<span class="ok">{{.Connected}} of {{len .Connections}} up</span>{{else}}<span class="bad">none up</span>{{end}}</h2>
 <table><tr><th>#</th><th>state</th><th>since</th><th>relay</th><th>relay certificate until</th><th class="num">reconnects</th><th>last error</th></tr>
 {{range .Connections}}<tr><td>{{.Slot}}</td>{{if .Connected}}<td class="ok">up</td>{{else}}<td class="bad">down</td>{{end}}<td>{{ago .Since}}</td><td>{{.RelayID}}</td><td>{{if not .RelayCertNotAfter.IsZero}}{{ts .RelayCertNotAfter}}{{end}}</td><td class="num">{{.Reconnects}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr>

@@ -71,11 +71,13 @@ func (a *Agent) Reload() error {
 			default:
 			}
 			a.metrics.Reloads.Succeeded()
+			a.loads.Succeeded()
 			a.log.Info("config reloaded", "file", next.File, "upstreams", ups.names)
 			return nil
 		}
 	}
 	a.metrics.Reloads.Failed()
+	a.loads.Failed(err)
 	a.log.Error("config reload failed; the running config stays in force", "err", err)
 	return err
 }

@@ -154,6 +154,12 @@ func testReloadMovesRelayConnections(t *testing.T, n int) {
 		t.Fatalf("reload to a proxy that is not there: %v", err)
 	}
 	checkReloadMetrics(t, "after the refused reload", a.Metrics().Reloads, 0, 1, 0)
+	if c := a.Status().Config; !strings.Contains(c.LastError, "the running connections stay") || c.LastErrorAt.IsZero() {
+		t.Errorf("status after the refused reload: %+v", c)
+	}
+	if page := getPage(t, "http://"+a.DiagAddr()+"/"); !strings.Contains(page, "config reload refused") {
+		t.Error("agent status page does not say its last reload was refused")
+	}
 	if ids := connIDs(); !slices.Equal(ids, first) {
 		t.Fatalf("after the refused reload: connections %q, were %q", ids, first)
 	}
@@ -165,6 +171,9 @@ func testReloadMovesRelayConnections(t *testing.T, n int) {
 		t.Fatal(err)
 	}
 	checkReloadMetrics(t, "after moving through the proxy", a.Metrics().Reloads, 1, 1, 1)
+	if c := a.Status().Config; c.LastError != "" {
+		t.Errorf("status still shows the earlier refusal after a reload that took: %+v", c)
+	}
 	viaProxy := movedFrom("connections to move through the proxy", first)
 	if log := tp.Log(); !strings.Contains(log, "CONNECT") || !strings.Contains(log, r.AgentAddr()) {
 		t.Fatalf("tinyproxy did not carry the new connection:\n%s", log)

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/http"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -137,10 +138,16 @@ func TestBinaryReloadsOnSIGHUP(t *testing.T) {
 	addr := relayProc.waitLog("relay started")["agent_listen"].(string)
 	cfg := w.agentYAML(addr, "")
 	agentProc := startProc(t, "agent", agentBin, "--config", w.write("agent.yaml", cfg))
+	diag := agentProc.waitLog("agent started")["diagnostics"].(string)
 	agentProc.waitLog("connected to relay")
 	w.write("agent.yaml", strings.Replace(cfg, "profile:", "profle:", 1))
 	agentProc.cmd.Process.Signal(syscall.SIGHUP)
 	agentProc.waitLog("config reload failed; the running config stays in force")
+	// `ferry-agent status` says so, and why.
+	out, err := exec.Command(agentBin, "status", "--addr", diag).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "LAST RELOAD REFUSED") || !strings.Contains(string(out), "profle") {
+		t.Errorf("ferry-agent status after a refused reload: %v\n%s", err, out)
+	}
 	w.write("agent.yaml", cfg)
 	agentProc.cmd.Process.Signal(syscall.SIGHUP)
 	agentProc.waitLog("config reloaded")
@@ -182,6 +189,9 @@ func TestRelayReloadRotatesTokensAndRevokes(t *testing.T) {
 		t.Fatal("a failed reload dropped the running config")
 	}
 	checkReloadMetrics(t, "relay after a good and a bad reload", r.Metrics().Reloads, 1, 1, 0)
+	if page := getPage(t, "http://"+r.AdminAddr()+"/"); !strings.Contains(page, "config reload refused") || !strings.Contains(page, "stays in force") {
+		t.Error("relay status page does not say its last reload was refused")
+	}
 	// Revoking the agent's token cuts its connections, and it cannot return.
 	w.write("relay.yaml", strings.Replace(relayCfg, tokenHash(agentToken), tokenHash("fry_replacement"), 1))
 	if err := r.Reload(); err != nil {

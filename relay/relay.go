@@ -39,6 +39,7 @@ type Relay struct {
 
 	auth        atomic.Pointer[authTables] // replaced by Reload
 	reloadMu    sync.Mutex
+	loads       *config.Loads  // for the status page: when the config was loaded, a refused reload
 	level       *slog.LevelVar // nil: level not reloadable
 	agentCert   *certSource    // nil: plaintext
 	scannerCert *certSource
@@ -98,7 +99,7 @@ type Relay struct {
 func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	host, _ := os.Hostname()
 	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], limiter: newAuthLimiter(), metrics: metrics.NewRelay(),
-		started: time.Now(), recent: statuspage.NewRecent[ErrorEvent](25), page: statuspage.New("ferry relay", "/v1/tunnels", relayPage)}
+		started: time.Now(), recent: statuspage.NewRecent[ErrorEvent](25), page: statuspage.New("ferry relay", "/v1/tunnels", relayPage), loads: config.NewLoads(cfg.File)}
 	r.auth.Store(buildAuth(cfg, nil))
 	for _, tc := range cfg.Tunnels {
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
@@ -458,6 +459,7 @@ type relayPageData struct {
 	Recent                    []ErrorEvent
 	Certs                     []certInfo
 	Scanners                  []scannerInfo
+	Config                    config.LoadState
 }
 
 // scannerInfo is what the status page says of a scanner.
@@ -491,7 +493,7 @@ func (r *Relay) pageData() relayPageData {
 		RelayID: r.id, Version: version.Version, Started: r.started, Tunnels: r.tunnelStatus(),
 		Registry: r.cfg.Registry.Backend, Advertise: r.cfg.Registry.AdvertiseURL, RegistryProblem: r.registry.Problem(),
 		Requests: r.requests.Load(), Refused: r.refused.Load(), Failed: r.failed.Load(), Recent: r.recent.List(),
-		Certs: r.certInfo(), Scanners: r.scannerInfo(),
+		Certs: r.certInfo(), Scanners: r.scannerInfo(), Config: r.loads.State(),
 	}
 }
 
@@ -509,7 +511,8 @@ const relayPage = `<h1>ferry relay <code>{{.RelayID}}</code></h1>
 <div class="sub">version {{.Version}} · up since {{ts .Started}} ({{ago .Started}}) · {{.Requests}} scanner requests, {{.Refused}} refused (4xx), {{.Failed}} failed (5xx)</div>
 <div class="sub">registry: {{.Registry}}{{if .Advertise}} · this replica: <code>{{.Advertise}}</code>{{end}}{{if .RegistryProblem}} · <span class="bad">degraded: {{.RegistryProblem}}</span>{{end}}</div>
 {{range .Certs}}<div class="sub">{{.Listener}} TLS certificate valid until {{ts .NotAfter}} (<span class="{{if .Soon}}bad{{else}}ok{{end}}">{{.DaysLeft}} days left</span>){{if .Problem}} · <span class="bad">renewed files do not load: {{.Problem}}</span>{{end}}</div>
-{{end}}<h2>Tunnels</h2>
+{{end}}{{with .Config}}{{if .LastError}}<div class="sub bad">config reload refused {{ts .LastErrorAt}}: {{.LastError}} — the config loaded {{ts .LoadedAt}} stays in force</div>{{end}}{{end}}
+<h2>Tunnels</h2>
 <table><tr><th>tunnel</th><th>state</th><th>agent</th><th>version</th><th>from</th><th>connected</th><th>upstreams</th><th class="num">in flight</th><th class="num">served</th></tr>
 {{range .Tunnels}}{{$t := .}}{{if .Connections}}{{range .Connections}}<tr><td><code>{{$t.ID}}</code></td><td class="ok">online</td><td>{{.AgentID}}</td><td>{{.Version}}</td><td>{{.Remote}}</td><td>{{ago .ConnectedAt}}</td><td>{{range .Upstreams}}<code>{{.}}</code> {{end}}</td><td class="num">{{.InFlight}}</td><td class="num">{{.Served}}</td></tr>
 {{end}}{{else}}<tr><td><code>{{.ID}}</code></td><td class="bad">offline</td><td colspan="7" class="empty">no agent connected: scanners get 503 tunnel_offline</td></tr>

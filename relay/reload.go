@@ -175,6 +175,7 @@ func (r *Relay) Reload() error {
 	next, err := config.LoadRelay(r.cfg.File)
 	if err != nil {
 		r.metrics.Reloads.Failed()
+		r.loads.Failed(err)
 		r.log.Error("config reload failed; the running config stays in force", "err", err)
 		return err
 	}
@@ -221,6 +222,7 @@ func (r *Relay) Reload() error {
 		r.metrics.StreamsInFlight.WithLabelValues(id).Add(0)
 	}
 	r.metrics.Reloads.Succeeded()
+	r.loads.Succeeded()
 	r.log.Info("config reloaded", "file", next.File, "tunnels", len(cur.tunnels), "scanners", len(cur.scanners))
 	return nil
 }

@@ -49,6 +49,12 @@ func status(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "ferry-agent %s (%s): %s, %d of %d relay connections up\n", s.AgentID, s.Version, state, s.Connected, len(s.Connections))
 	fmt.Fprintf(stdout, "relay:     %s\n", s.Relay)
+	if c := s.Config; c.LastError != "" {
+		fmt.Fprintf(stdout, "config:    %s, loaded %s; LAST RELOAD REFUSED %s: %s (the loaded config stays in force)\n",
+			c.File, c.LoadedAt.Format(time.RFC3339), c.LastErrorAt.Format(time.RFC3339), c.LastError)
+	} else if c.File != "" {
+		fmt.Fprintf(stdout, "config:    %s, loaded %s\n", c.File, c.LoadedAt.Format(time.RFC3339))
+	}
 	fmt.Fprintf(stdout, "uptime:    %s\n", (time.Duration(s.UptimeSec) * time.Second).String())
 	fmt.Fprintf(stdout, "upstreams: %v\n", s.Upstreams)
 	for _, l := range s.Load {
