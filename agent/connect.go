@@ -189,7 +189,7 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 		lc, err := moved, error(nil)
 		moved = nil
 		if lc == nil {
-			lc, err = a.connect(ctx, st, a.relay.Load())
+			lc, err = a.connect(ctx, st, a.relay.Load(), st.rebalanced)
 		}
 		up := err == nil
 		if up {
@@ -267,8 +267,8 @@ type movedError struct{ next *liveConn }
 func (movedError) Error() string { return "connection moved to new relay settings" }
 
 // connect dials the relay with d, starts the session and introduces this
-// agent.
-func (a *Agent) connect(ctx context.Context, st *connState, d *relayDialer) (*liveConn, error) {
+// agent, saying how often in a row the slot was asked to rebalance.
+func (a *Agent) connect(ctx context.Context, st *connState, d *relayDialer, rebalanced int) (*liveConn, error) {
 	cork := &proto.CorkSlot{}
 	ws, certNotAfter, err := a.dial(proto.WithCorkSlot(ctx, cork), d)
 	if err != nil {
@@ -280,7 +280,7 @@ func (a *Agent) connect(ctx context.Context, st *connState, d *relayDialer) (*li
 		conn.Close() // also stops the conn's flusher
 		return nil, fmt.Errorf("start session: %w", err)
 	}
-	ctrl, welcome, err := a.hello(sess, st.rebalanced)
+	ctrl, welcome, err := a.hello(sess, rebalanced)
 	if err != nil {
 		sess.Close()
 		return nil, err
@@ -393,7 +393,10 @@ func (a *Agent) serve(ctx context.Context, st *connState, lc *liveConn) error {
 				req.done <- nil // made with these settings already, or the asker gave up
 				continue
 			}
-			next, err := a.connect(ctx, st, req.dialer)
+			// A successor sent away to rebalance would leave the slot
+			// without a connection once this one drains: it stays where
+			// it lands (the next reconnect spreads again).
+			next, err := a.connect(ctx, st, req.dialer, proto.MaxRebalance)
 			if err == nil && req.ctx.Err() != nil {
 				next.sess.Close() // too late: the reload was refused meanwhile
 				err = req.ctx.Err()

@@ -205,7 +205,7 @@ func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 		return
 	}
 	defer sess.Close()
-	_, welcome, err := a.hello(sess, 3) // 3: never asked to rebalance
+	_, welcome, err := a.hello(sess, proto.MaxRebalance) // never asked to rebalance
 	if err != nil {
 		d.fail("relay", err.Error(), "agent and relay versions may be incompatible")
 		return

@@ -335,3 +335,42 @@ func TestPeerSecretRotation(t *testing.T) {
 		}
 	}
 }
+
+// TestReloadMoveIsNotRebalancedAway: with several replicas, a relay
+// asks a second connection of one agent to reconnect elsewhere. The
+// successor a reload opens must not be sent away so: the connection it
+// replaces is drained at once, and the slot would be left with none. An
+// agent with one connection, on replica A, moves (a new dial timeout,
+// by SIGHUP) under load with no failed request.
+func TestReloadMoveIsNotRebalancedAway(t *testing.T) {
+	relayBin, agentBin := binaries(t)
+	w, red := newWorld(t), startRedis(t)
+	a, b := newReplica(t, w, "a", red.URL(), ""), newReplica(t, w, "b", red.URL(), "")
+	a.start(t, relayBin)
+	b.start(t, relayBin)
+	one := strings.Replace(w.agentYAML(a.agentAddr, ""), "  connections: 2\n", "  connections: 1\n", 1)
+	cfg := w.write("agent.yaml", one)
+	agent := startProc(t, "agent", agentBin, "--config", cfg)
+	waitFor(t, "the connection on A", func() bool { return a.connections(t) == 1 })
+	l := startLoad(t, 4, "http://"+a.scannerAddr+"/t/"+tunnelID+"/bitbucket/rest/api/1.0/projects/PROJ/repos/app")
+	before := l.ok.Load()
+	waitFor(t, "traffic", func() bool { return l.ok.Load() > before+100 })
+	w.write("agent.yaml", one+"timeouts: {dial: 9s}\n")
+	agent.cmd.Process.Signal(syscall.SIGHUP)
+	agent.waitLog("config reloaded")
+	before = l.ok.Load()
+	waitFor(t, "traffic after the move", func() bool { return l.ok.Load() > before+100 })
+	l.finish()
+	if n := len(procLogs(agent, "reconnecting after goaway")); n != 0 {
+		t.Errorf("the successor was sent away %d times", n)
+	}
+	if n := l.failed.Load(); n != 0 {
+		t.Errorf("%d of %d requests failed while the connection moved", n, n+l.ok.Load())
+	}
+	agent.signal(syscall.SIGTERM)
+	for _, rp := range []*replica{a, b} {
+		if code := rp.proc.signal(syscall.SIGTERM); code != 0 {
+			t.Errorf("relay %s exited %d", rp.name, code)
+		}
+	}
+}

@@ -26,6 +26,10 @@ const (
 // over relay replicas.
 const GoAwayRebalance = "rebalance: this replica already holds a connection of this agent"
 
+// MaxRebalance: a hello whose Rebalanced is this or more is never asked
+// to rebalance.
+const MaxRebalance = 3
+
 // GoAwayStreamIDs is the goaway reason for a connection whose stream ids
 // (32 bits, never reused) are running out.
 const GoAwayStreamIDs = "stream ids running out: open a fresh connection"
@@ -43,7 +47,8 @@ type Message struct {
 	Upstreams    []string `json:"upstreams,omitempty"`
 	Capabilities []string `json:"capabilities,omitempty"`
 	// Rebalanced: how many times in a row this connection slot was just
-	// asked to go away for GoAwayRebalance; the relay stops asking at 3.
+	// asked to go away for GoAwayRebalance; the relay stops asking at
+	// MaxRebalance.
 	Rebalanced int `json:"rebalanced,omitempty"`
 	// KeepaliveMS: the agent pings every this many milliseconds. A relay
 	// then sends no pings of its own and cuts a connection that stays

@@ -192,7 +192,7 @@ func pingLoop(ctx context.Context, sess *yamux.Session, interval time.Duration) 
 // mayRebalance reports whether a new connection may be sent elsewhere:
 // several replicas are live and the agent has not been asked 3 times.
 func (r *Relay) mayRebalance(ctx context.Context, rebalanced int) bool {
-	if r.redis == nil || rebalanced >= 3 || r.stopping.Load() {
+	if r.redis == nil || rebalanced >= proto.MaxRebalance || r.stopping.Load() {
 		return false
 	}
 	n, err := r.registry.Replicas(ctx)
