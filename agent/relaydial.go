@@ -127,6 +127,6 @@ func (a *Agent) moveRelay(next *config.Agent, changed []string) error {
 		// connection, which redials with the new settings when it ends.
 		st.requestMove(&moveReq{ctx: context.Background(), dialer: d, done: make(chan error, 1)})
 	}
-	a.log.Info("relay settings changed; connections move to them one by one, each serving until its successor is up", "changed", changed, "relay", d.url)
+	a.log.Info("relay settings changed; the first connection moved to them, the others follow, each serving until its successor is up", "changed", changed, "relay", d.url)
 	return nil
 }

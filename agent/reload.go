@@ -18,7 +18,7 @@ import (
 // change at once. New relay settings (url, ca_file and its contents,
 // proxy, the connection's timeouts) are tried on a live connection
 // first, and a reload whose settings cannot connect is refused whole;
-// then the connections move one by one, each serving until its
+// then the other connections move too, each serving until its
 // successor is up. Settings that need a restart (keepRestartOnly:
 // connections, diagnostics, audit, webhooks, log format, agent_id) keep
 // their running values, with a warning naming them.
