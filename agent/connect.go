@@ -186,8 +186,9 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 			return
 		}
 		started := time.Now()
-		lc, err := moved, error(nil)
+		lc := moved
 		moved = nil
+		var err error
 		if lc == nil {
 			lc, err = a.connect(ctx, st, a.relay.Load(), st.rebalanced)
 		}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -471,7 +472,7 @@ func doctorWebhookTLS(d *doctor, w *config.Webhooks) {
 		return
 	}
 	na := src.NotAfter()
-	if !na.After(time.Now()) {
+	if level, _ := certfile.Urgency(na); level >= slog.LevelError {
 		d.fail("webhook tls", fmt.Sprintf("%s expired on %s", w.TLS.CertFile, na.Format(time.DateOnly)),
 			"renew it: Bitbucket refuses to post to an expired certificate (the agent picks renewed files up within a minute)")
 		return

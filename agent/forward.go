@@ -343,7 +343,7 @@ func (a *Agent) admit(ctx context.Context, w http.ResponseWriter, r *http.Reques
 		return true
 	}
 	name := u.cfg.Name
-	limit, _, _ := u.gate.state()
+	limit := u.gate.load(name).Limit
 	entry.Decision, entry.Rule = "deny", "max_concurrent_requests"
 	if errors.Is(err, errGateTimeout) {
 		a.log.Warn("upstream at its max_concurrent_requests; request refused after waiting", "upstream", name, "limit", limit,

@@ -105,13 +105,6 @@ func (g *gate) admitLocked() {
 	}
 }
 
-// state reports the requests holding a slot and those waiting.
-func (g *gate) state() (limit, busy, waiting int) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.limit, g.busy, len(g.queue)
-}
-
 // UpstreamLoad is what one upstream carries now, in /v1/status.
 type UpstreamLoad struct {
 	Upstream string `json:"upstream"`
@@ -121,6 +114,8 @@ type UpstreamLoad struct {
 	Refused  int64  `json:"refused_busy"` // 503 upstream_busy since start
 }
 
+// load reports the gate's state: the limit, the requests holding a slot
+// and those waiting.
 func (g *gate) load(name string) UpstreamLoad {
 	g.mu.Lock()
 	defer g.mu.Unlock()

@@ -23,7 +23,7 @@ func waitQueued(t *testing.T, g *gate, n int) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, _, w := g.state(); w == n {
+		if g.load("").Waiting == n {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -64,7 +64,7 @@ func TestGateOrderLimitAndTimeout(t *testing.T) {
 	if got := (<-order) + (<-order); got != 1+2 {
 		t.Fatalf("then: %d, want 1 and 2", got)
 	}
-	if _, busy, _ := g.state(); busy != 4 {
+	if busy := g.load("").InFlight; busy != 4 {
 		t.Fatalf("busy %d, want 4", busy)
 	}
 	if got := testutil.ToFloat64(m.UpstreamInFlight.WithLabelValues("bitbucket")); got != 4 {
@@ -88,13 +88,13 @@ func TestGateOrderLimitAndTimeout(t *testing.T) {
 	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled wait: %v", err)
 	}
-	if _, busy, waiting := g.state(); busy != 4 || waiting != 0 {
-		t.Fatalf("after the waits ended: busy %d, waiting %d; want 4, 0", busy, waiting)
+	if l := g.load(""); l.InFlight != 4 || l.Waiting != 0 {
+		t.Fatalf("after the waits ended: busy %d, waiting %d; want 4, 0", l.InFlight, l.Waiting)
 	}
 	for range 4 {
 		g.release()
 	}
-	if _, busy, _ := g.state(); busy != 0 {
+	if busy := g.load("").InFlight; busy != 0 {
 		t.Fatalf("busy %d after all released", busy)
 	}
 	if got := testutil.ToFloat64(m.UpstreamWaiting.WithLabelValues("bitbucket")) + testutil.ToFloat64(m.UpstreamInFlight.WithLabelValues("bitbucket")); got != 0 {
@@ -110,7 +110,7 @@ func TestGateWithoutLimit(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, busy, _ := g.state(); busy != 1000 {
+	if busy := g.load("").InFlight; busy != 1000 {
 		t.Fatalf("busy %d", busy)
 	}
 }
@@ -126,7 +126,7 @@ func TestGateUnderChurn(t *testing.T) {
 			for j := range 200 {
 				wait := time.Duration((i+j)%3) * 50 * time.Microsecond
 				if g.acquire(context.Background(), wait) == nil {
-					if _, busy, _ := g.state(); busy > 3 {
+					if busy := g.load("").InFlight; busy > 3 {
 						t.Errorf("busy %d over the limit", busy)
 					}
 					g.release()
@@ -137,7 +137,7 @@ func TestGateUnderChurn(t *testing.T) {
 	for range 16 {
 		<-done
 	}
-	if _, busy, waiting := g.state(); busy != 0 || waiting != 0 {
-		t.Fatalf("after churn: busy %d, waiting %d", busy, waiting)
+	if l := g.load(""); l.InFlight != 0 || l.Waiting != 0 {
+		t.Fatalf("after churn: busy %d, waiting %d", l.InFlight, l.Waiting)
 	}
 }

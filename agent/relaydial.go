@@ -108,14 +108,15 @@ func (a *Agent) moveRelay(next *config.Agent, changed []string) error {
 		a.log.Info("relay settings changed; no connection is up to move, the next dial uses them", "changed", changed, "relay", d.url)
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), d.connectBound+5*time.Second)
+	bound := d.connectBound + 5*time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
 	first := &moveReq{ctx: ctx, dialer: d, done: make(chan error, 1), reports: true}
 	live[0].requestMove(first)
 	select {
 	case err = <-first.done:
 	case <-ctx.Done():
-		err = fmt.Errorf("no answer in %s", d.connectBound+5*time.Second)
+		err = fmt.Errorf("no answer in %s", bound)
 	}
 	if err != nil {
 		d.client.CloseIdleConnections()
