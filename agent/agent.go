@@ -39,7 +39,7 @@ type Agent struct {
 	relay    atomic.Pointer[relayDialer] // how connections reach the relay; a reload may move them
 	streams  *streamListener
 	audit    *audit.Log
-	conns    []*connState
+	slots    *slotSet
 	stats    stats
 	metrics  *metrics.Agent
 	recheck  chan struct{}  // asks watchCredentials to check now
@@ -76,9 +76,7 @@ func New(cfg *config.Agent, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a.relay.Store(d)
-	for i := 0; i < cfg.Relay.Connections; i++ {
-		a.conns = append(a.conns, &connState{slot: i, move: make(chan *moveReq, 1)})
-	}
+	a.slots = newSlotSet(cfg.Relay.Connections)
 	return a, nil
 }
 
@@ -174,13 +172,13 @@ func (a *Agent) Serve(ctx context.Context) error {
 		defer wg.Done()
 		a.notifySystemd(notifyCtx)
 	}()
-	for i := range a.conns {
+	a.slots.start(func(st *connState) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.keepConnected(connCtx, i)
+			a.keepConnected(connCtx, st)
 		}()
-	}
+	})
 	// Webhook forwarding stops before the connections close: a delivery
 	// cut mid-send stays spooled and goes out after the restart.
 	whCtx, stopWebhooks := context.WithCancel(context.Background())
@@ -193,7 +191,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 		}()
 	}
 	a.log.Info("agent started", "version", version.Version, "agent_id", a.config().AgentID, "relay", a.config().Relay.URL,
-		"connections", len(a.conns), "upstreams", a.upstreams().names, "diagnostics", a.DiagAddr())
+		"connections", len(a.slots.all()), "upstreams", a.upstreams().names, "diagnostics", a.DiagAddr())
 
 	var runErr error
 	pending := 2 // Serve results still to collect
@@ -212,6 +210,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 	stopWebhooks()
 	stopConns()
+	a.slots.stop()
 	wg.Wait()
 	a.bg.Wait()
 	diagSrv.Close()
@@ -238,7 +237,7 @@ func (a *Agent) drain() {
 	a.log.Info("agent draining: no new requests; waiting for those in flight", "in_flight", a.inflight.Load(), "timeout", timeout.String())
 	deadline := time.Now().Add(timeout)
 	var acks []chan struct{}
-	for _, c := range a.conns {
+	for _, c := range a.slots.all() {
 		if ch := c.startDrain(); ch != nil {
 			acks = append(acks, ch)
 		}
@@ -268,7 +267,7 @@ acks:
 // settled reports whether the relay has closed every stream of every live
 // connection, so closing them loses nothing on its way.
 func (a *Agent) settled() bool {
-	for _, c := range a.conns {
+	for _, c := range a.slots.all() {
 		if s := c.session(); s != nil && !sessionSettled(s) {
 			return false
 		}
@@ -279,7 +278,7 @@ func (a *Agent) settled() bool {
 // Connected is how many relay connections are up now.
 func (a *Agent) Connected() int {
 	n := 0
-	for _, c := range a.conns {
+	for _, c := range a.slots.all() {
 		if c.snapshot().Connected {
 			n++
 		}
@@ -327,7 +326,7 @@ func (a *Agent) Status() Status {
 		AgentID: cfg.AgentID, Version: version.Version, Relay: cfg.Relay.URL, Config: a.loads.State(), Upstreams: ups.names,
 		StartedAt: a.started, UptimeSec: int64(time.Since(a.started).Seconds()), Requests: a.stats.snapshot(),
 	}
-	for _, c := range a.conns {
+	for _, c := range a.slots.all() {
 		cs := c.snapshot()
 		if cs.Connected {
 			s.Connected++
@@ -360,6 +359,7 @@ type connState struct {
 	slot       int
 	rebalanced int           // rebalance goaways in a row; owned by keepConnected
 	move       chan *moveReq // a reload's new relay settings, taken by the live connection
+	retire     chan struct{} // closed when a reload removes the slot: drain it and stop
 
 	mu sync.Mutex
 	st ConnStatus
@@ -368,6 +368,16 @@ type connState struct {
 	ctrl   *yamux.Stream  // the live connection's control stream, or nil
 	sess   *yamux.Session // the live connection, for agent-opened streams (webhooks), or nil
 	ack    chan struct{}  // closed when the relay acknowledges draining
+}
+
+// retired reports whether a reload removed the slot.
+func (c *connState) retired() bool {
+	select {
+	case <-c.retire:
+		return true
+	default:
+		return false
+	}
 }
 
 // setLive records the slot's live connection (nil, nil: none).
@@ -393,11 +403,15 @@ func (c *connState) session() *yamux.Session {
 
 // startDrain asks the relay to stop sending streams on the live
 // connection, returning a channel closed on its ack (nil: no connection).
+// Asked again before the ack, it returns the same channel.
 func (c *connState) startDrain() chan struct{} {
 	c.ctrlMu.Lock()
 	defer c.ctrlMu.Unlock()
 	if c.ctrl == nil {
 		return nil
+	}
+	if c.ack != nil {
+		return c.ack
 	}
 	c.ack = make(chan struct{})
 	c.ctrl.SetWriteDeadline(time.Now().Add(2 * time.Second))

@@ -161,14 +161,15 @@ type goAwayError struct{ reason string }
 
 func (e goAwayError) Error() string { return "relay asked this connection to go away: " + e.reason }
 
-// keepConnected holds relay connection number slot up until ctx ends,
-// reconnecting with backoff. Once the agent drains it stops dialling.
-func (a *Agent) keepConnected(ctx context.Context, slot int) {
-	st := a.conns[slot]
+// keepConnected holds a slot's relay connection up until ctx ends or a
+// reload retires the slot, reconnecting with backoff. Once the agent
+// drains it stops dialling.
+func (a *Agent) keepConnected(ctx context.Context, st *connState) {
+	slot := st.slot
 	defer func() { // a reload waiting on this slot hears now, not at its timeout
 		select {
 		case req := <-st.move:
-			req.done <- errors.New("the agent is stopping")
+			req.done <- errors.New("the connection stopped (agent stopping, or fewer relay.connections)")
 		default:
 		}
 	}()
@@ -176,12 +177,18 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 	quickGoAways := 0   // goaways in a row on connections that lived under stableAfter
 	var moved *liveConn // made by a move (reload), to serve at once
 	for {
-		if a.draining.Load() || ctx.Err() != nil {
+		if ctx.Err() != nil {
 			if moved != nil {
-				// SIGTERM during a move: the successor has taken no
-				// request the drain waits for; it goes with the rest.
 				moved.sess.Close()
 			}
+			return
+		}
+		// A successor made by a move is served even now: the relay may
+		// already have sent it requests. serve drains it at once.
+		if moved == nil && st.retired() {
+			return
+		}
+		if moved == nil && a.draining.Load() {
 			<-ctx.Done()
 			return
 		}
@@ -198,6 +205,9 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 		}
 		if ctx.Err() != nil {
 			return
+		}
+		if errors.Is(err, errHandedOff) {
+			continue
 		}
 		var mv movedError
 		if errors.As(err, &mv) {
@@ -230,7 +240,7 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 			delay := b.next()
 			a.log.Warn("relay keeps sending this agent's connections away at once; backing off", "slot", slot, "reason", err,
 				"in_a_row", quickGoAways, "retry_in", delay.Round(time.Millisecond).String())
-			if !sleep(ctx, delay) {
+			if !st.sleep(ctx, delay) {
 				return
 			}
 			continue
@@ -246,7 +256,7 @@ func (a *Agent) keepConnected(ctx context.Context, slot int) {
 			delay = max(delay, refused.retryAfter)
 		}
 		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
-		if !sleep(ctx, delay) {
+		if !st.sleep(ctx, delay) {
 			return
 		}
 	}
@@ -266,6 +276,10 @@ type liveConn struct {
 type movedError struct{ next *liveConn }
 
 func (movedError) Error() string { return "connection moved to new relay settings" }
+
+// errHandedOff: the connection drains in the background because the
+// agent is draining or the slot was retired; the slot dials no more.
+var errHandedOff = errors.New("connection handed off to drain")
 
 // connect dials the relay with d, starts the session and introduces this
 // agent, saying how often in a row the slot was asked to rebalance.
@@ -374,12 +388,39 @@ func (a *Agent) serve(ctx context.Context, st *connState, lc *liveConn) error {
 			finish()
 		}()
 	}
+	// handOff has the relay send this connection nothing more (its ack
+	// means nothing is on the way) and lets it finish what it carries in
+	// the background.
+	handOff := func() {
+		if ack := st.startDrain(); ack != nil {
+			t := time.NewTimer(2 * time.Second)
+			select {
+			case <-ack:
+			case <-sess.CloseChan():
+			case <-t.C:
+				log.Warn("relay did not acknowledge draining in 2s; moving on")
+			}
+			t.Stop()
+		}
+		st.setLive(nil, nil)
+		finishLater()
+	}
+	// The agent began to drain, or the slot was retired, before this
+	// connection was live (a move's successor): drain it as the rest.
+	if a.draining.Load() || st.retired() {
+		handOff()
+		return errHandedOff
+	}
 	for {
 		select {
 		case <-sess.CloseChan():
 			st.setLive(nil, nil)
 			finish()
 			return errors.New("relay connection closed")
+		case <-st.retire:
+			log.Info("relay.connections lowered by a reload; this connection finishes its streams and closes")
+			handOff()
+			return errHandedOff
 		case <-ctx.Done():
 			st.setLive(nil, nil)
 			finish()
@@ -409,23 +450,10 @@ func (a *Agent) serve(ctx context.Context, st *connState, lc *liveConn) error {
 				req.done <- err
 				continue
 			}
-			// The successor is up: the relay stops sending here (its ack
-			// means nothing more is on the way), and what is in flight
-			// finishes in the background.
-			if ack := st.startDrain(); ack != nil {
-				t := time.NewTimer(2 * time.Second)
-				select {
-				case <-ack:
-				case <-sess.CloseChan():
-				case <-t.C:
-					log.Warn("relay did not acknowledge draining in 2s; moving on")
-				}
-				t.Stop()
-			}
-			st.setLive(nil, nil)
+			// The successor is up: this one hands off.
+			handOff()
 			req.done <- nil
 			log.Info("moved to new relay settings; this connection finishes its streams", "relay", req.dialer.url)
-			finishLater()
 			return movedError{next: next}
 		}
 	}

@@ -98,7 +98,7 @@ func (a *Agent) moveRelay(next *config.Agent, changed []string) error {
 		return err
 	}
 	var live []*connState
-	for _, st := range a.conns {
+	for _, st := range a.slots.all() {
 		if st.session() != nil {
 			live = append(live, st)
 		}

@@ -19,9 +19,10 @@ import (
 // proxy, the connection's timeouts) are tried on a live connection
 // first, and a reload whose settings cannot connect is refused whole;
 // then the other connections move too, each serving until its
-// successor is up. Settings that need a restart (keepRestartOnly:
-// connections, diagnostics, audit, webhooks, log format, agent_id) keep
-// their running values, with a warning naming them.
+// successor is up. relay.connections adds connections, or retires the
+// last ones, which finish their streams first. Settings that need a
+// restart (keepRestartOnly: diagnostics, audit, webhooks, log format,
+// agent_id) keep their running values, with a warning naming them.
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
@@ -70,6 +71,14 @@ func (a *Agent) Reload() error {
 			case a.recheck <- struct{}{}:
 			default:
 			}
+			if n := next.Relay.Connections; n != old.Relay.Connections {
+				a.slots.resize(n)
+				if n > old.Relay.Connections {
+					a.log.Info("relay.connections raised; the new connections dial now", "from", old.Relay.Connections, "to", n)
+				} else {
+					a.log.Info("relay.connections lowered; the connections past it finish their streams and close", "from", old.Relay.Connections, "to", n)
+				}
+			}
 			a.metrics.Reloads.Succeeded()
 			a.loads.Succeeded()
 			a.log.Info("config reloaded", "file", next.File, "upstreams", ups.names)
@@ -93,7 +102,6 @@ func keepRestartOnly(old, next *config.Agent) []string {
 		}
 	}
 	keep("agent_id", old.AgentID != next.AgentID, func() { next.AgentID = old.AgentID })
-	keep("relay.connections", old.Relay.Connections != next.Relay.Connections, func() { next.Relay.Connections = old.Relay.Connections })
 	keep("diagnostics.listen", old.Diagnostics != next.Diagnostics, func() { next.Diagnostics = old.Diagnostics })
 	keep("audit", old.Audit != next.Audit, func() { next.Audit = old.Audit })
 	ow, nw := old.Webhooks, next.Webhooks
@@ -110,7 +118,7 @@ func keepRestartOnly(old, next *config.Agent) []string {
 // announceUpstreams tells the relay, on every live connection, which
 // upstreams this agent now serves.
 func (a *Agent) announceUpstreams(names []string) {
-	for _, c := range a.conns {
+	for _, c := range a.slots.all() {
 		c.send(proto.Message{Type: proto.MsgUpstreams, Upstreams: names})
 	}
 }

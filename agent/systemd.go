@@ -40,7 +40,7 @@ func (a *Agent) notifySystemd(ctx context.Context) {
 			daemon.SdNotify(false, daemon.SdNotifyReady)
 			ready = true
 		}
-		status := fmt.Sprintf("STATUS=%d of %d relay connections up", n, len(a.conns))
+		status := fmt.Sprintf("STATUS=%d of %d relay connections up", n, len(a.slots.all()))
 		if n == 0 {
 			status += "; reconnecting (ferry-agent status for the last error)"
 		}

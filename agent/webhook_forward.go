@@ -88,10 +88,11 @@ func (a *Agent) waitSession(ctx context.Context) *yamux.Session {
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		n := len(a.conns)
+		slots := a.slots.all()
+		n := len(slots)
 		start := int(a.nextSlot.Add(1))
 		for i := range n {
-			if s := a.conns[(start+i)%n].session(); s != nil {
+			if s := slots[(start+i)%n].session(); s != nil {
 				return s
 			}
 		}

@@ -4,7 +4,10 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -323,3 +326,75 @@ func stableAddr(t testing.TB) string {
 
 // removeBinaries is replaced by the binary-level tests' cleanup.
 var removeBinaries = func() {}
+
+// relayConn is one agent connection as the relay's /v1/tunnels shows it.
+type relayConn struct {
+	ID       string `json:"id"`
+	InFlight int64  `json:"in_flight"`
+	Draining bool   `json:"draining"`
+}
+
+// relayConns lists the agent connections a relay (by its admin address)
+// holds for the test tunnel.
+func relayConns(adminAddr string) ([]relayConn, error) {
+	resp, err := newClientNoKeepAlive().Get("http://" + adminAddr + "/v1/tunnels")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var ts []struct {
+		ID          string      `json:"id"`
+		Connections []relayConn `json:"connections"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&ts); err != nil {
+		return nil, fmt.Errorf("relay /v1/tunnels: %w", err)
+	}
+	for _, tu := range ts {
+		if tu.ID == tunnelID {
+			return tu.Connections, nil
+		}
+	}
+	return nil, nil
+}
+
+// download is the outcome of a GET read to its end.
+type download struct {
+	sum  []byte // sha256 of the body
+	n    int64
+	code int
+	err  error
+}
+
+// startDownload GETs url as the test scanner and returns once the
+// response's headers arrived (or the request failed); the channel gets
+// the outcome when the body was read.
+func startDownload(url string) <-chan download {
+	dl, headers := make(chan download, 1), make(chan struct{})
+	go func() {
+		req, _ := http.NewRequest("GET", url, nil)
+		req.Header.Set("Authorization", "Bearer "+scannerToken)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			close(headers)
+			dl <- download{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		close(headers)
+		h := sha256.New()
+		n, err := io.Copy(h, resp.Body)
+		dl <- download{sum: h.Sum(nil), n: n, code: resp.StatusCode, err: err}
+	}()
+	<-headers
+	return dl
+}
+
+// check fails t unless d is syn's body, whole.
+func (d download) check(t *testing.T, what string, syn testrig.Synthetic) {
+	t.Helper()
+	want := sha256.New()
+	io.Copy(want, syn.Reader())
+	if d.err != nil || d.code != 200 || d.n != syn.Size || !bytes.Equal(d.sum, want.Sum(nil)) {
+		t.Errorf("%s: %d, %d of %d bytes, %v", what, d.code, d.n, syn.Size, d.err)
+	}
+}

@@ -1,12 +1,8 @@
 package e2e
 
 import (
-	"bytes"
-	"crypto/sha256"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"slices"
 	"strconv"
@@ -173,37 +169,8 @@ func testReloadMovesRelayConnections(t *testing.T, n int) {
 	// it finishes there, whole.
 	syn := testrig.Synthetic{Size: 2 << 20, Seed: [32]byte{7}, BytesPerSec: 1 << 20}
 	w.bb.AddSynthetic("PROJ", "app", "slow.bin", syn)
-	want := sha256.New()
-	io.Copy(want, syn.Reader())
-	type download struct {
-		sum  []byte
-		n    int64
-		code int
-		err  error
-	}
-	dl, headers := make(chan download, 1), make(chan struct{})
-	go func() {
-		defer func() {
-			select {
-			case <-headers:
-			default:
-				close(headers)
-			}
-		}()
-		req, _ := http.NewRequest("GET", "http://"+r.ScannerAddr()+"/t/"+tunnelID+"/bitbucket/rest/api/1.0/projects/PROJ/repos/app/raw/slow.bin", nil)
-		req.Header.Set("Authorization", "Bearer "+scannerToken)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			dl <- download{err: err}
-			return
-		}
-		defer resp.Body.Close()
-		close(headers)
-		h := sha256.New()
-		n, err := io.Copy(h, resp.Body)
-		dl <- download{sum: h.Sum(nil), n: n, code: resp.StatusCode, err: err}
-	}()
-	<-headers // the download is under way on a connection made before the reload
+	// The download is under way on a connection made before the reload.
+	dl := startDownload("http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app/raw/slow.bin")
 	w.write("agent.yaml", withProxy(tp.Addr))
 	if err := a.Reload(); err != nil {
 		t.Fatal(err)
@@ -217,9 +184,7 @@ func testReloadMovesRelayConnections(t *testing.T, n int) {
 		t.Fatalf("tinyproxy did not carry the new connection:\n%s", log)
 	}
 	more("traffic through the proxy")
-	if d := <-dl; d.err != nil || d.code != 200 || d.n != syn.Size || !bytes.Equal(d.sum, want.Sum(nil)) {
-		t.Fatalf("download across the move: %d, %d of %d bytes, %v", d.code, d.n, syn.Size, d.err)
-	}
+	(<-dl).check(t, "download across the move", syn)
 
 	// And back out: the proxy can then go away without the tunnel noticing.
 	w.write("agent.yaml", direct)

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
 
 func TestReloadPolicyAndKeepRunningConfigOnError(t *testing.T) {
@@ -254,4 +255,100 @@ func TestAgentConnectionsPerTunnelAreCapped(t *testing.T) {
 	b, brun := w.startAgent(r.AgentAddr(), "")
 	defer brun.shutdown(t)
 	waitFor(t, "a second agent's two connections up under the raised limit", func() bool { return b.Connected() == 2 })
+}
+
+// TestReloadChangesConnectionCount: relay.connections changes on reload.
+// Raised, the new connections dial at once. Lowered, the last ones drain:
+// the relay sends them nothing more, downloads under way on them end
+// whole, then they close. No request fails either way.
+func TestReloadChangesConnectionCount(t *testing.T) {
+	w := newWorld(t)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	yaml := func(n int) string {
+		return strings.Replace(w.agentYAML(r.AgentAddr(), ""), "  connections: 2\n", fmt.Sprintf("  connections: %d\n", n), 1)
+	}
+	w.write("agent.yaml", yaml(1))
+	a, arun := w.startAgentYAML(yaml(1))
+	defer arun.shutdown(t)
+	reload := func(n int) {
+		t.Helper()
+		w.write("agent.yaml", yaml(n))
+		if err := a.Reload(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// relayHolds: the relay holds n of the agent's connections, draining
+	// ones included, and sends requests to live of them.
+	relayHolds := func(n, live int) func() bool {
+		return func() bool {
+			cs, err := relayConns(r.AdminAddr())
+			if err != nil || len(cs) != n {
+				return false
+			}
+			for _, c := range cs {
+				if !c.Draining {
+					live--
+				}
+			}
+			return live == 0
+		}
+	}
+	slots := func() int { return len(a.Status().Connections) }
+	waitFor(t, "one connection", func() bool { return a.Connected() == 1 && relayHolds(1, 1)() })
+	base := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+	l := startLoad(t, 4, base)
+	more := func(what string) {
+		t.Helper()
+		before := l.ok.Load()
+		waitFor(t, what, func() bool { return l.ok.Load() > before+100 })
+	}
+	more("traffic")
+
+	reload(3)
+	waitFor(t, "three connections", func() bool { return a.Connected() == 3 && slots() == 3 && relayHolds(3, 3)() })
+	more("traffic over three connections")
+	l.finish()
+	failed := l.failed.Load()
+
+	// A slow download on each connection: the relay sends each request to
+	// the connection with the fewest in flight.
+	syn := testrig.Synthetic{Size: 3 << 20, Seed: [32]byte{9}, BytesPerSec: 1 << 20}
+	w.bb.AddSynthetic("PROJ", "app", "slow.bin", syn)
+	var dls []<-chan download
+	for range 3 {
+		dls = append(dls, startDownload(base+"/raw/slow.bin"))
+	}
+	if cs, err := relayConns(r.AdminAddr()); err != nil || len(cs) != 3 || cs[0].InFlight != 1 || cs[1].InFlight != 1 || cs[2].InFlight != 1 {
+		t.Fatalf("the downloads are not one on each connection: %+v %v", cs, err)
+	}
+
+	l = startLoad(t, 4, base)
+	reload(1)
+	if n := slots(); n != 1 {
+		t.Errorf("after lowering relay.connections to 1 the agent shows %d slots", n)
+	}
+	// Two connections drain, each with its download; requests go to the third.
+	waitFor(t, "two connections draining", relayHolds(3, 1))
+	more("traffic while two connections drain")
+	for i, dl := range dls {
+		(<-dl).check(t, fmt.Sprintf("download %d across the reload", i), syn)
+	}
+	waitFor(t, "the drained connections closed", relayHolds(1, 1))
+	if n := a.Connected(); n != 1 {
+		t.Errorf("agent: %d connections up, want 1", n)
+	}
+	more("traffic over one connection")
+
+	// And up again: the retired slot is made anew.
+	reload(2)
+	waitFor(t, "two connections", func() bool { return a.Connected() == 2 && slots() == 2 && relayHolds(2, 2)() })
+	more("traffic over two connections")
+	l.finish()
+	if n := failed + l.failed.Load(); n != 0 {
+		t.Errorf("%d requests failed while relay.connections changed", n)
+	}
+	if v := testutil.ToFloat64(a.Metrics().RelayConnections); v != 2 {
+		t.Errorf("ferry_agent_relay_connections = %v, want 2", v)
+	}
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -43,32 +42,20 @@ func (rp *replica) start(t *testing.T, bin string) {
 	rp.proc.waitLog("relay started")
 }
 
-// connections is how many agent connections the replica holds for the test tunnel.
+// connections is how many agent connections the replica holds for the
+// test tunnel and sends requests to (not draining); -1 if it does not answer.
 func (rp *replica) connections(t *testing.T) int {
-	resp, err := newClientNoKeepAlive().Get("http://" + rp.adminAddr + "/v1/tunnels")
+	cs, err := relayConns(rp.adminAddr)
 	if err != nil {
 		return -1
 	}
-	defer resp.Body.Close()
-	var ts []struct {
-		ID          string `json:"id"`
-		Connections []struct {
-			Draining bool `json:"draining"`
-		} `json:"connections"`
-	}
-	json.NewDecoder(resp.Body).Decode(&ts)
-	for _, tu := range ts {
-		if tu.ID == tunnelID {
-			n := 0
-			for _, c := range tu.Connections {
-				if !c.Draining {
-					n++
-				}
-			}
-			return n
+	n := 0
+	for _, c := range cs {
+		if !c.Draining {
+			n++
 		}
 	}
-	return 0
+	return n
 }
 
 func (rp *replica) readyz(t *testing.T) string {
