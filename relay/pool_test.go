@@ -401,3 +401,28 @@ func TestConnectionRetiredBeforeStreamIDsRunOut(t *testing.T) {
 		t.Fatalf("the fresh connection served %d requests, want 3", got)
 	}
 }
+
+// A retired connection the agent closes itself does not wait out the
+// relay's cut: the timer stops, and lets go of the connection.
+func TestRetiredConnectionClosedStopsItsCut(t *testing.T) {
+	r := newPlainRelay(t, "shutdown_grace: 1s, keepalive: 15s")
+	r.retireStreamID, r.forceRetireStreamID = 20, 30
+	r.retireGrace = time.Hour
+	servePlainRelay(t, r)
+	a := startKeepAliveAgent(t, r, func(w io.Writer, req *http.Request, n seen) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+		return false
+	})
+	ac := r.auth.Load().tunnels["t"].snapshot()[0]
+	for i := range 15 {
+		if code, _ := scannerDo(t, r, "GET", nil, nil); code != 200 {
+			t.Fatalf("request %d: %d", i, code)
+		}
+	}
+	waitFor(t, "the connection retired", ac.retiring.Load)
+	a.sess.Close() // the agent goes, as asked
+	waitFor(t, "the closed connection out of the tunnel", func() bool { return len(r.auth.Load().tunnels["t"].snapshot()) == 0 })
+	if ac.retireCut.Load().Stop() {
+		t.Fatal("the cut of a connection that ended still waited: it held the connection for retireGrace")
+	}
+}

@@ -155,7 +155,10 @@ func (r *Relay) retire(c *agentConn) {
 	r.log.Info("agent connection has used most of its stream ids; asking the agent to open a fresh one", "tunnel", c.tunnel.id, "connection_id", c.id,
 		"agent_id", c.agentID, "served", c.served.Load())
 	c.goAway(proto.GoAwayStreamIDs)
-	time.AfterFunc(r.retireGrace, func() { c.sess.Close() })
+	c.retireCut.Store(time.AfterFunc(r.retireGrace, func() { c.sess.Close() }))
+	if c.sess.IsClosed() { // ended before the timer was stored: finish may have missed it
+		c.retireCut.Load().Stop()
+	}
 }
 
 // pooledStream takes an idle keep-alive stream of the route's connection

@@ -316,6 +316,9 @@ func (a *agentSession) finish() {
 	defer a.r.sessions.Done()
 	a.wg.Wait()
 	ac := a.ac.Load()
+	if t := ac.retireCut.Load(); t != nil {
+		t.Stop()
+	}
 	ac.pool.close()
 	a.t.remove(ac)
 	a.r.syncRegistry(a.t)

@@ -46,6 +46,9 @@ type agentConn struct {
 	served   atomic.Int64
 	draining atomic.Bool
 	retiring atomic.Bool // asked to go away as its stream ids run out
+	// retireCut cuts a retired connection the agent keeps open; stopped
+	// when the connection ends first, so that it is not held until then.
+	retireCut atomic.Pointer[time.Timer]
 
 	ctrlMu sync.Mutex
 	ctrl   *yamux.Stream
