@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
@@ -351,4 +354,51 @@ func TestReloadChangesConnectionCount(t *testing.T) {
 	if v := testutil.ToFloat64(a.Metrics().RelayConnections); v != 2 {
 		t.Errorf("ferry_agent_relay_connections = %v, want 2", v)
 	}
+}
+
+// TestRelayReloadChangesTimeouts: an operator whose Bitbucket has turned
+// slow raises the relay's agent_response by reload, without the restart
+// that would drop every tunnel's connections for a moment.
+func TestRelayReloadChangesTimeouts(t *testing.T) {
+	w := newWorld(t)
+	// An upstream that takes 2 s to answer (a large repository's pack
+	// being counted).
+	slow := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(2 * time.Second):
+			io.WriteString(w, `{"size":0,"limit":25,"isLastPage":true,"values":[],"start":0}`)
+		case <-r.Context().Done():
+		}
+	}), TLSConfig: w.pki.ServerTLS()}
+	sl := listenLocal(t)
+	go slow.ServeTLS(sl, "", "")
+	defer slow.Close()
+	relayYAML := func(agentResponse string) string {
+		return w.relayYAMLWith("127.0.0.1:0", "127.0.0.1:0", "timeouts: {agent_response: "+agentResponse+"}\n")
+	}
+	w.write("relay.yaml", relayYAML("1s"))
+	r, rrun := w.startRelayYAML(relayYAML("1s"))
+	defer rrun.shutdown(t)
+	a, arun := w.startAgent(r.AgentAddr(), "  - name: slow\n    url: https://"+sl.Addr().String()+"\n    ca_file: "+w.pki.CAFile+
+		"\n    auth: {type: bearer, token_file: "+filepath.Join(w.dir, "pat")+"}\n    profile: bitbucket-dc-read\n")
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	e := &env{world: w, relay: r, client: newClient()}
+	defer e.client.CloseIdleConnections()
+	url := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/slow/rest/api/1.0/projects"
+
+	if status, _, body := e.do("GET", url, scannerToken, nil, nil); status != 504 || errorBody(t, body).Error != httperr.UpstreamTimeout {
+		t.Fatalf("with agent_response 1s: %d %s, want 504 upstream_timeout", status, body)
+	}
+	w.write("relay.yaml", relayYAML("10s"))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if status, _, body := e.do("GET", url, scannerToken, nil, nil); status != 200 {
+		t.Fatalf("after raising agent_response to 10s by reload: %d %s", status, body)
+	}
+	if a.Connected() != 2 {
+		t.Errorf("the reload dropped agent connections: %d up", a.Connected())
+	}
+	checkReloadMetrics(t, "relay after the reload", r.Metrics().Reloads, 1, 0, 1)
 }

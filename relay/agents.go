@@ -217,14 +217,14 @@ func (r *Relay) syncRegistry(t *tunnel) {
 // row.
 func (r *Relay) handshake(a *agentSession, th token.Hash) (int, error) {
 	t, sess := a.t, a.sess
-	hctx, cancel := context.WithTimeout(r.life, r.cfg.Timeouts.AgentHandshake)
+	hctx, cancel := context.WithTimeout(r.life, r.tmo().AgentHandshake)
 	defer cancel()
 	ctrl, err := sess.AcceptStreamWithContext(hctx)
 	if err != nil {
 		return 0, fmt.Errorf("wait for control stream: %w", err)
 	}
 	a.ctrl.s = ctrl
-	ctrl.SetDeadline(time.Now().Add(r.cfg.Timeouts.AgentHandshake))
+	ctrl.SetDeadline(time.Now().Add(r.tmo().AgentHandshake))
 	hdr, err := proto.ReadHeader(&a.ctrl)
 	if err != nil {
 		return 0, err

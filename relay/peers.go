@@ -44,13 +44,20 @@ type peerRoute struct {
 
 type peerRouteKey struct{}
 
-// newPeerProxy carries a scanner request to another replica, streaming
+// peerProxy carries a scanner request to another replica, streaming
 // both ways, one hop only (the receiving replica never forwards again).
-func (r *Relay) newPeerProxy() (*httputil.ReverseProxy, *http.Transport) {
+type peerProxy struct {
+	rp *httputil.ReverseProxy
+	tr *http.Transport
+}
+
+// newPeerProxy builds a peerProxy that waits for the other replica's
+// response head a little longer than that replica waits for its agent's.
+func (r *Relay) newPeerProxy(agentResponse time.Duration) *peerProxy {
 	tr := &http.Transport{
 		DialContext:            (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		DisableCompression:     true,
-		ResponseHeaderTimeout:  r.cfg.Timeouts.AgentResponse + 10*time.Second,
+		ResponseHeaderTimeout:  agentResponse + 10*time.Second,
 		ExpectContinueTimeout:  time.Second,
 		MaxIdleConnsPerHost:    64,
 		IdleConnTimeout:        90 * time.Second,
@@ -103,7 +110,7 @@ func (r *Relay) newPeerProxy() (*httputil.ReverseProxy, *http.Transport) {
 			return nil
 		},
 	}
-	return rp, tr
+	return &peerProxy{rp: rp, tr: tr}
 }
 
 // forwardToPeer sends a request for a tunnel this replica does not hold to
@@ -127,7 +134,7 @@ func (r *Relay) forwardToPeer(w http.ResponseWriter, req *http.Request, tunnelID
 	}
 	r.metrics.Forwarded.WithLabelValues(tunnelID, "out").Inc()
 	rt := &peerRoute{target: target, scanner: scanner, rid: rid, publicBase: publicBase, secret: secret}
-	r.peerProxy.ServeHTTP(w, req.WithContext(context.WithValue(req.Context(), peerRouteKey{}, rt)))
+	r.peer.Load().rp.ServeHTTP(w, req.WithContext(context.WithValue(req.Context(), peerRouteKey{}, rt)))
 	return true, ""
 }
 

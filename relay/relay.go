@@ -37,7 +37,8 @@ type Relay struct {
 	log *slog.Logger
 	id  string
 
-	auth        atomic.Pointer[authTables] // replaced by Reload
+	auth        atomic.Pointer[authTables]           // replaced by Reload
+	timeouts    atomic.Pointer[config.RelayTimeouts] // replaced by Reload; header_read stays as started
 	reloadMu    sync.Mutex
 	loads       *config.Loads  // for the status page: when the config was loaded, a refused reload
 	level       *slog.LevelVar // nil: level not reloadable
@@ -48,10 +49,9 @@ type Relay struct {
 	webhookClient *http.Client
 
 	registry   registry.Registry
-	redis      *registry.Redis // nil: memory registry
-	peerProxy  *httputil.ReverseProxy
-	peerTr     *http.Transport
-	peerSecret atomic.Pointer[string] // from Redis when no peer_secret_file
+	redis      *registry.Redis           // nil: memory registry
+	peer       atomic.Pointer[peerProxy] // rebuilt when a reload changes timeouts.agent_response
+	peerSecret atomic.Pointer[string]    // from Redis when no peer_secret_file
 	limiter    *authLimiter
 	metrics    *metrics.Relay
 
@@ -101,6 +101,8 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	r := &Relay{cfg: cfg, log: log, id: host + "-" + httperr.NewRequestID()[:8], limiter: newAuthLimiter(), metrics: metrics.NewRelay(),
 		started: time.Now(), recent: statuspage.NewRecent[ErrorEvent](25), page: statuspage.New("ferry relay", "/v1/tunnels", relayPage), loads: config.NewLoads(cfg.File)}
 	r.auth.Store(buildAuth(cfg, nil))
+	tmo := cfg.Timeouts
+	r.timeouts.Store(&tmo)
 	for _, tc := range cfg.Tunnels {
 		r.metrics.AgentConnections.WithLabelValues(tc.ID).Set(0)
 		r.metrics.StreamsInFlight.WithLabelValues(tc.ID).Set(0)
@@ -110,7 +112,7 @@ func New(cfg *config.Relay, log *slog.Logger) (*Relay, error) {
 	r.copyBuffers = httpx.NewBufferPool(128 << 10)
 	r.proxy = r.newProxy()
 	r.webhookClient = newWebhookClient()
-	r.peerProxy, r.peerTr = r.newPeerProxy()
+	r.peer.Store(r.newPeerProxy(tmo.AgentResponse))
 	r.registry = registry.Memory{}
 	r.metrics.RegistryUp.Set(1)
 	if cfg.Registry.Backend == "redis" {
@@ -289,7 +291,8 @@ func (r *Relay) Serve(ctx context.Context) error {
 	r.hookMu.Lock()
 	r.hooksClosed = true
 	r.hookMu.Unlock()
-	r.log.Info("relay shutting down", "grace", r.cfg.Timeouts.ShutdownGrace.String())
+	grace := r.tmo().ShutdownGrace
+	r.log.Info("relay shutting down", "grace", grace.String())
 	// Leave the registry first, so other replicas stop sending requests
 	// here while those in flight finish.
 	stopRegistry()
@@ -307,7 +310,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 			c.goAway("relay shutting down")
 		}
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), r.cfg.Timeouts.ShutdownGrace)
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	// Scanner requests, and those forwarded by other replicas, get the
 	// same grace, at the same time.
@@ -341,7 +344,7 @@ func (r *Relay) Serve(ctx context.Context) error {
 	servers[2].Close()
 	r.bodyWriters.Wait()
 	r.webhookClient.CloseIdleConnections()
-	r.peerTr.CloseIdleConnections()
+	r.peer.Load().tr.CloseIdleConnections()
 	for ; pending > 0; pending-- {
 		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) && runErr == nil {
 			runErr = err
@@ -433,6 +436,10 @@ func (r *Relay) tunnelStatus() []TunnelStatus {
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
+
+// tmo is the timeouts in force (a reload may change them, but for
+// header_read, which the listeners took at start).
+func (r *Relay) tmo() *config.RelayTimeouts { return r.timeouts.Load() }
 
 // Metrics exposes the relay's metrics (tests, embedding).
 func (r *Relay) Metrics() *metrics.Relay { return r.metrics }

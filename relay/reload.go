@@ -70,6 +70,26 @@ func buildAuth(cfg *config.Relay, prev *authTables) *authTables {
 	return a
 }
 
+// reloadTimeouts puts next in force: requests and connections that
+// start from now on use it. header_read keeps its running value (the
+// listeners took it at start; restartOnly names it).
+func (r *Relay) reloadTimeouts(next config.RelayTimeouts) {
+	cur := r.tmo()
+	next.HeaderRead = cur.HeaderRead
+	if next == *cur {
+		return
+	}
+	r.timeouts.Store(&next)
+	if next.AgentResponse != cur.AgentResponse {
+		// Forwarded requests under way keep the transport they started
+		// on; it closes its connections as they come back idle.
+		r.peer.Swap(r.newPeerProxy(next.AgentResponse)).tr.CloseIdleConnections()
+	}
+	r.log.Info("timeouts changed; requests and agent connections from now on use them",
+		"agent_handshake", next.AgentHandshake.String(), "agent_response", next.AgentResponse.String(), "keepalive", next.Keepalive.String(),
+		"idle", next.Idle.String(), "shutdown_grace", next.ShutdownGrace.String())
+}
+
 // restartOnly names the settings that differ between the running config
 // and next but take effect only on a restart: the relay keeps running
 // with the values it started with, and says so rather than log "config
@@ -93,8 +113,8 @@ func restartOnly(old, next *config.Relay) []string {
 	if nreg != oreg {
 		kept = append(kept, "registry")
 	}
-	if next.Timeouts != old.Timeouts {
-		kept = append(kept, "timeouts")
+	if next.Timeouts.HeaderRead != old.Timeouts.HeaderRead {
+		kept = append(kept, "timeouts.header_read")
 	}
 	if next.Log.Format != old.Log.Format {
 		kept = append(kept, "log.format")
@@ -164,7 +184,8 @@ func (r *Relay) certSources() []*certSource {
 }
 
 // Reload re-reads the config file (SIGHUP): tunnels, agent tokens,
-// scanners, limits, the log level and the TLS certificates change at once.
+// scanners, limits, timeouts (but header_read), the log level and the TLS
+// certificates change at once.
 // Connections whose token is no longer listed for their tunnel, or whose
 // tunnel is gone, are told to go away. A file that fails validation
 // leaves everything as it was. The rest (restartOnly) needs a restart and
@@ -189,6 +210,7 @@ func (r *Relay) Reload() error {
 	prev := r.auth.Load()
 	cur := buildAuth(next, prev)
 	r.auth.Store(cur)
+	r.reloadTimeouts(next.Timeouts)
 	if r.level != nil {
 		var l slog.Level
 		l.UnmarshalText([]byte(next.Log.Level))

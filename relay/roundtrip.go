@@ -176,7 +176,7 @@ func (t tunnelTransport) exchange(req *http.Request, rt *route, s *trackedStream
 
 	// The response head: bounded in time (timeouts.agent_response, as
 	// the agent has its own upstream timeout below it) and in size.
-	s.setIdle(t.r.cfg.Timeouts.AgentResponse)
+	s.setIdle(t.r.tmo().AgentResponse)
 	head := &headLimit{r: s, left: maxResponseHead}
 	br, _ := t.r.replies.Get().(*bufio.Reader)
 	if br == nil {

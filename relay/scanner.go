@@ -177,7 +177,8 @@ func (r *Relay) pooledStream(rt *route) *trackedStream {
 // streamIdle is how long a request's stream may be silent once the
 // response head has come.
 func (r *Relay) streamIdle() time.Duration {
-	return max(r.cfg.Timeouts.Idle, r.cfg.Timeouts.AgentResponse)
+	t := r.tmo()
+	return max(t.Idle, t.AgentResponse)
 }
 
 func (r *Relay) track(c *agentConn, s *yamux.Stream) *trackedStream {
@@ -262,7 +263,7 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 	// body, for timeouts.idle is cut. The deadlines are cleared when the
 	// handler returns, before the connection serves its next request.
 	rc := http.NewResponseController(w)
-	idle := r.cfg.Timeouts.Idle
+	idle := r.tmo().Idle
 	defer rc.SetWriteDeadline(time.Time{})
 	defer rc.SetReadDeadline(time.Time{})
 	rec := &httpx.Recorder{ResponseWriter: &httpx.IdleWriter{ResponseWriter: w, RC: rc, Idle: idle}}

@@ -286,7 +286,7 @@ func (a *agentSession) establish() bool {
 	a.established = true
 	if a.ac.Load().keepalive == 0 {
 		// An older agent that does not ping is pinged.
-		a.wg.Go(func() { pingLoop(a.r.life, a.sess, a.r.cfg.Timeouts.Keepalive) })
+		a.wg.Go(func() { pingLoop(a.r.life, a.sess, a.r.tmo().Keepalive) })
 	}
 	// What arrived during the handshake (a draining message, a webhook
 	// delivery) is served now.

@@ -57,7 +57,7 @@ func newWebhookClient() *http.Client {
 // copy only when the target has it.
 func (r *Relay) serveWebhook(ctx context.Context, log *slog.Logger, t *tunnel, s *yamux.Stream) {
 	defer s.Close()
-	s.SetDeadline(time.Now().Add(r.cfg.Timeouts.AgentHandshake))
+	s.SetDeadline(time.Now().Add(r.tmo().AgentHandshake))
 	hdr, err := proto.ReadHeader(s)
 	if err != nil {
 		log.Warn("bad stream from agent", "err", err)
