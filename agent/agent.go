@@ -28,26 +28,27 @@ import (
 // Agent is one agent process. Create with New, bind with Listen, run with
 // Serve (or all with Run).
 type Agent struct {
-	cfg      atomic.Pointer[config.Agent] // swapped whole by Reload
-	log      *slog.Logger
-	level    *slog.LevelVar // nil: level not reloadable
-	ups      atomic.Pointer[upstreamSet]
-	gates    gates // per upstream name, across reloads
-	pool     *httpx.BufferPool
-	reloadMu sync.Mutex
-	loads    *config.Loads               // for status: when the config was loaded, a refused reload
-	relay    atomic.Pointer[relayDialer] // how connections reach the relay; a reload may move them
-	streams  *streamListener
-	audit    *audit.Log
-	slots    *slotSet
-	stats    stats
-	metrics  *metrics.Agent
-	recheck  chan struct{}  // asks watchCredentials to check now
-	draining atomic.Bool    // set at shutdown: no new connections, no new streams
-	inflight atomic.Int64   // requests being served
-	bg       sync.WaitGroup // sessions draining after a goaway
-	denials  *statuspage.Recent[audit.Entry]
-	page     *statuspage.Page
+	cfg       atomic.Pointer[config.Agent] // swapped whole by Reload
+	log       *slog.Logger
+	level     *slog.LevelVar // nil: level not reloadable
+	ups       atomic.Pointer[upstreamSet]
+	gates     gates // per upstream name, across reloads
+	pool      *httpx.BufferPool
+	reloadMu  sync.Mutex
+	loads     *config.Loads               // for status: when the config was loaded, a refused reload
+	relay     atomic.Pointer[relayDialer] // how connections reach the relay; a reload may move them
+	streams   *streamListener
+	audit     *audit.Log
+	slots     *slotSet
+	stats     stats
+	metrics   *metrics.Agent
+	recheck   chan struct{}  // asks watchCredentials to check now
+	draining  atomic.Bool    // set at shutdown: no new connections, no new streams
+	inflight  atomic.Int64   // requests being served
+	bg        sync.WaitGroup // sessions draining after a goaway, a move or a retire
+	finishing atomic.Int64   // those sessions, for status
+	denials   *statuspage.Recent[audit.Entry]
+	page      *statuspage.Page
 
 	webhooks *webhooks     // nil: webhooks.listen unset
 	nextSlot atomic.Uint32 // round robin over connections for agent-opened streams
@@ -302,11 +303,15 @@ func (a *Agent) diagHandler() http.Handler {
 
 // Status is the agent's /v1/status document.
 type Status struct {
-	AgentID       string             `json:"agent_id"`
-	Version       string             `json:"version"`
-	Relay         string             `json:"relay"`
-	Connected     int                `json:"connected"`
-	Connections   []ConnStatus       `json:"connections"`
+	AgentID     string       `json:"agent_id"`
+	Version     string       `json:"version"`
+	Relay       string       `json:"relay"`
+	Connected   int          `json:"connected"`
+	Connections []ConnStatus `json:"connections"`
+	// Finishing: connections that take no new requests and close once
+	// those they carry are done (after a goaway, a move to new relay
+	// settings, or fewer relay.connections).
+	Finishing     int                `json:"finishing_connections"`
 	Config        config.LoadState   `json:"config"`
 	Upstreams     []string           `json:"upstreams"`
 	Load          []UpstreamLoad     `json:"load"` // per upstream, in Upstreams' order
@@ -325,6 +330,7 @@ func (a *Agent) Status() Status {
 	s := Status{
 		AgentID: cfg.AgentID, Version: version.Version, Relay: cfg.Relay.URL, Config: a.loads.State(), Upstreams: ups.names,
 		StartedAt: a.started, UptimeSec: int64(time.Since(a.started).Seconds()), Requests: a.stats.snapshot(),
+		Finishing: int(a.finishing.Load()),
 	}
 	for _, c := range a.slots.all() {
 		cs := c.snapshot()
@@ -519,7 +525,7 @@ func (a *Agent) CloseIdleConnections() { a.upstreams().closeIdle() }
 const agentPage = `<h1>ferry agent <code>{{.AgentID}}</code></h1>
 <div class="sub">version {{.Version}} · relay <code>{{.Relay}}</code> · up since {{ts .StartedAt}} ({{ago .StartedAt}})</div>
 {{with .Config}}{{if .LastError}}<p class="bad">config reload refused {{ts .LastErrorAt}}: {{.LastError}} — the config loaded {{ts .LoadedAt}} stays in force</p>{{end}}{{end}}
-<h2>Relay connections: {{if .Connected}}<span class="ok">{{.Connected}} of {{len .Connections}} up</span>{{else}}<span class="bad">none up</span>{{end}}</h2>
+<h2>Relay connections: {{if .Connected}}<span class="ok">{{.Connected}} of {{len .Connections}} up</span>{{else}}<span class="bad">none up</span>{{end}}{{if .Finishing}}, {{.Finishing}} finishing their requests{{end}}</h2>
 <table><tr><th>#</th><th>state</th><th>since</th><th>relay</th><th>relay certificate until</th><th class="num">reconnects</th><th>last error</th></tr>
 {{range .Connections}}<tr><td>{{.Slot}}</td>{{if .Connected}}<td class="ok">up</td>{{else}}<td class="bad">down</td>{{end}}<td>{{ago .Since}}</td><td>{{.RelayID}}</td><td>{{if not .RelayCertNotAfter.IsZero}}{{ts .RelayCertNotAfter}}{{end}}</td><td class="num">{{.Reconnects}}</td><td>{{if .LastError}}{{ts .LastErrorAt}}: {{.LastError}}{{else}}<span class="empty">none</span>{{end}}</td></tr>
 {{end}}</table>

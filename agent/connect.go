@@ -370,8 +370,10 @@ func (a *Agent) serve(ctx context.Context, st *connState, lc *liveConn) error {
 	// agent's bg group.
 	finishLater := func() {
 		a.bg.Add(1)
+		a.finishing.Add(1)
 		go func() {
 			defer a.bg.Done()
+			defer a.finishing.Add(-1)
 			deadline := time.NewTimer(a.drainTimeout())
 			defer deadline.Stop()
 			tick := time.NewTicker(20 * time.Millisecond)

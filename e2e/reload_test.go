@@ -265,6 +265,7 @@ func TestAgentConnectionsPerTunnelAreCapped(t *testing.T) {
 // the relay sends them nothing more, downloads under way on them end
 // whole, then they close. No request fails either way.
 func TestReloadChangesConnectionCount(t *testing.T) {
+	_, agentBin := binaries(t) // for ferry-agent status, built before the clock matters
 	w := newWorld(t)
 	r, rrun := w.startRelay("127.0.0.1:0")
 	defer rrun.shutdown(t)
@@ -333,11 +334,21 @@ func TestReloadChangesConnectionCount(t *testing.T) {
 	}
 	// Two connections drain, each with its download; requests go to the third.
 	waitFor(t, "two connections draining", relayHolds(3, 1))
+	// (The relay marks a connection draining before the agent has its ack.)
+	waitFor(t, "the agent's status to show two connections finishing", func() bool { return a.Status().Finishing == 2 })
+	if page := getPage(t, "http://"+a.DiagAddr()+"/"); !strings.Contains(page, "2 finishing their requests") {
+		t.Error("the agent's status page does not show the connections finishing their requests")
+	}
+	if out, err := exec.Command(agentBin, "status", "--addr", a.DiagAddr()).CombinedOutput(); err != nil ||
+		!strings.Contains(string(out), "1 of 1 relay connections up (and 2 finishing their requests before closing)") {
+		t.Errorf("ferry-agent status while two connections drain: %v\n%s", err, out)
+	}
 	more("traffic while two connections drain")
 	for i, dl := range dls {
 		(<-dl).check(t, fmt.Sprintf("download %d across the reload", i), syn)
 	}
 	waitFor(t, "the drained connections closed", relayHolds(1, 1))
+	waitFor(t, "the agent done with them", func() bool { return a.Status().Finishing == 0 })
 	if n := a.Connected(); n != 1 {
 		t.Errorf("agent: %d connections up, want 1", n)
 	}

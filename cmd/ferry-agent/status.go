@@ -47,7 +47,11 @@ func status(args []string, stdout, stderr io.Writer) error {
 	if s.Connected == 0 {
 		state = "DISCONNECTED"
 	}
-	fmt.Fprintf(stdout, "ferry-agent %s (%s): %s, %d of %d relay connections up\n", s.AgentID, s.Version, state, s.Connected, len(s.Connections))
+	finishing := ""
+	if s.Finishing > 0 {
+		finishing = fmt.Sprintf(" (and %d finishing their requests before closing)", s.Finishing)
+	}
+	fmt.Fprintf(stdout, "ferry-agent %s (%s): %s, %d of %d relay connections up%s\n", s.AgentID, s.Version, state, s.Connected, len(s.Connections), finishing)
 	fmt.Fprintf(stdout, "relay:     %s\n", s.Relay)
 	if c := s.Config; c.LastError != "" {
 		fmt.Fprintf(stdout, "config:    %s, loaded %s; LAST RELOAD REFUSED %s: %s (the loaded config stays in force)\n",
