@@ -6,16 +6,18 @@ import (
 	"time"
 )
 
-// sleep waits d, or until ctx ends; it reports whether the full wait passed.
-func sleep(ctx context.Context, d time.Duration) bool {
+// sleep waits d, or until ctx ends or stop (nil: never) is closed; it
+// reports whether the full wait passed.
+func sleep(ctx context.Context, d time.Duration, stop <-chan struct{}) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
 		return true
 	case <-ctx.Done():
-		return false
+	case <-stop:
 	}
+	return false
 }
 
 // backoff is a capped exponential backoff with jitter: attempt 0 waits

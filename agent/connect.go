@@ -240,7 +240,7 @@ func (a *Agent) keepConnected(ctx context.Context, st *connState) {
 			delay := b.next()
 			a.log.Warn("relay keeps sending this agent's connections away at once; backing off", "slot", slot, "reason", err,
 				"in_a_row", quickGoAways, "retry_in", delay.Round(time.Millisecond).String())
-			if !st.sleep(ctx, delay) {
+			if !sleep(ctx, delay, st.retire) {
 				return
 			}
 			continue
@@ -256,7 +256,7 @@ func (a *Agent) keepConnected(ctx context.Context, st *connState) {
 			delay = max(delay, refused.retryAfter)
 		}
 		a.log.Warn("relay connection lost; reconnecting", "slot", slot, "err", err, "retry_in", delay.Round(time.Millisecond).String())
-		if !st.sleep(ctx, delay) {
+		if !sleep(ctx, delay, st.retire) {
 			return
 		}
 	}

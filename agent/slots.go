@@ -1,11 +1,9 @@
 package agent
 
 import (
-	"context"
 	"slices"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
 // slotSet holds the agent's relay connection slots. While Serve runs,
@@ -82,17 +80,4 @@ func (s *slotSet) resize(n int) {
 			s.run(st)
 		}
 	}
-}
-
-// sleep waits for d; false if ctx ended or the slot was retired first.
-func (c *connState) sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-	case <-c.retire:
-	}
-	return false
 }

@@ -74,7 +74,7 @@ func (w *webhooks) runLane(ctx context.Context, l *lane, a *Agent) {
 			w.metrics.WebhookRetries.Inc()
 			w.noteError(fmt.Sprintf("delivery %s: %s", d.ID, problem))
 			log.Warn("webhook not delivered yet; will retry", "attempt", attempt, "status", status, "problem", problem, "retry_in", delay.Round(time.Millisecond).String())
-			if !sleep(ctx, delay) {
+			if !sleep(ctx, delay, nil) {
 				return
 			}
 		}

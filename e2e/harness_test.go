@@ -87,6 +87,24 @@ func newWorld(t testing.TB) *world {
 	return w
 }
 
+// serveUpstream serves h over TLS (the test PKI) on loopback until the
+// test ends, and returns its https URL.
+func (w *world) serveUpstream(h http.Handler) string {
+	ln := listenLocal(w.t)
+	srv := &http.Server{Handler: h, TLSConfig: w.pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second}
+	go srv.ServeTLS(ln, "", "")
+	w.t.Cleanup(func() { srv.Close() })
+	return "https://" + ln.Addr().String()
+}
+
+// upstreamYAML is an agent's upstreams entry for url, trusting the test
+// PKI, with the test PAT and the read profile; extra is added as is
+// ("    response_timeout: 1s\n").
+func (w *world) upstreamYAML(name, url, extra string) string {
+	return "  - name: " + name + "\n    url: " + url + "\n    ca_file: " + w.pki.CAFile +
+		"\n    auth: {type: bearer, token_file: " + filepath.Join(w.dir, "pat") + "}\n    profile: bitbucket-dc-read\n" + extra
+}
+
 func (w *world) write(name, body string) string {
 	p := filepath.Join(w.dir, name)
 	if err := os.WriteFile(p, []byte(body+"\n"), 0o600); err != nil {

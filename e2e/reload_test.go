@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/http"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -42,7 +41,7 @@ func TestReloadPolicyAndKeepRunningConfigOnError(t *testing.T) {
 	// A deny rule and a second upstream arrive by reload, no reconnect.
 	w.write("agent.yaml", strings.Replace(base, "    response_timeout: 5s\n",
 		"    response_timeout: 5s\n    rules: [{methods: [GET], path: \"/rest/api/*/projects/PROJ/**\", action: deny}]\n"+
-			"  - name: mirror\n    url: "+w.bbURL+"\n    ca_file: "+w.pki.CAFile+"\n    auth: {type: bearer, token_file: "+w.dir+"/pat}\n    profile: bitbucket-dc-read\n", 1))
+			w.upstreamYAML("mirror", w.bbURL, ""), 1))
 	if err := a.Reload(); err != nil {
 		t.Fatal(err)
 	}
@@ -374,24 +373,20 @@ func TestRelayReloadChangesTimeouts(t *testing.T) {
 	w := newWorld(t)
 	// An upstream that takes 2 s to answer (a large repository's pack
 	// being counted).
-	slow := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	slowURL := w.serveUpstream(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-time.After(2 * time.Second):
 			io.WriteString(w, `{"size":0,"limit":25,"isLastPage":true,"values":[],"start":0}`)
 		case <-r.Context().Done():
 		}
-	}), TLSConfig: w.pki.ServerTLS()}
-	sl := listenLocal(t)
-	go slow.ServeTLS(sl, "", "")
-	defer slow.Close()
+	}))
 	relayYAML := func(agentResponse string) string {
 		return w.relayYAMLWith("127.0.0.1:0", "127.0.0.1:0", "timeouts: {agent_response: "+agentResponse+"}\n")
 	}
 	w.write("relay.yaml", relayYAML("1s"))
 	r, rrun := w.startRelayYAML(relayYAML("1s"))
 	defer rrun.shutdown(t)
-	a, arun := w.startAgent(r.AgentAddr(), "  - name: slow\n    url: https://"+sl.Addr().String()+"\n    ca_file: "+w.pki.CAFile+
-		"\n    auth: {type: bearer, token_file: "+filepath.Join(w.dir, "pat")+"}\n    profile: bitbucket-dc-read\n")
+	a, arun := w.startAgent(r.AgentAddr(), w.upstreamYAML("slow", slowURL, ""))
 	defer arun.shutdown(t)
 	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
 	e := &env{world: w, relay: r, client: newClient()}

@@ -266,15 +266,11 @@ func TestUpstreamFailures(t *testing.T) {
 	r, rrun := w.startRelay("127.0.0.1:0")
 	defer rrun.shutdown(t)
 	// An upstream that accepts and never answers, and one that is not there.
-	hang := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }), TLSConfig: w.pki.ServerTLS()}
-	hl := listenLocal(t)
-	go hang.ServeTLS(hl, "", "")
-	defer hang.Close()
+	hangURL := w.serveUpstream(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }))
 	dead := listenLocal(t)
 	deadURL := "https://" + dead.Addr().String()
 	dead.Close()
-	extra := "  - name: slow\n    url: https://" + hl.Addr().String() + "\n    ca_file: " + w.pki.CAFile +
-		"\n    auth: {type: bearer, token_file: " + filepath.Join(w.dir, "pat") + "}\n    profile: bitbucket-dc-read\n    response_timeout: 500ms\n" +
+	extra := w.upstreamYAML("slow", hangURL, "    response_timeout: 500ms\n") +
 		"  - name: dead\n    url: " + deadURL + "\n    auth: {type: basic, username: svc, password_file: " + filepath.Join(w.dir, "pat") + "}\n    profile: bitbucket-dc-read\n"
 	a, arun := w.startAgent(r.AgentAddr(), extra)
 	defer arun.shutdown(t)
