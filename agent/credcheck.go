@@ -101,6 +101,46 @@ func (u *upstream) tokenExpiry(ctx context.Context, auth, user string) time.Time
 	return expiry
 }
 
+// recordCredential keeps a check's result for status and metrics, unless
+// a reload removed or replaced u while it was checked (the replacement is
+// checked after the reload). Under credMu, so that forgetCredentials,
+// which runs after the reload's swap, cannot be overtaken by it.
+func (a *Agent) recordCredential(u *upstream, rep CredentialReport) bool {
+	a.credMu.Lock()
+	defer a.credMu.Unlock()
+	name := u.cfg.Name
+	if a.upstreams().byName[name] != u {
+		return false
+	}
+	a.creds[name] = rep
+	valid := 0.0
+	if rep.Valid {
+		valid = 1
+	}
+	a.metrics.CredentialValid.WithLabelValues(name).Set(valid)
+	if rep.Expiry.IsZero() {
+		// A credential rotated to one that does not expire must not keep
+		// the old one's expiry (and its alert).
+		a.metrics.CredentialExpiry.DeleteLabelValues(name)
+	} else {
+		a.metrics.CredentialExpiry.WithLabelValues(name).Set(float64(rep.Expiry.Unix()))
+	}
+	return true
+}
+
+// forgetCredentials drops what is known of the credentials of upstreams
+// a reload removed: their series would stay at their last value, and an
+// alert on a rejected or expiring credential fire for good.
+func (a *Agent) forgetCredentials(names []string) {
+	a.credMu.Lock()
+	defer a.credMu.Unlock()
+	for _, name := range names {
+		delete(a.creds, name)
+		a.metrics.CredentialValid.DeleteLabelValues(name)
+		a.metrics.CredentialExpiry.DeleteLabelValues(name)
+	}
+}
+
 // credentialCheckEvery is how often the running agent re-checks.
 const credentialCheckEvery = 10 * time.Minute
 
@@ -134,16 +174,8 @@ func (a *Agent) checkOneCredential(ctx context.Context, u *upstream) {
 		}
 		return
 	}
-	a.credMu.Lock()
-	a.creds[u.cfg.Name] = rep
-	a.credMu.Unlock()
-	valid := 0.0
-	if rep.Valid {
-		valid = 1
-	}
-	a.metrics.CredentialValid.WithLabelValues(u.cfg.Name).Set(valid)
-	if !rep.Expiry.IsZero() {
-		a.metrics.CredentialExpiry.WithLabelValues(u.cfg.Name).Set(float64(rep.Expiry.Unix()))
+	if !a.recordCredential(u, rep) {
+		return // a reload removed or replaced the upstream meanwhile
 	}
 	switch {
 	case !rep.Valid:

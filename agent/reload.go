@@ -66,6 +66,13 @@ func (a *Agent) Reload() error {
 			prev.closeIdle()
 			if !slices.Equal(prev.names, ups.names) {
 				a.announceUpstreams(ups.names)
+				var gone []string
+				for _, name := range prev.names {
+					if ups.byName[name] == nil {
+						gone = append(gone, name)
+					}
+				}
+				a.forgetCredentials(gone)
 			}
 			select {
 			case a.recheck <- struct{}{}:

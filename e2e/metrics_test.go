@@ -3,6 +3,7 @@ package e2e
 import (
 	"io"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -106,4 +107,104 @@ func TestCredentialCheck(t *testing.T) {
 	if v := testutil.ToFloat64(a.Metrics().CredentialValid.WithLabelValues("bitbucket")); v != 0 {
 		t.Fatalf("credential_valid = %v for a wrong PAT", v)
 	}
+}
+
+// TestRemovedConfigLeavesNoSeries: what a reload removes leaves no series
+// behind. A removed tunnel's ferry_relay_agent_connections would stay at
+// 0 and the README's FerryTunnelOffline alert page for good; a removed
+// upstream's rejected credential, or a rotated credential's old expiry,
+// would keep FerryCredentialExpiringOrRejected firing.
+func TestRemovedConfigLeavesNoSeries(t *testing.T) {
+	w := newWorld(t)
+	relayCfg := w.relayYAML("127.0.0.1:0")
+	w.write("relay.yaml", relayCfg)
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	w.write("wrong-pat", "not-the-pat")
+	mirror := "  - name: mirror\n    url: " + w.bbURL + "\n    ca_file: " + w.pki.CAFile +
+		"\n    auth: {type: bearer, token_file: " + filepath.Join(w.dir, "wrong-pat") + "}\n    profile: bitbucket-dc-read\n"
+	base := w.agentYAML(r.AgentAddr(), "")
+	w.write("agent.yaml", w.agentYAML(r.AgentAddr(), mirror))
+	a, arun := w.startAgentYAML(w.agentYAML(r.AgentAddr(), mirror))
+	defer arun.shutdown(t)
+	waitFor(t, "agent connected", func() bool { return a.Connected() == 2 })
+	waitFor(t, "both credentials checked", func() bool { return len(a.Status().Credentials) == 2 })
+	am := a.Metrics()
+	if v := testutil.ToFloat64(am.CredentialValid.WithLabelValues("mirror")); v != 0 {
+		t.Fatalf("mirror's wrong PAT: credential_valid %v", v)
+	}
+	if n := testutil.CollectAndCount(am.CredentialExpiry); n != 1 {
+		t.Fatalf("%d credential expiry series, want bitbucket's", n)
+	}
+
+	// The upstream with the rejected credential is removed, and
+	// Bitbucket's PAT is rotated to one that does not expire.
+	w.bb.TokenExpiryDays.Store(-1)
+	w.write("agent.yaml", base)
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the new credential checked", func() bool { return testutil.CollectAndCount(am.CredentialExpiry) == 0 })
+	if n := testutil.CollectAndCount(am.CredentialValid); n != 1 || testutil.ToFloat64(am.CredentialValid.WithLabelValues("bitbucket")) != 1 {
+		t.Errorf("credential_valid after the reload: %d series, want only bitbucket's, valid", n)
+	}
+	if cs := a.Status().Credentials; len(cs) != 1 || cs[0].Upstream != "bitbucket" || !cs[0].Expiry.IsZero() {
+		t.Errorf("status credentials after the reload: %+v", cs)
+	}
+
+	// On the relay: a request counts for the tunnel, then the tunnel with
+	// no agent ("other") goes, then the one with this agent.
+	e := &env{world: w, relay: r, client: newClient()}
+	defer e.client.CloseIdleConnections()
+	if s, _, b := e.do("GET", "http://"+r.ScannerAddr()+"/t/"+tunnelID+"/bitbucket/rest/api/1.0/projects/PROJ", scannerToken, nil, nil); s != 200 {
+		t.Fatalf("GET: %d %s", s, b)
+	}
+	cut := func(s, from, to string) string {
+		i, j := strings.Index(s, from), strings.Index(s, to)
+		if i < 0 || j < i {
+			t.Fatalf("%q…%q not in the relay config", from, to)
+		}
+		return s[:i] + s[j:]
+	}
+	scrape := func() string {
+		resp, err := http.Get("http://" + r.AdminAddr() + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	if m := scrape(); !strings.Contains(m, `ferry_relay_agent_connections{tunnel="other"} 0`) {
+		t.Fatal("no series for the tunnel without an agent to begin with")
+	}
+	noOther := cut(relayCfg, "  - id: other\n", "scanners:\n")
+	noOther = noOther[:strings.Index(noOther, "  - name: elsewhere\n")]
+	w.write("relay.yaml", noOther)
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if m := scrape(); strings.Contains(m, `tunnel="other"`) || !strings.Contains(m, `ferry_relay_agent_connections{tunnel="`+tunnelID+`"} 2`) {
+		t.Errorf("after removing tunnel other:\n%s", grepLines(m, "tunnel="))
+	}
+	w.write("relay.yaml", cut(cut(relayCfg, "  - id: "+tunnelID+"\n", "  - id: other\n"), "  - name: appsec\n", "  - name: elsewhere\n"))
+	if err := r.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the agent cut off", func() bool { return a.Connected() == 0 })
+	time.Sleep(300 * time.Millisecond) // the relay's side of the connections ends
+	if m := scrape(); strings.Contains(m, `tunnel="`+tunnelID+`"`) || !strings.Contains(m, `ferry_relay_agent_connections{tunnel="other"} 0`) {
+		t.Errorf("after removing tunnel %s (with its agent):\n%s", tunnelID, grepLines(m, "tunnel="))
+	}
+}
+
+// grepLines is the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -153,7 +153,7 @@ func (r *Relay) startAgent(a *agentSession, ws *websocket.Conn, cork proto.Corke
 	}
 	established = true
 	r.metrics.AgentConnects.WithLabelValues(t.id, "accepted").Inc()
-	r.metrics.AgentConnections.WithLabelValues(t.id).Inc()
+	ac.connGauge.Inc()
 	r.syncRegistry(t)
 	log.Info("agent connected", "version", ac.version, "upstreams", strings.Join(ac.upstreamNames(), ","))
 	if ac.keepalive > 0 {
@@ -263,6 +263,9 @@ func (r *Relay) handshake(a *agentSession, th token.Hash) (int, error) {
 		connectedAt: time.Now(),
 		sess:        sess,
 		ctrl:        ctrl,
+		// Taken now: a tunnel removed by a reload loses its series, and
+		// this connection's count must not bring them back.
+		connGauge: r.metrics.AgentConnections.WithLabelValues(t.id),
 	}
 	if hello.KeepaliveMS < 0 || hello.KeepaliveMS > 10*60*1000 {
 		return 0, reject("keepalive_ms must be 0-600000")

@@ -239,6 +239,18 @@ func (r *Relay) Reload() error {
 			}
 		}
 	}
+	for id := range prev.tunnels {
+		if cur.tunnels[id] == nil {
+			// Its gauges would otherwise stay at their last value, and an
+			// alert on a tunnel without agents would fire for good.
+			r.metrics.ForgetTunnel(id)
+		}
+	}
+	for name := range prev.scannerByName {
+		if cur.scannerByName[name] == nil {
+			r.metrics.ForgetScanner(name)
+		}
+	}
 	for id := range cur.tunnels {
 		r.metrics.AgentConnections.WithLabelValues(id).Add(0)
 		r.metrics.StreamsInFlight.WithLabelValues(id).Add(0)

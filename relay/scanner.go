@@ -295,6 +295,9 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 				Path: httpx.Truncate(pathOnly(req.RequestURI), 200), Status: status, Code: rec.Header().Get("X-Ferry-Error")})
 		}
 		m := r.metrics
+		if mTunnel != "-" && r.auth.Load().tunnels[mTunnel] == nil {
+			mTunnel = "-" // removed meanwhile by a reload, which dropped its series
+		}
 		m.Requests.WithLabelValues(mTunnel, mUpstream, metrics.MethodClass(req.Method), metrics.Code(status)).Inc()
 		m.RequestDuration.WithLabelValues(mTunnel).Observe(took.Seconds())
 		m.Bytes.WithLabelValues(mTunnel, "to_agent").Add(float64(in.N()))

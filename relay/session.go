@@ -322,6 +322,6 @@ func (a *agentSession) finish() {
 	ac.pool.close()
 	a.t.remove(ac)
 	a.r.syncRegistry(a.t)
-	a.r.metrics.AgentConnections.WithLabelValues(a.t.id).Dec()
+	ac.connGauge.Dec()
 	a.log.Info("agent disconnected", "served", ac.served.Load())
 }

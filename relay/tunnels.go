@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/yamux"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ferry-tunnel/ferry/internal/token"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -49,6 +50,7 @@ type agentConn struct {
 	// retireCut cuts a retired connection the agent keeps open; stopped
 	// when the connection ends first, so that it is not held until then.
 	retireCut atomic.Pointer[time.Timer]
+	connGauge prometheus.Gauge // its tunnel's ferry_relay_agent_connections
 
 	ctrlMu sync.Mutex
 	ctrl   *yamux.Stream

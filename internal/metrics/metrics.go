@@ -108,6 +108,28 @@ type Relay struct {
 	CertExpiry       *prometheus.GaugeVec // listener
 }
 
+// ForgetTunnel drops every series of a tunnel a reload removed. Its
+// gauges would stay at their last value (an alert on a tunnel without
+// agents would fire for good) and its counters would be exported forever.
+// Connections and requests of the tunnel still finishing hold their own
+// gauge children, so they do not bring the series back.
+func (m *Relay) ForgetTunnel(id string) {
+	l := prometheus.Labels{"tunnel": id}
+	m.AgentConnections.DeletePartialMatch(l)
+	m.AgentConnects.DeletePartialMatch(l)
+	m.StreamsInFlight.DeletePartialMatch(l)
+	m.Requests.DeletePartialMatch(l)
+	m.RequestDuration.DeletePartialMatch(l)
+	m.Bytes.DeletePartialMatch(l)
+	m.Webhooks.DeletePartialMatch(l)
+	m.Forwarded.DeletePartialMatch(l)
+}
+
+// ForgetScanner drops the series of a scanner a reload removed.
+func (m *Relay) ForgetScanner(name string) {
+	m.ScannerOverLimit.DeletePartialMatch(prometheus.Labels{"scanner": name})
+}
+
 // NewRelay registers the relay's metrics on a new registry.
 func NewRelay() *Relay {
 	reg := newRegistry("relay")

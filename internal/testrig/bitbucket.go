@@ -35,8 +35,9 @@ type Bitbucket struct {
 	Token   string // the PAT it accepts
 	User    string // the PAT's user, reported in X-AUSERNAME
 
-	// TokenExpiryDays is what the token list reports for the PAT in use.
-	TokenExpiryDays int
+	// TokenExpiryDays is what the token list reports for the PAT in use
+	// (0: 90 days; negative: none); a test may change it as it runs.
+	TokenExpiryDays atomic.Int64
 	// GzipLFSBatch: LFS batch answers are gzipped for clients that
 	// accept it, as by a Bitbucket whose compression covers their type.
 	GzipLFSBatch atomic.Bool
@@ -276,7 +277,7 @@ func (b *Bitbucket) serveLFSBatch(w http.ResponseWriter, r *http.Request) {
 // PAT in use was created 30 days ago with a 90-day expiry unless
 // TokenExpiryDays says otherwise (negative: no expiry).
 func (b *Bitbucket) serveTokens(w http.ResponseWriter, r *http.Request) {
-	days := b.TokenExpiryDays
+	days := b.TokenExpiryDays.Load()
 	if days == 0 {
 		days = 90
 	}
