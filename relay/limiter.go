@@ -2,16 +2,22 @@ package relay
 
 import (
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 )
 
-// authLimiter slows down token guessing: each source address may fail
+// authLimiter slows down token guessing: each source may fail
 // authentication `burst` times, then once per `every`; past that its
 // requests are answered 429 until the allowance refills. Successful
 // requests cost nothing. The table is bounded: when full, sources whose
-// allowance has refilled are forgotten first, and if none has, new
-// sources share one overflow allowance rather than the table growing.
+// allowance has refilled are forgotten first, and if none has, a new
+// source is not tracked. That fails open on purpose: a flood from more
+// sources than the table holds is slowed only where it is tracked, but
+// it cannot lock out agents and scanners that never failed (a shared
+// allowance for the overflow would have refused every new source, valid
+// token or not). Tokens from `ferry-relay token` carry 256 bits; the
+// limiter is a brake on noise and guessing, not what keeps them safe.
 type authLimiter struct {
 	burst int
 	every time.Duration
@@ -27,22 +33,30 @@ type bucket struct {
 	last   time.Time
 }
 
-// overflowKey is the shared entry for sources that found the table full.
-const overflowKey = "\x00overflow"
-
 func newAuthLimiter() *authLimiter {
 	return &authLimiter{burst: 20, every: 3 * time.Second, max: 10000, now: time.Now, sources: map[string]*bucket{}}
 }
 
-// sourceOf is the address failures are counted against: the peer IP.
-// (Behind a load balancer that does not preserve client IPs, that is the
-// balancer; failures are then limited as a whole.)
+// sourceOf is what failures are counted against: the peer's IPv4
+// address, or its IPv6 /64, which one host usually holds whole (counted
+// by address, it would have 2^64 allowances). Behind a load balancer
+// that does not preserve client addresses, that is the balancer, and
+// failures are limited as a whole.
 func sourceOf(remoteAddr string) string {
 	host, _, err := net.SplitHostPort(remoteAddr)
 	if err != nil {
-		return remoteAddr
+		host = remoteAddr
 	}
-	return host
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	ip = ip.Unmap()
+	if ip.Is4() {
+		return ip.String()
+	}
+	p, _ := ip.WithZone("").Prefix(64)
+	return p.String()
 }
 
 func (l *authLimiter) refill(b *bucket, now time.Time) {
@@ -59,9 +73,6 @@ func (l *authLimiter) limited(src string) (bool, time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b, ok := l.sources[src]
-	if !ok && len(l.sources) >= l.max {
-		b, ok = l.sources[overflowKey]
-	}
 	if !ok {
 		return false, 0
 	}
@@ -83,12 +94,10 @@ func (l *authLimiter) failed(src string) {
 			l.sweep(now)
 		}
 		if len(l.sources) >= l.max {
-			src = overflowKey // full of active offenders: share one allowance
+			return // full of active offenders: not tracked (see authLimiter)
 		}
-		if b, ok = l.sources[src]; !ok {
-			b = &bucket{tokens: float64(l.burst), last: now}
-			l.sources[src] = b
-		}
+		b = &bucket{tokens: float64(l.burst), last: now}
+		l.sources[src] = b
 	}
 	l.refill(b, now)
 	b.tokens--

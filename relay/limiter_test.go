@@ -36,15 +36,43 @@ func TestAuthLimiter(t *testing.T) {
 		t.Fatalf("sweep kept %d sources", len(l.sources))
 	}
 	l.failed("d")
-	// The table is full of active sources: new ones share the overflow
-	// allowance, and the table stops growing.
-	for _, src := range []string{"e", "f", "g", "h"} {
-		l.failed(src)
+	// The table is full of active sources: new ones are not tracked, and
+	// a source that never failed is never refused, however many others
+	// fail (a flood cannot lock out a valid agent or scanner).
+	for range 10 {
+		for _, src := range []string{"e", "f", "g", "h"} {
+			l.failed(src)
+		}
 	}
-	if lim, _ := l.limited("zz"); !lim {
-		t.Fatal("sources beyond the table bound are not limited once the overflow allowance is spent")
+	if lim, _ := l.limited("zz"); lim {
+		t.Fatal("a source that never failed is limited because others flooded the table")
 	}
-	if len(l.sources) > l.max+1 {
-		t.Fatalf("table grew to %d", len(l.sources))
+	if lim, _ := l.limited("e"); lim {
+		t.Fatal("an untracked source is limited")
+	}
+	if lim, _ := l.limited("d"); lim {
+		t.Fatal("a tracked source with allowance left is limited")
+	}
+	if len(l.sources) != l.max {
+		t.Fatalf("table holds %d sources, bound %d", len(l.sources), l.max)
+	}
+}
+
+// Failures count per IPv4 address and per IPv6 /64: one host holds a
+// whole /64, and counted by address it would have 2^64 allowances.
+func TestAuthSourceOf(t *testing.T) {
+	for _, tc := range []struct{ remote, want string }{
+		{"192.0.2.7:443", "192.0.2.7"},
+		{"[::ffff:192.0.2.7]:443", "192.0.2.7"},
+		{"[2001:db8:1:2:aaaa::1]:5000", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:bbbb::9]:5001", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:3::1]:5000", "2001:db8:1:3::/64"},
+		{"[fe80::1%eth0]:80", "fe80::/64"},
+		{"[::1]:80", "::/64"},
+		{"not-an-address", "not-an-address"},
+	} {
+		if got := sourceOf(tc.remote); got != tc.want {
+			t.Errorf("sourceOf(%q) = %q, want %q", tc.remote, got, tc.want)
+		}
 	}
 }
