@@ -294,10 +294,9 @@ func (a *Agent) diagHandler() http.Handler {
 		Ready: func() (bool, string) {
 			return a.Connected() > 0, "no relay connection"
 		},
-		Metrics:  metrics.Handler(a.metrics.Registry),
-		JSONPath: "/v1/status",
-		JSON:     func() any { return a.Status() },
-		Pprof:    a.config().Diagnostics.Pprof,
+		Metrics: metrics.Handler(a.metrics.Registry),
+		JSON:    map[string]func() any{"/v1/status": func() any { return a.Status() }},
+		Pprof:   a.config().Diagnostics.Pprof,
 	}.Handler()
 }
 

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"os/exec"
@@ -9,6 +11,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ferry-tunnel/ferry/relay"
 )
 
 func getPage(t *testing.T, url string) string {
@@ -69,5 +73,49 @@ func TestAgentReportsTheRelayCertificate(t *testing.T) {
 	out, err := exec.Command(agentBin, "status", "--addr", e.agent.DiagAddr()).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "relay certificate valid until "+want.Format(time.DateOnly)) {
 		t.Fatalf("ferry-agent status: %v\n%s", err, out)
+	}
+}
+
+// TestRelayStatusCommand: `ferry-relay status` says what the relay's
+// status page says, from the binary alone (a distroless container has no
+// curl): tunnels online and not, each agent connection, scanners, the
+// certificate and the last errors; --json gives /v1/status as is.
+func TestRelayStatusCommand(t *testing.T) {
+	relayBin, _ := binaries(t)
+	e := newEnv(t)
+	e.do("GET", e.scannerBase+"/rest/api/1.0/projects/PROJ", scannerToken, nil, nil)
+	e.do("GET", "http://"+e.relay.ScannerAddr()+"/t/other/bitbucket/x", otherScanner, nil, nil)
+	out, err := exec.Command(relayBin, "status", "--addr", e.relay.AdminAddr()).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ferry-relay status: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		"1 of 2 tunnels online",
+		"registry:  memory",
+		"certificate (agent listener): valid until " + e.pki.Cert.Leaf.NotAfter.Format(time.DateOnly),
+		"requests:  2 (0 refused, 1 failed)",
+		"  " + tunnelID + ": online, 2 agent connections",
+		"    test-agent (dev) from 127.0.0.1:",
+		"  other: OFFLINE, no agent connected",
+		"  appsec (tunnels " + tunnelID + "): 0 in flight",
+		"503 tunnel_offline tunnel other scanner elsewhere: GET /t/other/bitbucket/x",
+	} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("ferry-relay status lacks %q:\n%s", want, out)
+		}
+	}
+	out, err = exec.Command(relayBin, "status", "--json", "--addr", e.relay.AdminAddr()).Output()
+	var doc relay.Status
+	if err != nil || json.Unmarshal(out, &doc) != nil || doc.RelayID == "" || len(doc.Tunnels) != 2 || len(doc.Scanners) != 2 {
+		t.Fatalf("ferry-relay status --json: %v\n%s", err, out)
+	}
+	// Nothing there: exit 1, saying what to check.
+	dead := listenLocal(t)
+	addr := dead.Addr().String()
+	dead.Close()
+	out, err = exec.Command(relayBin, "status", "--addr", addr).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "is ferry-relay running, and is admin_listen "+addr) {
+		t.Fatalf("ferry-relay status with no relay: %v\n%s", err, out)
 	}
 }

@@ -380,7 +380,7 @@ func (r *Relay) newServer(h http.Handler, maxHeader int) *http.Server {
 func (r *Relay) adminHandler() http.Handler {
 	return statuspage.Admin{
 		Page:     r.page,
-		PageData: func() any { return r.pageData() },
+		PageData: func() any { return r.Status() },
 		Ready: func() (bool, string) {
 			return !r.stopping.Load(), "shutting down"
 		},
@@ -390,10 +390,12 @@ func (r *Relay) adminHandler() http.Handler {
 			}
 			return ""
 		},
-		Metrics:  metrics.Handler(r.metrics.Registry),
-		JSONPath: "/v1/tunnels",
-		JSON:     func() any { return r.tunnelStatus() },
-		Pprof:    r.cfg.AdminPprof,
+		Metrics: metrics.Handler(r.metrics.Registry),
+		JSON: map[string]func() any{
+			"/v1/tunnels": func() any { return r.tunnelStatus() },
+			"/v1/status":  func() any { return r.Status() },
+		},
+		Pprof: r.cfg.AdminPprof,
 	}.Handler()
 }
 
@@ -456,60 +458,70 @@ type ErrorEvent struct {
 	Code      string    `json:"code"`
 }
 
-type relayPageData struct {
-	RelayID, Version          string
-	Registry, Advertise       string
-	RegistryProblem           string
-	Started                   time.Time
-	Tunnels                   []TunnelStatus
-	Requests, Refused, Failed int64
-	Recent                    []ErrorEvent
-	Certs                     []certInfo
-	Scanners                  []scannerInfo
-	Config                    config.LoadState
+// Status is the relay's /v1/status document, which the status page and
+// ferry-relay status show.
+type Status struct {
+	RelayID         string           `json:"relay_id"`
+	Version         string           `json:"version"`
+	Registry        string           `json:"registry"`
+	Advertise       string           `json:"advertise_url,omitempty"`
+	RegistryProblem string           `json:"registry_problem,omitempty"` // "": the registry works
+	Started         time.Time        `json:"started_at"`
+	Config          config.LoadState `json:"config"`
+	Certs           []CertStatus     `json:"certificates"`
+	Tunnels         []TunnelStatus   `json:"tunnels"`
+	Scanners        []ScannerStatus  `json:"scanners"`
+	// Scanner requests since start: all, refused (4xx) and failed (5xx).
+	Requests int64 `json:"requests"`
+	Refused  int64 `json:"refused"`
+	Failed   int64 `json:"failed"`
+	// Recent: the last scanner requests answered with an error.
+	Recent []ErrorEvent `json:"recent_errors"`
 }
 
-// scannerInfo is what the status page says of a scanner.
-type scannerInfo struct {
-	Name                 string
-	Tunnels              []string
-	InFlight, MaxStreams int64
-	OverLimit            int64
+// ScannerStatus describes one configured scanner.
+type ScannerStatus struct {
+	Name       string   `json:"name"`
+	Tunnels    []string `json:"tunnels"`
+	InFlight   int64    `json:"in_flight"`
+	MaxStreams int64    `json:"max_streams"` // 0: none
+	OverLimit  int64    `json:"refused_over_max_streams"`
 }
 
-func (r *Relay) scannerInfo() []scannerInfo {
-	var out []scannerInfo
+func (r *Relay) scannerStatus() []ScannerStatus {
+	out := []ScannerStatus{}
 	for _, sa := range r.auth.Load().scanners { // the running config's order
-		out = append(out, scannerInfo{Name: sa.name, Tunnels: slices.Sorted(maps.Keys(sa.tunnels)), InFlight: sa.load.requests.Load(),
+		out = append(out, ScannerStatus{Name: sa.name, Tunnels: slices.Sorted(maps.Keys(sa.tunnels)), InFlight: sa.load.requests.Load(),
 			MaxStreams: sa.maxStreams, OverLimit: sa.load.overLimit.Load()})
 	}
 	return out
 }
 
-// certInfo is what the status page says of a listener's certificate.
-type certInfo struct {
-	Listener string
-	NotAfter time.Time
-	DaysLeft int
-	Soon     bool   // certfile.Urgency above info
-	Problem  string // renewed files that do not load
+// CertStatus describes a listener's TLS certificate.
+type CertStatus struct {
+	Listener string    `json:"listener"`
+	NotAfter time.Time `json:"not_after"`
+	DaysLeft int       `json:"days_left"`
+	Soon     bool      `json:"renew_soon"`        // under 14 days left (certfile.Urgency)
+	Problem  string    `json:"problem,omitempty"` // renewed files that do not load
 }
 
-func (r *Relay) pageData() relayPageData {
-	return relayPageData{
+// Status reports the relay's state.
+func (r *Relay) Status() Status {
+	return Status{
 		RelayID: r.id, Version: version.Version, Started: r.started, Tunnels: r.tunnelStatus(),
 		Registry: r.cfg.Registry.Backend, Advertise: r.cfg.Registry.AdvertiseURL, RegistryProblem: r.registry.Problem(),
 		Requests: r.requests.Load(), Refused: r.refused.Load(), Failed: r.failed.Load(), Recent: r.recent.List(),
-		Certs: r.certInfo(), Scanners: r.scannerInfo(), Config: r.loads.State(),
+		Certs: r.certStatus(), Scanners: r.scannerStatus(), Config: r.loads.State(),
 	}
 }
 
-func (r *Relay) certInfo() []certInfo {
-	var out []certInfo
+func (r *Relay) certStatus() []CertStatus {
+	out := []CertStatus{}
 	for _, cs := range r.certSources() {
 		na := cs.NotAfter()
 		level, _ := certfile.Urgency(na)
-		out = append(out, certInfo{Listener: cs.listener, NotAfter: na, DaysLeft: certfile.DaysLeft(na), Soon: level > slog.LevelInfo, Problem: cs.Problem()})
+		out = append(out, CertStatus{Listener: cs.listener, NotAfter: na, DaysLeft: certfile.DaysLeft(na), Soon: level > slog.LevelInfo, Problem: cs.Problem()})
 	}
 	return out
 }

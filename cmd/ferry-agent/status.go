@@ -2,10 +2,8 @@ package main
 
 import (
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/agent"
@@ -15,27 +13,15 @@ import (
 
 // status reads the running agent's /v1/status and prints it for people.
 func status(args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	addr := fs.String("addr", "127.0.0.1:9091", "the agent's diagnostics.listen address")
-	asJSON := fs.Bool("json", false, "print the raw JSON")
-	if err := fs.Parse(args); err != nil {
-		return cli.Usagef("%v", err)
-	}
-	client := &http.Client{Timeout: 5 * time.Second}
-	resp, err := client.Get("http://" + *addr + "/v1/status")
+	addr, asJSON, err := cli.StatusFlags(args, stderr, "127.0.0.1:9091", "diagnostics.listen")
 	if err != nil {
-		return fmt.Errorf("read agent status from %s: %w (is ferry-agent running, and is diagnostics.listen %s?)", *addr, err, *addr)
+		return err
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	body, err := cli.FetchStatus(addr, "/v1/status", "ferry-agent", "diagnostics.listen")
 	if err != nil {
-		return fmt.Errorf("read agent status: %w", err)
+		return err
 	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("agent status: %s", resp.Status)
-	}
-	if *asJSON {
+	if asJSON {
 		stdout.Write(body)
 		return nil
 	}

@@ -19,6 +19,8 @@ import (
 const usage = `usage:
   ferry-relay --config FILE         run the relay
   ferry-relay check --config FILE   validate a config (exit 2 if it is bad) and say what it holds
+  ferry-relay status [--addr 127.0.0.1:9090] [--json]
+                                    summarise the running relay (its admin_listen)
   ferry-relay token                 print a new token and its sha256 form for the config
   ferry-relay version               print the version`
 
@@ -37,6 +39,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return nil
 		case "check":
 			return check(args[1:], stdout, stderr)
+		case "status":
+			return status(args[1:], stdout, stderr)
 		case "version":
 			fmt.Fprintf(stdout, "ferry-relay %s (%s)\n", version.Version, version.Commit())
 			return nil

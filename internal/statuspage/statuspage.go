@@ -120,8 +120,8 @@ type Admin struct {
 	// (readyz stays 200, and says so). "": none.
 	Degraded func() string
 	Metrics  http.Handler
-	JSONPath string
-	JSON     func() any
+	// JSON serves each path's document (GET, indented).
+	JSON map[string]func() any
 	// Pprof adds Go's profiler under /debug/pprof/ (opt-in: a profile
 	// costs CPU while it runs, and the listener may be reachable by more
 	// than the operator).
@@ -149,12 +149,14 @@ func (a Admin) Handler() http.Handler {
 		w.Write([]byte("ready\n"))
 	})
 	mux.Handle("GET /metrics", a.Metrics)
-	mux.HandleFunc("GET "+a.JSONPath, func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		enc.Encode(a.JSON())
-	})
+	for path, doc := range a.JSON {
+		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			enc.Encode(doc())
+		})
+	}
 	if a.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

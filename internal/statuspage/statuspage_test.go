@@ -33,8 +33,7 @@ func TestAdminServesPprofOnlyWhenEnabled(t *testing.T) {
 			PageData: func() any { return nil },
 			Ready:    func() (bool, string) { return true, "" },
 			Metrics:  http.NotFoundHandler(),
-			JSONPath: "/v1/x",
-			JSON:     func() any { return nil },
+			JSON:     map[string]func() any{"/v1/x": func() any { return nil }},
 			Pprof:    on,
 		}.Handler()
 		rec := httptest.NewRecorder()
