@@ -3,7 +3,6 @@ package e2e
 import (
 	"io"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -121,8 +120,7 @@ func TestRemovedConfigLeavesNoSeries(t *testing.T) {
 	r, rrun := w.startRelay("127.0.0.1:0")
 	defer rrun.shutdown(t)
 	w.write("wrong-pat", "not-the-pat")
-	mirror := "  - name: mirror\n    url: " + w.bbURL + "\n    ca_file: " + w.pki.CAFile +
-		"\n    auth: {type: bearer, token_file: " + filepath.Join(w.dir, "wrong-pat") + "}\n    profile: bitbucket-dc-read\n"
+	mirror := strings.Replace(w.upstreamYAML("mirror", w.bbURL, ""), "/pat}", "/wrong-pat}", 1)
 	base := w.agentYAML(r.AgentAddr(), "")
 	w.write("agent.yaml", w.agentYAML(r.AgentAddr(), mirror))
 	a, arun := w.startAgentYAML(w.agentYAML(r.AgentAddr(), mirror))

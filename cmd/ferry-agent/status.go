@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"time"
@@ -13,21 +12,9 @@ import (
 
 // status reads the running agent's /v1/status and prints it for people.
 func status(args []string, stdout, stderr io.Writer) error {
-	addr, asJSON, err := cli.StatusFlags(args, stderr, "127.0.0.1:9091", "diagnostics.listen")
-	if err != nil {
-		return err
-	}
-	body, err := cli.FetchStatus(addr, "/v1/status", "ferry-agent", "diagnostics.listen")
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		stdout.Write(body)
-		return nil
-	}
 	var s agent.Status
-	if err := json.Unmarshal(body, &s); err != nil {
-		return fmt.Errorf("agent status: %w", err)
+	if done, err := cli.ReadStatus(args, stdout, stderr, "ferry-agent", "diagnostics.listen", "127.0.0.1:9091", "/v1/status", &s); done || err != nil {
+		return err
 	}
 	state := "CONNECTED"
 	if s.Connected == 0 {

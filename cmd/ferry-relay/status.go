@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"strings"
@@ -14,21 +13,9 @@ import (
 // status reads the running relay's /v1/status and prints it for people:
 // in a distroless container there is no curl, but there is this binary.
 func status(args []string, stdout, stderr io.Writer) error {
-	addr, asJSON, err := cli.StatusFlags(args, stderr, "127.0.0.1:9090", "admin_listen")
-	if err != nil {
-		return err
-	}
-	body, err := cli.FetchStatus(addr, "/v1/status", "ferry-relay", "admin_listen")
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		stdout.Write(body)
-		return nil
-	}
 	var s relay.Status
-	if err := json.Unmarshal(body, &s); err != nil {
-		return fmt.Errorf("relay status: %w", err)
+	if done, err := cli.ReadStatus(args, stdout, stderr, "ferry-relay", "admin_listen", "127.0.0.1:9090", "/v1/status", &s); done || err != nil {
+		return err
 	}
 	online := 0
 	for _, t := range s.Tunnels {

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -8,22 +9,35 @@ import (
 	"time"
 )
 
-// StatusFlags parses a status command's flags: --addr (the admin
-// listener, defaulting to def) and --json.
-func StatusFlags(args []string, stderr io.Writer, def, setting string) (addr string, asJSON bool, err error) {
+// ReadStatus is what a status command does before printing: it parses
+// --addr (default defAddr) and --json, and reads the daemon's document at
+// path into v. With --json it prints the document as is and reports done.
+// who and setting make an error say what to check.
+func ReadStatus(args []string, stdout, stderr io.Writer, who, setting, defAddr, path string, v any) (done bool, err error) {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	a := fs.String("addr", def, "the daemon's "+setting+" address")
-	j := fs.Bool("json", false, "print the raw JSON")
+	addr := fs.String("addr", defAddr, "the daemon's "+setting+" address")
+	asJSON := fs.Bool("json", false, "print the raw JSON")
 	if err := fs.Parse(args); err != nil {
-		return "", false, Usagef("%v", err)
+		return false, Usagef("%v", err)
 	}
-	return *a, *j, nil
+	body, err := fetchStatus(*addr, path, who, setting)
+	if err != nil {
+		return false, err
+	}
+	if *asJSON {
+		_, err := stdout.Write(body)
+		return true, err
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return false, fmt.Errorf("%s status: %w", who, err)
+	}
+	return false, nil
 }
 
-// FetchStatus reads a running daemon's JSON status document from its
-// admin listener. who and setting make the error say what to check.
-func FetchStatus(addr, path, who, setting string) ([]byte, error) {
+// fetchStatus reads a running daemon's JSON status document from its
+// admin listener.
+func fetchStatus(addr, path, who, setting string) ([]byte, error) {
 	client := &http.Client{Timeout: 5 * time.Second}
 	resp, err := client.Get("http://" + addr + path)
 	if err != nil {
