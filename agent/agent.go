@@ -97,7 +97,7 @@ func (a *Agent) Listen() error {
 	if err != nil {
 		return fmt.Errorf("diagnostics.listen %s: %w", cfg.Diagnostics.Listen, err)
 	}
-	al, err := audit.Open(audit.Options{Path: cfg.Audit.Path, MaxBytes: int64(cfg.Audit.MaxSizeMB) << 20, Keep: cfg.Audit.MaxFiles})
+	al, err := audit.Open(auditOptions(cfg))
 	if err != nil {
 		ln.Close()
 		return err
@@ -113,6 +113,11 @@ func (a *Agent) Listen() error {
 	}
 	a.diagLn, a.audit = ln, al
 	return nil
+}
+
+// auditOptions is where cfg sends audit lines, and how they rotate.
+func auditOptions(cfg *config.Agent) audit.Options {
+	return audit.Options{Path: cfg.Audit.Path, MaxBytes: int64(cfg.Audit.MaxSizeMB) << 20, Keep: cfg.Audit.MaxFiles}
 }
 
 // WebhookAddr is the bound webhook listener address ("" when off).

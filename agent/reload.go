@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"log/slog"
 	"slices"
 	"strings"
@@ -20,9 +21,10 @@ import (
 // first, and a reload whose settings cannot connect is refused whole;
 // then the other connections move too, each serving until its
 // successor is up. relay.connections adds connections, or retires the
-// last ones, which finish their streams first. Settings that need a
-// restart (keepRestartOnly: diagnostics, audit, webhooks, log format,
-// agent_id) keep their running values, with a warning naming them.
+// last ones, which finish their streams first. The audit log moves to a
+// new path, or rotates by new bounds. Settings that need a restart
+// (keepRestartOnly: diagnostics, the audit log on or off, webhooks, log
+// format, agent_id) keep their running values, with a warning naming them.
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
@@ -44,9 +46,23 @@ func (a *Agent) Reload() error {
 		// from next (the upstreams' transports) uses the running ones too.
 		kept := keepRestartOnly(old, next)
 		var ups *upstreamSet
-		if ups, err = newUpstreamSet(next, a.log, a.pool, &a.gates); err == nil {
+		auditMoved := false
+		if ups, err = newUpstreamSet(next, a.log, a.pool, &a.gates); err == nil && next.Audit != old.Audit {
+			// Before the relay connections move: a path that cannot be
+			// opened refuses the reload while nothing has changed.
+			if err = a.audit.Reconfigure(auditOptions(next)); err != nil {
+				err = fmt.Errorf("audit.path %s: %w", next.Audit.Path, err)
+			}
+			auditMoved = err == nil
+		}
+		if err == nil {
 			if changed := relaySettingsDiffer(old, next); len(changed) > 0 {
 				err = a.moveRelay(next, changed)
+			}
+		}
+		if err != nil && auditMoved {
+			if rerr := a.audit.Reconfigure(auditOptions(old)); rerr != nil {
+				a.log.Error("audit log could not go back to its path after the refused reload; lines go to the new one", "path", next.Audit.Path, "err", rerr)
 			}
 		}
 		if err == nil {
@@ -110,7 +126,7 @@ func keepRestartOnly(old, next *config.Agent) []string {
 	}
 	keep("agent_id", old.AgentID != next.AgentID, func() { next.AgentID = old.AgentID })
 	keep("diagnostics.listen", old.Diagnostics != next.Diagnostics, func() { next.Diagnostics = old.Diagnostics })
-	keep("audit", old.Audit != next.Audit, func() { next.Audit = old.Audit })
+	keep("audit (on or off)", (old.Audit.Path == "") != (next.Audit.Path == ""), func() { next.Audit = old.Audit })
 	ow, nw := old.Webhooks, next.Webhooks
 	ow.Secret, nw.Secret = nil, nil
 	// The certificate files are compared by name: their contents are

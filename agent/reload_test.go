@@ -18,7 +18,8 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			Relay:   config.RelayClient{URL: "wss://relay.example/v1/connect", Connections: 2},
 			Timeouts: config.AgentTimeouts{Dial: 10 * time.Second, TLSHandshake: 10 * time.Second, Upgrade: 10 * time.Second,
 				Keepalive: 15 * time.Second, Idle: 5 * time.Minute},
-			Log: config.Log{Level: "info", Format: "json"},
+			Log:   config.Log{Level: "info", Format: "json"},
+			Audit: config.Audit{Path: "/var/log/ferry/audit.jsonl", MaxSizeMB: 100, MaxFiles: 5},
 			// Parsed anew on every reload: a pointer of its own each time.
 			Webhooks: config.Webhooks{Listen: ":8181", SpoolDir: "/var/lib/ferry/spool", TLS: &config.TLSFiles{CertFile: "hook.pem", KeyFile: "hook.key"}},
 		}
@@ -42,6 +43,10 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			c.Timeouts.Upgrade = 3 * time.Second
 		}, nil},
 		{"log format", func(c *config.Agent) { c.Log.Format = "text" }, []string{"log.format"}},
+		{"the audit log's path and rotation change at once", func(c *config.Agent) {
+			c.Audit = config.Audit{Path: "/var/log/ferry/elsewhere.jsonl", MaxSizeMB: 10, MaxFiles: 2}
+		}, nil},
+		{"the audit log turned off", func(c *config.Agent) { c.Audit = config.Audit{} }, []string{"audit (on or off)"}},
 		{"the webhook listener's certificate files", func(c *config.Agent) { c.Webhooks.TLS.CertFile = "other.pem" }, []string{"webhooks"}},
 		{"the webhook listener without TLS", func(c *config.Agent) { c.Webhooks.TLS = nil }, []string{"webhooks"}},
 	} {
@@ -58,7 +63,7 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			if len(tc.want) == 0 {
 				want = &changed
 			}
-			if next.Relay != want.Relay || next.Timeouts != want.Timeouts || next.Log != want.Log || next.AgentID != want.AgentID {
+			if next.Relay != want.Relay || next.Timeouts != want.Timeouts || next.Log != want.Log || next.AgentID != want.AgentID || next.Audit != want.Audit {
 				t.Errorf("after the reload: %+v, want %+v", next, want)
 			}
 		})

@@ -83,3 +83,49 @@ func TestReloadReopensAMovedAuditLog(t *testing.T) {
 		t.Fatal("the new file holds the moved file's lines")
 	}
 }
+
+// TestReloadMovesTheAuditLog: audit.path changes on reload. A path that
+// cannot be opened refuses the reload, and decisions go on to the old
+// file; once it can, they go to the new one.
+func TestReloadMovesTheAuditLog(t *testing.T) {
+	e := newEnv(t)
+	w := e.world
+	old := filepath.Join(w.dir, "audit.jsonl")
+	next := filepath.Join(w.dir, "audit", "decisions.jsonl")
+	base := w.agentYAML(e.relay.AgentAddr(), "")
+	get := func() string {
+		status, hdr, body := e.do("GET", e.scannerBase+"/rest/api/1.0/projects", scannerToken, nil, nil)
+		if status != 200 {
+			t.Fatalf("request: %d %s", status, body)
+		}
+		return hdr.Get(httperr.RequestIDHeader)
+	}
+	recorded := func(path, rid string) bool {
+		return auditFileHas(t, path, func(a audit.Entry) bool { return a.RequestID == rid })
+	}
+	w.write("agent.yaml", strings.Replace(base, "audit: {path: "+old+"}", "audit: {path: "+next+", max_files: 3}", 1))
+	err := e.agent.Reload()
+	if err == nil || !strings.Contains(err.Error(), "audit.path "+next) {
+		t.Fatalf("reload to an audit path whose directory is missing: %v", err)
+	}
+	first := get()
+	waitFor(t, "the decision in the old file", func() bool { return recorded(old, first) })
+
+	if err := os.Mkdir(filepath.Dir(next), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	second := get()
+	waitFor(t, "the decision in the new file", func() bool {
+		_, err := os.Stat(next)
+		return err == nil && recorded(next, second)
+	})
+	if recorded(old, second) {
+		t.Error("a decision after the move went to the old file too")
+	}
+	if st := e.agent.Status().Audit; st == nil || st.Path != next || st.Written < 2 {
+		t.Errorf("audit status after the move: %+v", st)
+	}
+}

@@ -69,7 +69,14 @@ func TestCloneAndRESTThroughTunnel(t *testing.T) {
 
 func auditHas(t *testing.T, dir string, match func(audit.Entry) bool) bool {
 	t.Helper()
-	f, err := os.Open(filepath.Join(dir, "audit.jsonl"))
+	return auditFileHas(t, filepath.Join(dir, "audit.jsonl"), match)
+}
+
+// auditFileHas reports whether the audit file at path has a line match
+// accepts.
+func auditFileHas(t *testing.T, path string, match func(audit.Entry) bool) bool {
+	t.Helper()
+	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}

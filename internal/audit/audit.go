@@ -89,16 +89,58 @@ func Open(o Options) (*Log, error) {
 }
 
 func (l *Log) open() error {
-	f, err := l.openFile(l.opts.Path)
+	f, size, err := l.openAt(l.opts.Path)
 	if err != nil {
-		return fmt.Errorf("open audit log: %w", err)
+		return err
+	}
+	l.f, l.w, l.size, l.torn = f, f, size, false
+	return nil
+}
+
+// openAt opens path for appending and says how large it is.
+func (l *Log) openAt(path string) (*os.File, int64, error) {
+	f, err := l.openFile(path)
+	if err != nil {
+		return nil, 0, fmt.Errorf("open audit log: %w", err)
 	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return fmt.Errorf("open audit log: %w", err)
+		return nil, 0, fmt.Errorf("open audit log: %w", err)
 	}
-	l.f, l.w, l.size, l.torn = f, f, st.Size(), false
+	return f, st.Size(), nil
+}
+
+// Reconfigure puts o in force (a config reload). A new path is opened
+// before the current file is closed, so that one that cannot be opened
+// changes nothing and says why. The counts in State carry over.
+func (l *Log) Reconfigure(o Options) error {
+	if l == nil || o.Path == "" {
+		return errors.New("the audit log cannot be turned on or off without a restart")
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return errors.New("audit log closed")
+	}
+	if o.Path != l.opts.Path {
+		var f *os.File
+		var w io.Writer = os.Stdout
+		var size int64
+		if o.Path != "-" {
+			var err error
+			if f, size, err = l.openAt(o.Path); err != nil {
+				return err
+			}
+			w = f
+		}
+		if l.f != nil {
+			l.f.Close()
+		}
+		l.f, l.w, l.size, l.torn, l.rotateAfter = f, w, size, false, time.Time{}
+		l.state.Path = o.Path
+	}
+	l.opts = o
 	return nil
 }
 

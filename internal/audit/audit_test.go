@@ -259,3 +259,47 @@ func TestReopenFollowsAMovedFile(t *testing.T) {
 		t.Fatalf("a closed log wrote: %v", ids)
 	}
 }
+
+// Reconfigure (a reload) moves the log to a new path, or changes how it
+// rotates; a path that cannot be opened changes nothing.
+func TestReconfigure(t *testing.T) {
+	l, p := openTemp(t, Options{})
+	defer l.Close()
+	l.Record(Entry{RequestID: "a"})
+	missing := filepath.Join(t.TempDir(), "no-such-dir", "audit.jsonl")
+	if err := l.Reconfigure(Options{Path: missing}); err == nil {
+		t.Fatal("moved to a path that cannot be opened")
+	}
+	l.Record(Entry{RequestID: "b"})
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[a b]" {
+		t.Fatalf("after the refused move %s holds %v", p, ids)
+	}
+	next := filepath.Join(t.TempDir(), "moved.jsonl")
+	if err := l.Reconfigure(Options{Path: next, MaxBytes: 200, Keep: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"c", "d", "e"} {
+		if err := l.Record(Entry{RequestID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ids, _ := readLines(t, p); fmt.Sprint(ids) != "[a b]" {
+		t.Fatalf("after the move the old file holds %v", ids)
+	}
+	// An entry is over 100 bytes: each past the first rotates.
+	if ids, _ := readLines(t, next); fmt.Sprint(ids) != "[e]" {
+		t.Fatalf("%s holds %v", next, ids)
+	}
+	if ids, _ := readLines(t, next+".1"); fmt.Sprint(ids) != "[d]" {
+		t.Fatalf("%s.1 holds %v", next, ids)
+	}
+	if _, err := os.Stat(next + ".2"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("max_files 1 kept %s.2: %v", next, err)
+	}
+	if st := l.State(); st.Path != next || st.Written != 5 || st.Lost != 0 {
+		t.Fatalf("state after the move: %+v", st)
+	}
+	if err := l.Reconfigure(Options{}); err == nil {
+		t.Fatal("a reload turned the audit log off")
+	}
+}
