@@ -47,7 +47,7 @@ func (a *Agent) Reload() error {
 		kept := keepRestartOnly(old, next)
 		var ups *upstreamSet
 		auditMoved := false
-		if ups, err = newUpstreamSet(next, a.log, a.pool, &a.gates); err == nil && next.Audit != old.Audit {
+		if ups, err = newUpstreamSet(next, a.log, a.pool, &a.gates); err == nil && next.Audit != old.Audit && next.Audit.Path != "" {
 			// Before the relay connections move: a path that cannot be
 			// opened refuses the reload while nothing has changed.
 			if err = a.audit.Reconfigure(auditOptions(next)); err != nil {
