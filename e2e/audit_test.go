@@ -128,4 +128,20 @@ func TestReloadMovesTheAuditLog(t *testing.T) {
 	if st := e.agent.Status().Audit; st == nil || st.Path != next || st.Written < 2 {
 		t.Errorf("audit status after the move: %+v", st)
 	}
+
+	// With the audit log off, its bounds are nothing to refuse a reload
+	// over; turning it on waits for a restart.
+	off := strings.Replace(base, "audit: {path: "+old+"}\n", "", 1)
+	w.write("agent.yaml", off)
+	a, arun := w.startAgentYAML(off)
+	defer arun.shutdown(t)
+	for _, y := range []string{off + "audit: {max_files: 2}\n", off + "audit: {path: " + old + "}\n"} {
+		w.write("agent.yaml", y)
+		if err := a.Reload(); err != nil {
+			t.Errorf("reload of an agent without an audit log: %v", err)
+		}
+		if a.Status().Audit != nil {
+			t.Error("a reload turned the audit log on")
+		}
+	}
 }
