@@ -87,3 +87,27 @@ func TestJoiningAgentIsCountedOnce(t *testing.T) {
 		t.Fatalf("join after the second gave its place back: %d %v", held, ok)
 	}
 }
+
+// A connection taken out of its tunnel is not kept by the tunnel's array:
+// a closed connection holds its session and buffers (megabytes after a
+// download), for as long as the tunnel has fewer connections than before
+// (the soak saw 2.9 MiB kept after the agent went from 3 connections to 2).
+func TestRemovedConnectionIsNotKept(t *testing.T) {
+	tn := &tunnel{id: "t"}
+	conns := []*agentConn{{id: "a"}, {id: "b"}, {id: "c"}}
+	for _, c := range conns {
+		tn.join(10)
+		tn.add(c)
+	}
+	for _, gone := range []*agentConn{conns[2], conns[0]} { // the last, then the first
+		tn.remove(gone)
+		for _, x := range tn.conns[:cap(tn.conns)] {
+			if x == gone {
+				t.Fatalf("connection %s still in the tunnel's array after its removal: %v", gone.id, tn.conns[:cap(tn.conns)])
+			}
+		}
+	}
+	if len(tn.conns) != 1 || tn.conns[0] != conns[1] {
+		t.Fatalf("tunnel holds %v, want b", tn.conns)
+	}
+}

@@ -120,11 +120,12 @@ func (t *tunnel) joined() {
 func (t *tunnel) remove(c *agentConn) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for i, x := range t.conns {
-		if x == c {
-			t.conns = append(t.conns[:i], t.conns[i+1:]...)
-			return
-		}
+	// slices.Delete clears the vacated end of the array: a copy left
+	// there would keep a closed connection (its session, its buffers:
+	// megabytes after a download) for as long as the tunnel has fewer
+	// connections than before.
+	if i := slices.Index(t.conns, c); i >= 0 {
+		t.conns = slices.Delete(t.conns, i, i+1)
 	}
 }
 
