@@ -11,10 +11,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing/iotest"
 	"time"
 
@@ -172,9 +174,16 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 	if err != nil {
 		return fail(err)
 	}
+	// Back to the connections the "before" reading had.
+	if err := s.reloadBoth(2); err != nil {
+		return fail(err)
+	}
 	s.viaFerry.CloseIdleConnections()
 	fmt.Fprintf(os.Stderr, "bench: soak: %s; %v quiet\n", counts, soakQuiet)
 	time.Sleep(soakQuiet)
+	if err := s.reloadsTook(); err != nil {
+		return fail(err)
+	}
 	relay1, agent1, err := s.readBoth("after")
 	if err != nil {
 		return fail(err)
@@ -196,7 +205,7 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 // soakCounts is what the soak's traffic did.
 type soakCounts struct {
 	ok, refused, cancelled, cut, clones atomic.Int64
-	cuts, lostToCuts                    atomic.Int64
+	cuts, lostToCuts, reloads           atomic.Int64
 	longestOutage                       atomic.Int64 // ns from a cut to the next request through
 }
 
@@ -210,9 +219,9 @@ func (c *soakCounts) noteOutage(d time.Duration) {
 }
 
 func (c *soakCounts) String() string {
-	return fmt.Sprintf("%d requests answered, %d refused as expected, %d abandoned by the scanner, %d bulk transfers cut short, %d clones; agent connections cut %d times, %d requests lost to the cuts, through again within %v",
+	return fmt.Sprintf("%d requests answered, %d refused as expected, %d abandoned by the scanner, %d bulk transfers cut short, %d clones; agent connections cut %d times, %d requests lost to the cuts, through again within %v; %d reloads",
 		c.ok.Load(), c.refused.Load(), c.cancelled.Load(), c.cut.Load(), c.clones.Load(), c.cuts.Load(), c.lostToCuts.Load(),
-		time.Duration(c.longestOutage.Load()).Round(time.Millisecond))
+		time.Duration(c.longestOutage.Load()).Round(time.Millisecond), c.reloads.Load())
 }
 
 const (
@@ -221,7 +230,40 @@ const (
 	// cutGrace: a request that fails this soon after a cut is counted as
 	// lost to it, not as an error; the agent is reconnecting.
 	cutGrace = 5 * time.Second
+	// reloadEvery is how often the soak reloads both daemons.
+	reloadEvery = 7 * time.Second
 )
+
+// reloadBoth sets the agent's relay.connections to conns and sends both
+// daemons SIGHUP; it fails if either refused the reload before.
+func (s *setup) reloadBoth(conns int) error {
+	if err := s.reloadsTook(); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(s.agentCfg)
+	if err != nil {
+		return err
+	}
+	y := connectionsRE.ReplaceAllString(string(b), fmt.Sprintf("connections: %d}", conns))
+	// Renamed over, so that the agent never reads it half-written.
+	if err := os.WriteFile(s.agentCfg+".new", []byte(y), 0o600); err != nil {
+		return err
+	}
+	if err := os.Rename(s.agentCfg+".new", s.agentCfg); err != nil {
+		return err
+	}
+	return errors.Join(s.agent.Process.Signal(syscall.SIGHUP), s.relay.Process.Signal(syscall.SIGHUP))
+}
+
+// reloadsTook fails if either daemon refused its last config reload.
+func (s *setup) reloadsTook() error {
+	if metric(s.diagAddr, "ferry_agent_config_last_reload_successful") != 1 || s.relayGauge("ferry_relay_config_last_reload_successful") != 1 {
+		return errors.New("a config reload was refused (see the daemons' logs)")
+	}
+	return nil
+}
+
+var connectionsRE = regexp.MustCompile(`connections: \d+\}`)
 
 // cutAgentConnections resets the agent's connections to the relay, as a
 // failing network or firewall would: ss -K destroys the agent's sockets
@@ -386,6 +428,20 @@ func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 				}
 				time.Sleep(5 * time.Millisecond)
 			}
+			return true
+		})
+	}
+	// Config reloads, as configuration management makes them: the
+	// agent's relay.connections alternate between 3 and 2 (a connection
+	// added, then drained and closed), and the relay re-reads its config.
+	// No request may fail for them.
+	if cuts {
+		every(reloadEvery, func() bool {
+			if err := s.reloadBoth(3 - int(c.reloads.Load()%2)); err != nil {
+				failed(err)
+				return false
+			}
+			c.reloads.Add(1)
 			return true
 		})
 	}
