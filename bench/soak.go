@@ -174,8 +174,8 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 	if err != nil {
 		return fail(err)
 	}
-	// Back to the connections the "before" reading had.
-	if err := s.reloadBoth(2); err != nil {
+	// Back to the configs the "before" reading had.
+	if err := s.reloadBoth(false); err != nil {
 		return fail(err)
 	}
 	s.viaFerry.CloseIdleConnections()
@@ -234,25 +234,51 @@ const (
 	reloadEvery = 7 * time.Second
 )
 
-// reloadBoth sets the agent's relay.connections to conns and sends both
-// daemons SIGHUP; it fails if either refused the reload before.
-func (s *setup) reloadBoth(conns int) error {
+// reloadBoth rewrites both daemons' configs and sends them SIGHUP; it
+// fails if either refused its reload before. With more set, the agent has
+// 3 relay connections (else 2) and a second upstream, and the relay
+// another agent_response (which rebuilds its transport to other
+// replicas); without, both have the configs they started with.
+func (s *setup) reloadBoth(more bool) error {
 	if err := s.reloadsTook(); err != nil {
 		return err
 	}
-	b, err := os.ReadFile(s.agentCfg)
-	if err != nil {
+	spare := fmt.Sprintf("  - name: spare\n    url: %s\n    ca_file: %s\n    auth: {type: bearer, token_file: %s}\n    profile: bitbucket-dc-read\n",
+		s.upstream, s.pki.CAFile, filepath.Join(s.dir, "pat"))
+	agent := func(y string) string {
+		y = strings.Replace(y, spare, "", 1)
+		if !more {
+			return connectionsRE.ReplaceAllString(y, "connections: 2}")
+		}
+		return strings.Replace(connectionsRE.ReplaceAllString(y, "connections: 3}"), "diagnostics:", spare+"diagnostics:", 1)
+	}
+	const timeouts = "timeouts: {agent_response: 151s}\n"
+	relay := func(y string) string {
+		if y = strings.Replace(y, timeouts, "", 1); more {
+			y += timeouts
+		}
+		return y
+	}
+	if err := rewrite(s.agentCfg, agent); err != nil {
 		return err
 	}
-	y := connectionsRE.ReplaceAllString(string(b), fmt.Sprintf("connections: %d}", conns))
-	// Renamed over, so that the agent never reads it half-written.
-	if err := os.WriteFile(s.agentCfg+".new", []byte(y), 0o600); err != nil {
-		return err
-	}
-	if err := os.Rename(s.agentCfg+".new", s.agentCfg); err != nil {
+	if err := rewrite(s.relayCfg, relay); err != nil {
 		return err
 	}
 	return errors.Join(s.agent.Process.Signal(syscall.SIGHUP), s.relay.Process.Signal(syscall.SIGHUP))
+}
+
+// rewrite replaces a file's contents with edit's, by a rename, so that a
+// daemon never reads it half-written.
+func rewrite(path string, edit func(string) string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(path+".new", []byte(edit(string(b))), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(path+".new", path)
 }
 
 // reloadsTook fails if either daemon refused its last config reload.
@@ -433,11 +459,11 @@ func (s *setup) soakTraffic(dur time.Duration, cuts bool) (*soakCounts, error) {
 	}
 	// Config reloads, as configuration management makes them: the
 	// agent's relay.connections alternate between 3 and 2 (a connection
-	// added, then drained and closed), and the relay re-reads its config.
-	// No request may fail for them.
+	// added, then drained and closed) and an upstream comes and goes; the
+	// relay's agent_response changes. No request may fail for them.
 	if cuts {
 		every(reloadEvery, func() bool {
-			if err := s.reloadBoth(3 - int(c.reloads.Load()%2)); err != nil {
+			if err := s.reloadBoth(c.reloads.Load()%2 == 0); err != nil {
 				failed(err)
 				return false
 			}
