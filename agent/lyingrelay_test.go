@@ -44,6 +44,14 @@ func startFakeRelay(t *testing.T) *fakeRelay {
 // serveFakeRelay welcomes every agent that says hello, then calls
 // welcomed and holds the connection until the agent closes it.
 func serveFakeRelay(t *testing.T, welcomed func(ctrl *yamux.Stream, sess *yamux.Session)) (*http.Server, string) {
+	return serveFakeRelayHolding(t, nil, welcomed)
+}
+
+// serveFakeRelayHolding is serveFakeRelay that, if hold is set, calls it
+// between an agent's hello and its welcome, with the connection's number
+// (1, 2, …).
+func serveFakeRelayHolding(t *testing.T, hold func(n int), welcomed func(ctrl *yamux.Stream, sess *yamux.Session)) (*http.Server, string) {
+	var conns atomic.Int32
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -67,7 +75,11 @@ func serveFakeRelay(t *testing.T, welcomed func(ctrl *yamux.Stream, sess *yamux.
 		if _, err := proto.ReadMessage(ctrl); err != nil {
 			return
 		}
-		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: "liar", Tunnel: "t", ConnectionID: "c1"})
+		n := conns.Add(1)
+		if hold != nil {
+			hold(int(n))
+		}
+		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgWelcome, RelayID: "liar", Tunnel: "t", ConnectionID: fmt.Sprintf("c%d", n)})
 		welcomed(ctrl, sess)
 		<-sess.CloseChan()
 	})}
@@ -306,4 +318,104 @@ diagnostics: {listen: "127.0.0.1:0"}
 	if n := dials.Load(); n < 2 || n > 6 {
 		t.Fatalf("%d dials in 1.5 s of goaways; want reconnects, the first ones at once, then backoff", n)
 	}
+}
+
+// A connection the relay welcomes after the agent began to drain (it was
+// dialling when SIGTERM came, or it was a reload's successor) is drained
+// like the others: the relay is told at once to send it nothing, rather
+// than having it take requests that the end of the drain would cut.
+func TestConnectionWelcomedDuringDrainIsDrained(t *testing.T) {
+	// An upstream that answers the test's request once released (and the
+	// agent's credential check at once).
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/rest/api/1.0/projects/SLOW" {
+			arrived <- struct{}{}
+			<-release
+		}
+		io.WriteString(w, "{}")
+	})}
+	upLn, _ := net.Listen("tcp", "127.0.0.1:0")
+	go up.Serve(upLn)
+	defer up.Close()
+
+	second := make(chan struct{}) // the second connection's welcome waits for it
+	first := make(chan *yamux.Session, 1)
+	told := make(chan string, 1) // what the second connection heard first on its control stream
+	var welcomed atomic.Int32
+	srv, addr := serveFakeRelayHolding(t, func(n int) {
+		if n == 2 {
+			<-second
+		}
+	}, func(ctrl *yamux.Stream, sess *yamux.Session) {
+		if welcomed.Add(1) == 1 {
+			first <- sess
+			// The first connection: ack draining, as a relay does.
+			go func() {
+				for {
+					m, err := proto.ReadMessage(ctrl)
+					if err != nil {
+						return
+					}
+					if m.Type == proto.MsgDraining {
+						proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgDraining})
+					}
+				}
+			}()
+			return
+		}
+		ctrl.SetReadDeadline(time.Now().Add(5 * time.Second))
+		m, err := proto.ReadMessage(ctrl)
+		if err != nil {
+			told <- "nothing: " + err.Error()
+			return
+		}
+		told <- m.Type
+		proto.WriteMessage(ctrl, proto.Message{Type: proto.MsgDraining})
+	})
+	defer srv.Close()
+
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "tok"), []byte("t"), 0o600)
+	os.WriteFile(filepath.Join(dir, "pat"), []byte("pat"), 0o600)
+	cfg, err := config.ParseAgent("agent.yaml", []byte(fmt.Sprintf(`relay: {url: "ws://%s/v1/connect", token_file: %s, connections: 2}
+upstreams:
+  - {name: bitbucket, url: "http://%s", auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
+diagnostics: {listen: "127.0.0.1:0"}
+timeouts: {drain: 20s}
+`, addr, filepath.Join(dir, "tok"), upLn.Addr(), filepath.Join(dir, "pat"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, stop := serveAgent(t, cfg)
+	sess := <-first
+	// A request in flight on the first connection keeps the drain going.
+	answered := make(chan int, 1)
+	go func() {
+		resp := exchange(t, sess, httpStream(t, "bitbucket", "GET /rest/api/1.0/projects/SLOW HTTP/1.1\r\nHost: x\r\n\r\n"))
+		if resp == nil {
+			answered <- 0
+			return
+		}
+		answered <- resp.StatusCode
+	}()
+	<-arrived
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }() // SIGTERM: the agent drains
+	time.Sleep(300 * time.Millisecond)
+	close(second) // the second connection is welcomed while the drain waits
+
+	select {
+	case m := <-told:
+		if m != proto.MsgDraining {
+			t.Errorf("the connection welcomed during the drain was first told %q, want %q", m, proto.MsgDraining)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the connection welcomed during the drain was told nothing")
+	}
+	close(release)
+	if code := <-answered; code != http.StatusOK {
+		t.Errorf("the request in flight when the drain began: %d, want 200", code)
+	}
+	<-stopped
 }
