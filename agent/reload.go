@@ -22,8 +22,9 @@ import (
 // then the other connections move too, each serving until its
 // successor is up. relay.connections adds connections, or retires the
 // last ones, which finish their streams first. The audit log moves to a
-// new path, or rotates by new bounds. Settings that need a restart
-// (keepRestartOnly: diagnostics, the audit log on or off, webhooks, log
+// new path, or rotates by new bounds; the webhook secret and limits
+// change. Settings that need a restart (keepRestartOnly: diagnostics,
+// the audit log on or off, the webhook listener, spool and lanes, log
 // format, agent_id) keep their running values, with a warning naming them.
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
@@ -72,6 +73,9 @@ func (a *Agent) Reload() error {
 			prev := a.ups.Swap(ups)
 			ups.applyLimits()
 			a.cfg.Store(next)
+			if a.webhooks != nil {
+				a.webhooks.reload(next.Webhooks)
+			}
 			if a.level != nil {
 				var l slog.Level
 				l.UnmarshalText([]byte(next.Log.Level))
@@ -127,13 +131,20 @@ func keepRestartOnly(old, next *config.Agent) []string {
 	keep("agent_id", old.AgentID != next.AgentID, func() { next.AgentID = old.AgentID })
 	keep("diagnostics.listen", old.Diagnostics != next.Diagnostics, func() { next.Diagnostics = old.Diagnostics })
 	keep("audit (on or off)", (old.Audit.Path == "") != (next.Audit.Path == ""), func() { next.Audit = old.Audit })
+	// The webhook listener, its spool and lanes stay as they started; its
+	// secret and limits change (webhooks.reload). The certificate files
+	// are compared by name: their contents are re-read on reload, and
+	// when they change.
 	ow, nw := old.Webhooks, next.Webhooks
-	ow.Secret, nw.Secret = nil, nil
-	// The certificate files are compared by name: their contents are
-	// re-read on reload, and when they change.
-	sameTLS := (ow.TLS == nil) == (nw.TLS == nil) && (ow.TLS == nil || *ow.TLS == *nw.TLS)
-	ow.TLS, nw.TLS = nil, nil
-	keep("webhooks", ow != nw || !sameTLS, func() { next.Webhooks = old.Webhooks })
+	if ow.Enabled() != nw.Enabled() {
+		keep("webhooks (on or off)", true, func() { next.Webhooks = old.Webhooks })
+	} else {
+		sameTLS := (ow.TLS == nil) == (nw.TLS == nil) && (ow.TLS == nil || *ow.TLS == *nw.TLS)
+		keep("webhooks.listen, spool_dir, lanes and tls", ow.Listen != nw.Listen || ow.SpoolDir != nw.SpoolDir || ow.Lanes != nw.Lanes || !sameTLS,
+			func() {
+				next.Webhooks.Listen, next.Webhooks.SpoolDir, next.Webhooks.Lanes, next.Webhooks.TLS = ow.Listen, ow.SpoolDir, ow.Lanes, ow.TLS
+			})
+	}
 	keep("log.format", old.Log.Format != next.Log.Format, func() { next.Log.Format = old.Log.Format })
 	return kept
 }

@@ -47,8 +47,13 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			c.Audit = config.Audit{Path: "/var/log/ferry/elsewhere.jsonl", MaxSizeMB: 10, MaxFiles: 2}
 		}, nil},
 		{"the audit log turned off", func(c *config.Agent) { c.Audit = config.Audit{} }, []string{"audit (on or off)"}},
-		{"the webhook listener's certificate files", func(c *config.Agent) { c.Webhooks.TLS.CertFile = "other.pem" }, []string{"webhooks"}},
-		{"the webhook listener without TLS", func(c *config.Agent) { c.Webhooks.TLS = nil }, []string{"webhooks"}},
+		{"the webhook listener's certificate files", func(c *config.Agent) { c.Webhooks.TLS.CertFile = "other.pem" }, []string{"webhooks.listen, spool_dir, lanes and tls"}},
+		{"the webhook listener without TLS", func(c *config.Agent) { c.Webhooks.TLS = nil }, []string{"webhooks.listen, spool_dir, lanes and tls"}},
+		{"the webhook listener's address", func(c *config.Agent) { c.Webhooks.Listen = ":9191" }, []string{"webhooks.listen, spool_dir, lanes and tls"}},
+		{"the webhook secret and limits change at once", func(c *config.Agent) {
+			c.Webhooks.SecretFile, c.Webhooks.MaxBodyKB, c.Webhooks.SpoolMaxMB, c.Webhooks.SpoolMaxCount = "/etc/ferry/hook-secret", 64, 10, 100
+		}, nil},
+		{"webhooks turned off", func(c *config.Agent) { c.Webhooks = config.Webhooks{} }, []string{"webhooks (on or off)"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			next := base()
@@ -63,11 +68,22 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 			if len(tc.want) == 0 {
 				want = &changed
 			}
-			if next.Relay != want.Relay || next.Timeouts != want.Timeouts || next.Log != want.Log || next.AgentID != want.AgentID || next.Audit != want.Audit {
+			if next.Relay != want.Relay || next.Timeouts != want.Timeouts || next.Log != want.Log || next.AgentID != want.AgentID || next.Audit != want.Audit ||
+				!sameWebhooks(next.Webhooks, want.Webhooks) {
 				t.Errorf("after the reload: %+v, want %+v", next, want)
 			}
 		})
 	}
+}
+
+// sameWebhooks compares webhook settings by value (TLS is a pointer of
+// its own in each parsed config).
+func sameWebhooks(a, b config.Webhooks) bool {
+	if (a.TLS == nil) != (b.TLS == nil) || a.TLS != nil && *a.TLS != *b.TLS {
+		return false
+	}
+	a.TLS, b.TLS, a.Secret, b.Secret = nil, nil, nil, nil
+	return a == b
 }
 
 // What makes a reload move the relay connections: each setting the

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,6 +26,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
+	"github.com/ferry-tunnel/ferry/internal/secret"
 	"github.com/ferry-tunnel/ferry/internal/spool"
 )
 
@@ -39,7 +41,7 @@ const (
 // webhooks receives Bitbucket's webhooks, spools them and forwards them
 // through the tunnel. Created by Listen when webhooks.listen is set.
 type webhooks struct {
-	cfg     config.Webhooks // as at start; changes need a restart
+	cfg     atomic.Pointer[config.Webhooks] // reload swaps it; what reloadWebhooks keeps stays as at start
 	log     *slog.Logger
 	spool   *spool.Spool
 	ln      net.Listener
@@ -77,7 +79,8 @@ func openWebhooks(cfg config.Webhooks, log *slog.Logger, m *metrics.Agent) (*web
 	if cert != nil {
 		ln = tls.NewListener(ln, cert.ServerConfig())
 	}
-	w := &webhooks{cfg: cfg, log: log, spool: sp, ln: ln, cert: cert, metrics: m, accept: make(chan struct{}, maxConcurrentAccepts)}
+	w := &webhooks{log: log, spool: sp, ln: ln, cert: cert, metrics: m, accept: make(chan struct{}, maxConcurrentAccepts)}
+	w.cfg.Store(&cfg)
 	for range cfg.Lanes {
 		w.lanes = append(w.lanes, newLane())
 	}
@@ -144,18 +147,19 @@ func (w *webhooks) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		w.refuse(rw, log, http.StatusServiceUnavailable, "busy", "too many webhook deliveries being received at once; retry")
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, int64(w.cfg.MaxBodyKB)<<10))
+	cfg := w.config()
+	body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, int64(cfg.MaxBodyKB)<<10))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			w.refuse(rw, log, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("webhook body exceeds webhooks.max_body_kb (%d KiB)", w.cfg.MaxBodyKB))
+			w.refuse(rw, log, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("webhook body exceeds webhooks.max_body_kb (%d KiB)", cfg.MaxBodyKB))
 			return
 		}
 		w.refuse(rw, log, http.StatusBadRequest, "bad_body", "reading the body: "+err.Error())
 		return
 	}
-	if w.cfg.Secret != nil {
-		if problem := w.checkSignature(r.Header.Get("X-Hub-Signature"), body); problem != "" {
+	if cfg.Secret != nil {
+		if problem := w.checkSignature(cfg.Secret, r.Header.Get("X-Hub-Signature"), body); problem != "" {
 			w.refuse(rw, log, http.StatusUnauthorized, "signature", problem)
 			return
 		}
@@ -196,8 +200,8 @@ func (w *webhooks) refuse(rw http.ResponseWriter, log *slog.Logger, status int, 
 
 // checkSignature verifies Bitbucket's X-Hub-Signature: sha256=<hex HMAC
 // of the raw body>. It returns what is wrong, or "".
-func (w *webhooks) checkSignature(header string, body []byte) string {
-	key, err := w.cfg.Secret.Value()
+func (w *webhooks) checkSignature(secret secret.Source, header string, body []byte) string {
+	key, err := secret.Value()
 	if err != nil {
 		w.log.Error("webhook secret unreadable; refusing deliveries until it is fixed", "err", err)
 		return "webhook secret unreadable on the agent"
@@ -289,7 +293,7 @@ func (w *webhooks) status() *WebhookStatus {
 	st := w.spool.Stats()
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	s := &WebhookStatus{Listen: w.Addr(), Signed: w.cfg.Secret != nil, Accepted: w.accepted, Forwarded: w.forwarded,
+	s := &WebhookStatus{Listen: w.Addr(), Signed: w.config().Secret != nil, Accepted: w.accepted, Forwarded: w.forwarded,
 		LastSent: w.lastSent, LastError: w.lastError, LastErrorAt: w.lastErrorAt, Spool: st}
 	if !st.Oldest.IsZero() {
 		s.OldestAgeS = int64(time.Since(st.Oldest).Seconds())
@@ -326,11 +330,12 @@ func (w *webhooks) serve(ctx context.Context, a *Agent) {
 			certfile.Watch(ctx, certfile.CheckEvery, func() { w.checkCert("files changed") })
 		}()
 	}
-	w.log.Info("webhook listener started", "listen", w.Addr(), "spool", w.cfg.SpoolDir, "signature_required", w.cfg.Secret != nil, "tls", w.cert != nil)
+	cfg := w.config()
+	w.log.Info("webhook listener started", "listen", w.Addr(), "spool", cfg.SpoolDir, "signature_required", cfg.Secret != nil, "tls", w.cert != nil)
 	if w.cert != nil {
 		w.noteCert("webhook listener's TLS certificate loaded", "start")
 	}
-	if w.cfg.Secret == nil {
+	if cfg.Secret == nil {
 		w.log.Warn("webhooks.secret_file is not set: unsigned webhook deliveries are accepted from anyone who can reach " + w.Addr())
 	}
 	<-ctx.Done()
@@ -340,6 +345,23 @@ func (w *webhooks) serve(ctx context.Context, a *Agent) {
 		srv.Close()
 	}
 	wg.Wait()
+}
+
+// config is the webhook settings in force.
+func (w *webhooks) config() *config.Webhooks { return w.cfg.Load() }
+
+// reload puts next's secret, body and spool limits in force; keepRestartOnly
+// has put back the settings a running listener cannot change.
+func (w *webhooks) reload(next config.Webhooks) {
+	prev := w.cfg.Swap(&next)
+	w.spool.SetLimits(spool.Limits{MaxBytes: int64(next.SpoolMaxMB) << 20, MaxCount: next.SpoolMaxCount})
+	if (prev.Secret == nil) != (next.Secret == nil) {
+		if next.Secret == nil {
+			w.log.Warn("webhooks.secret_file removed by a reload: unsigned webhook deliveries are accepted from anyone who can reach " + w.Addr())
+		} else {
+			w.log.Info("webhooks.secret_file set by a reload: deliveries must now be signed")
+		}
+	}
 }
 
 // checkCert loads the listener's certificate files again; why says what

@@ -558,3 +558,61 @@ func TestWebhookTargetToken(t *testing.T) {
 		t.Fatalf("third delivery %s, want %s", got[2].DeliveryID, third)
 	}
 }
+
+// TestWebhookSettingsReload: the webhook secret and limits change on
+// SIGHUP (the listener, spool and lanes need a restart).
+func TestWebhookSettingsReload(t *testing.T) {
+	w := newWebhookWorld(t)
+	plain := w.relayYAML("127.0.0.1:0") // no webhook_target: deliveries stay spooled
+	r, rrun := w.startRelayYAML(plain)
+	defer rrun.shutdown(t)
+	cfg := func(extra string) string { return w.write("agent.yaml", w.agentConfig(r.AgentAddr(), extra)) }
+	cfg(", spool_max_deliveries: 2")
+	a, arun := w.startAgentYAML(w.agentConfig(r.AgentAddr(), ", spool_max_deliveries: 2"))
+	defer arun.shutdown(t)
+	reload := func(extra string) {
+		t.Helper()
+		cfg(extra)
+		if err := a.Reload(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	body := testrig.RefsChangedPayload("PROJ", "app", 1)
+	post := func(secret string) int {
+		t.Helper()
+		status, _ := w.post(t, "repo:refs_changed", secret, body)
+		return status
+	}
+	for i := range 2 {
+		if s := post(webhookSecret); s != http.StatusAccepted {
+			t.Fatalf("delivery %d: %d", i, s)
+		}
+	}
+	if s := post(webhookSecret); s != http.StatusServiceUnavailable {
+		t.Fatalf("a third delivery into a spool of 2: %d, want 503", s)
+	}
+	reload(", spool_max_deliveries: 5")
+	if s := post(webhookSecret); s != http.StatusAccepted {
+		t.Fatalf("after raising spool_max_deliveries to 5: %d", s)
+	}
+	if st := a.Status().Webhooks; st == nil || st.Spool.MaxCount != 5 || st.Spool.Spooled != 3 {
+		t.Fatalf("spool after the reload: %+v", st)
+	}
+	// A new secret, in a file of a new name.
+	const rotated = "rotated-webhook-secret-43"
+	w.write("webhook-secret-2", rotated)
+	y := strings.Replace(w.agentConfig(r.AgentAddr(), ", spool_max_deliveries: 5, max_body_kb: 1"), filepath.Join(w.dir, "webhook-secret"), filepath.Join(w.dir, "webhook-secret-2"), 1)
+	w.write("agent.yaml", y)
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if s := post(webhookSecret); s != http.StatusUnauthorized {
+		t.Errorf("signed with the old secret after the rotation: %d, want 401", s)
+	}
+	if s := post(rotated); s != http.StatusAccepted {
+		t.Errorf("signed with the new secret: %d, want 202", s)
+	}
+	if s, _ := w.post(t, "repo:refs_changed", rotated, bytes.Repeat([]byte("x"), 2048)); s != http.StatusRequestEntityTooLarge {
+		t.Errorf("a 2 KiB body after max_body_kb was lowered to 1: %d, want 413", s)
+	}
+}

@@ -317,6 +317,15 @@ type Stats struct {
 	MaxBytes         int64         `json:"max_bytes"`
 }
 
+// SetLimits changes the spool's bounds (a config reload). Lowered under
+// what it holds, it keeps every delivery and refuses new ones until it
+// is back under them.
+func (s *Spool) SetLimits(l Limits) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.limits = l
+}
+
 // Stats reports the spool's contents.
 func (s *Spool) Stats() Stats {
 	s.mu.Lock()
