@@ -87,6 +87,24 @@ func serveFakeRelayHolding(t *testing.T, hold func(n int), welcomed func(ctrl *y
 	return srv, ln.Addr().String()
 }
 
+// fakeRelayAgent is the config of an agent with conns connections to the
+// fake relay at addr and one upstream at url; extra is added as is.
+func fakeRelayAgent(t *testing.T, addr, url string, conns int, extra string) *config.Agent {
+	t.Helper()
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "tok"), []byte("t"), 0o600)
+	os.WriteFile(filepath.Join(dir, "pat"), []byte("pat"), 0o600)
+	cfg, err := config.ParseAgent("agent.yaml", []byte(fmt.Sprintf(`relay: {url: "ws://%s/v1/connect", token_file: %s, connections: %d}
+upstreams:
+  - {name: bitbucket, url: %q, auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
+diagnostics: {listen: "127.0.0.1:0"}
+%s`, addr, filepath.Join(dir, "tok"), conns, url, filepath.Join(dir, "pat"), extra)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 // serveAgent runs an agent on cfg until stop is called.
 func serveAgent(t *testing.T, cfg *config.Agent) (a *Agent, stop func()) {
 	t.Helper()
@@ -299,18 +317,7 @@ func TestRelayThatAlwaysSaysGoAwayGetsBackoff(t *testing.T) {
 	})
 	defer srv.Close()
 
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "tok"), []byte("t"), 0o600)
-	os.WriteFile(filepath.Join(dir, "pat"), []byte("pat"), 0o600)
-	cfg, err := config.ParseAgent("agent.yaml", []byte(fmt.Sprintf(`relay: {url: "ws://%s/v1/connect", token_file: %s, connections: 1}
-upstreams:
-  - {name: bitbucket, url: "http://127.0.0.1:1", auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
-diagnostics: {listen: "127.0.0.1:0"}
-`, addr, filepath.Join(dir, "tok"), filepath.Join(dir, "pat"))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, stop := serveAgent(t, cfg)
+	_, stop := serveAgent(t, fakeRelayAgent(t, addr, "http://127.0.0.1:1", 1, ""))
 	// In 1.5 s: 1 + 3 at once, then waits of 250-500 ms and 500-1000 ms:
 	// at most 6 dials. A tight loop makes hundreds.
 	time.Sleep(1500 * time.Millisecond)
@@ -375,19 +382,7 @@ func TestConnectionWelcomedDuringDrainIsDrained(t *testing.T) {
 	})
 	defer srv.Close()
 
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "tok"), []byte("t"), 0o600)
-	os.WriteFile(filepath.Join(dir, "pat"), []byte("pat"), 0o600)
-	cfg, err := config.ParseAgent("agent.yaml", []byte(fmt.Sprintf(`relay: {url: "ws://%s/v1/connect", token_file: %s, connections: 2}
-upstreams:
-  - {name: bitbucket, url: "http://%s", auth: {type: bearer, token_file: %s}, profile: bitbucket-dc-read}
-diagnostics: {listen: "127.0.0.1:0"}
-timeouts: {drain: 20s}
-`, addr, filepath.Join(dir, "tok"), upLn.Addr(), filepath.Join(dir, "pat"))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, stop := serveAgent(t, cfg)
+	_, stop := serveAgent(t, fakeRelayAgent(t, addr, "http://"+upLn.Addr().String(), 2, "timeouts: {drain: 20s}\n"))
 	sess := <-first
 	// A request in flight on the first connection keeps the drain going.
 	answered := make(chan int, 1)
