@@ -41,7 +41,7 @@ const (
 // webhooks receives Bitbucket's webhooks, spools them and forwards them
 // through the tunnel. Created by Listen when webhooks.listen is set.
 type webhooks struct {
-	cfg     atomic.Pointer[config.Webhooks] // reload swaps it; what reloadWebhooks keeps stays as at start
+	cfg     atomic.Pointer[config.Webhooks] // reload swaps it; what keepRestartOnly keeps stays as at start
 	log     *slog.Logger
 	spool   *spool.Spool
 	ln      net.Listener
@@ -200,8 +200,8 @@ func (w *webhooks) refuse(rw http.ResponseWriter, log *slog.Logger, status int, 
 
 // checkSignature verifies Bitbucket's X-Hub-Signature: sha256=<hex HMAC
 // of the raw body>. It returns what is wrong, or "".
-func (w *webhooks) checkSignature(secret secret.Source, header string, body []byte) string {
-	key, err := secret.Value()
+func (w *webhooks) checkSignature(src secret.Source, header string, body []byte) string {
+	key, err := src.Value()
 	if err != nil {
 		w.log.Error("webhook secret unreadable; refusing deliveries until it is fixed", "err", err)
 		return "webhook secret unreadable on the agent"
