@@ -437,6 +437,10 @@ func (a *Agent) serve(ctx context.Context, st *connState, lc *liveConn) error {
 				req.done <- nil // made with these settings already, or the asker gave up
 				continue
 			}
+			if st.retired() { // a successor would only be drained
+				req.done <- errors.New("the connection is closing (fewer relay.connections)")
+				continue
+			}
 			// A successor sent away to rebalance would leave the slot
 			// without a connection once this one drains: it stays where
 			// it lands (the next reconnect spreads again).
