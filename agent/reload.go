@@ -43,79 +43,88 @@ func (a *Agent) Reload() error {
 	old := a.config()
 	next, err := config.LoadAgent(old.File)
 	if err == nil {
-		// Restart-only values are put back first, so that what is built
-		// from next (the upstreams' transports) uses the running ones too.
-		kept := keepRestartOnly(old, next)
-		var ups *upstreamSet
-		auditMoved := false
-		if ups, err = newUpstreamSet(next, a.log, a.pool, &a.gates); err == nil && next.Audit != old.Audit && next.Audit.Path != "" {
-			// Before the relay connections move: a path that cannot be
-			// opened refuses the reload while nothing has changed.
-			if err = a.audit.Reconfigure(auditOptions(next)); err != nil {
-				err = fmt.Errorf("audit.path %s: %w", next.Audit.Path, err)
-			}
-			auditMoved = err == nil
-		}
-		if err == nil {
-			if changed := relaySettingsDiffer(old, next); len(changed) > 0 {
-				err = a.moveRelay(next, changed)
-			}
-		}
-		if err != nil && auditMoved {
-			if rerr := a.audit.Reconfigure(auditOptions(old)); rerr != nil {
-				a.log.Error("audit log could not go back to its path after the refused reload; lines go to the new one", "path", next.Audit.Path, "err", rerr)
-			}
-		}
-		if err == nil {
-			if len(kept) > 0 {
-				a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
-			}
-			prev := a.ups.Swap(ups)
-			ups.applyLimits()
-			a.cfg.Store(next)
-			if a.webhooks != nil {
-				a.webhooks.reload(next.Webhooks)
-			}
-			if a.level != nil {
-				var l slog.Level
-				l.UnmarshalText([]byte(next.Log.Level))
-				a.level.Set(l)
-			}
-			// Requests in flight keep the transport they started with;
-			// only its idle connections go.
-			prev.closeIdle()
-			if !slices.Equal(prev.names, ups.names) {
-				a.announceUpstreams(ups.names)
-				var gone []string
-				for _, name := range prev.names {
-					if ups.byName[name] == nil {
-						gone = append(gone, name)
-					}
-				}
-				a.forgetCredentials(gone)
-			}
-			select {
-			case a.recheck <- struct{}{}:
-			default:
-			}
-			if n := next.Relay.Connections; n != old.Relay.Connections {
-				a.slots.resize(n)
-				if n > old.Relay.Connections {
-					a.log.Info("relay.connections raised; the new connections dial now", "from", old.Relay.Connections, "to", n)
-				} else {
-					a.log.Info("relay.connections lowered; the connections past it finish their streams and close", "from", old.Relay.Connections, "to", n)
-				}
-			}
-			a.metrics.Reloads.Succeeded()
-			a.loads.Succeeded()
-			a.log.Info("config reloaded", "file", next.File, "upstreams", ups.names)
-			return nil
+		err = a.apply(old, next)
+	}
+	if err != nil {
+		a.metrics.Reloads.Failed()
+		a.loads.Failed(err)
+		a.log.Error("config reload failed; the running config stays in force", "err", err)
+		return err
+	}
+	a.metrics.Reloads.Succeeded()
+	a.loads.Succeeded()
+	a.log.Info("config reloaded", "file", next.File, "upstreams", a.upstreams().names)
+	return nil
+}
+
+// apply puts next in force in place of old, or, when it returns an
+// error, nothing of it.
+func (a *Agent) apply(old, next *config.Agent) error {
+	// Restart-only values are put back first, so that what is built from
+	// next (the upstreams' transports) uses the running ones too.
+	kept := keepRestartOnly(old, next)
+	ups, err := newUpstreamSet(next, a.log, a.pool, &a.gates)
+	if err != nil {
+		return err
+	}
+	// The audit log moves before the relay connections do: a path that
+	// cannot be opened refuses the reload while nothing has changed.
+	auditMoved := next.Audit != old.Audit && next.Audit.Path != ""
+	if auditMoved {
+		if err := a.audit.Reconfigure(auditOptions(next)); err != nil {
+			return fmt.Errorf("audit.path %s: %w", next.Audit.Path, err)
 		}
 	}
-	a.metrics.Reloads.Failed()
-	a.loads.Failed(err)
-	a.log.Error("config reload failed; the running config stays in force", "err", err)
-	return err
+	if changed := relaySettingsDiffer(old, next); len(changed) > 0 {
+		if err := a.moveRelay(next, changed); err != nil {
+			if auditMoved {
+				if rerr := a.audit.Reconfigure(auditOptions(old)); rerr != nil {
+					a.log.Error("audit log could not go back to its path after the refused reload; lines go to the new one", "path", next.Audit.Path, "err", rerr)
+				}
+			}
+			return err
+		}
+	}
+	if len(kept) > 0 {
+		a.log.Warn("config reload: these settings change only on restart; keeping the running values", "fields", strings.Join(kept, ", "))
+	}
+	prev := a.ups.Swap(ups)
+	ups.applyLimits()
+	a.cfg.Store(next)
+	if a.webhooks != nil {
+		a.webhooks.reload(next.Webhooks)
+	}
+	if a.level != nil {
+		var l slog.Level
+		l.UnmarshalText([]byte(next.Log.Level))
+		a.level.Set(l)
+	}
+	// Requests in flight keep the transport they started with; only its
+	// idle connections go.
+	prev.closeIdle()
+	if !slices.Equal(prev.names, ups.names) {
+		a.announceUpstreams(ups.names)
+		var gone []string
+		for _, name := range prev.names {
+			if ups.byName[name] == nil {
+				gone = append(gone, name)
+			}
+		}
+		a.forgetCredentials(gone)
+	}
+	select {
+	case a.recheck <- struct{}{}:
+	default:
+	}
+	if n := next.Relay.Connections; n != old.Relay.Connections {
+		a.slots.resize(n)
+		if n > old.Relay.Connections {
+			a.log.Info("relay.connections raised; the new connections dial now", "from", old.Relay.Connections, "to", n)
+		} else {
+			a.log.Info("relay.connections lowered; the connections past it finish their streams and close", "from", old.Relay.Connections, "to", n)
+		}
+	}
+	return nil
 }
 
 // keepRestartOnly copies into next the running values of settings that

@@ -165,8 +165,8 @@ func (r *Relay) startHook() bool {
 
 // webhookTarget is where a tunnel's deliveries go, and with what token.
 type webhookTarget struct {
-	url   string       // "": none
-	token *secret.File // nil: none
+	url   string        // "": none
+	token secret.Source // nil: none
 }
 
 // webhookTarget is the tunnel's webhook_target in the running config.

@@ -298,25 +298,6 @@ func (u *Upstream) validate(v *validator, f string, names map[string]bool) {
 	u.Policy = p
 }
 
-func openSecretFile(v *validator, field string, path *string) secret.Source {
-	if *path == "" {
-		v.failf(field, "required")
-		return nil
-	}
-	p, err := ExpandCredentialsDir(*path)
-	if err != nil {
-		v.failf(field, "%v", err)
-		return nil
-	}
-	*path = p
-	s, err := secret.NewFile(p)
-	if err != nil {
-		v.failf(field, "%v", err)
-		return nil
-	}
-	return s
-}
-
 func loadCA(v *validator, field string, path *string) *x509.CertPool {
 	if *path == "" {
 		return nil

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/ferry-tunnel/ferry/internal/secret"
 )
 
 // Error is a configuration problem. Its message is one line: it is what an
@@ -199,6 +201,27 @@ func ExpandCredentialsDir(path string) (string, error) {
 	}
 	path = strings.ReplaceAll(path, v1, dir)
 	return strings.ReplaceAll(path, v2, dir), nil
+}
+
+// openSecretFile opens the secret file a field names (required), with
+// ${CREDENTIALS_DIRECTORY} expanded in place, or records why it cannot.
+func openSecretFile(v *validator, field string, path *string) secret.Source {
+	if *path == "" {
+		v.failf(field, "required")
+		return nil
+	}
+	p, err := ExpandCredentialsDir(*path)
+	if err != nil {
+		v.failf(field, "%v", err)
+		return nil
+	}
+	*path = p
+	s, err := secret.NewFile(p)
+	if err != nil {
+		v.failf(field, "%v", err)
+		return nil
+	}
+	return s
 }
 
 // Log configures logging on either side.

@@ -73,8 +73,8 @@ type Tunnel struct {
 	// the relay from anyone else's POSTs. Re-read when it changes.
 	WebhookTokenFile string `yaml:"webhook_token_file"`
 
-	AgentHashes  []token.Hash `yaml:"-"`
-	WebhookToken *secret.File `yaml:"-"` // nil: no webhook_token_file
+	AgentHashes  []token.Hash  `yaml:"-"`
+	WebhookToken secret.Source `yaml:"-"` // nil: no webhook_token_file
 }
 
 // Scanner is a cloud client allowed to use some tunnels.
@@ -230,10 +230,8 @@ func (c *Relay) validate(v *validator) {
 		if t.WebhookTokenFile != "" {
 			if t.WebhookTarget == "" {
 				v.failf(f+".webhook_token_file", "is for webhook_target, which is not set")
-			} else if p, err := ExpandCredentialsDir(t.WebhookTokenFile); err != nil {
-				v.failf(f+".webhook_token_file", "%v", err)
-			} else if t.WebhookToken, err = secret.NewFile(p); err != nil {
-				v.failf(f+".webhook_token_file", "%v", err)
+			} else {
+				t.WebhookToken = openSecretFile(v, f+".webhook_token_file", &t.WebhookTokenFile)
 			}
 		}
 	}
