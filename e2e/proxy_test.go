@@ -199,7 +199,7 @@ func testReloadMovesRelayConnections(t *testing.T, n int) {
 	}
 	l.finish()
 	if n := l.failed.Load(); n != 0 {
-		t.Errorf("%d of %d requests failed while the connection moved", n, n+l.ok.Load())
+		t.Errorf("%d of %d requests failed while the connection moved:\n%s", n, n+l.ok.Load(), l.why())
 	}
 }
 

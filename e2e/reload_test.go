@@ -360,7 +360,7 @@ func TestReloadChangesConnectionCount(t *testing.T) {
 	more("traffic over two connections")
 	l.finish()
 	if n := failed + l.failed.Load(); n != 0 {
-		t.Errorf("%d requests failed while relay.connections changed", n)
+		t.Errorf("%d requests failed while relay.connections changed:\n%s", n, l.why())
 	}
 	if v := testutil.ToFloat64(a.Metrics().RelayConnections); v != 2 {
 		t.Errorf("ferry_agent_relay_connections = %v, want 2", v)

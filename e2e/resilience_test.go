@@ -171,6 +171,32 @@ type load struct {
 	ok, failed atomic.Int64
 	stop       chan struct{}
 	wg         sync.WaitGroup
+
+	mu      sync.Mutex
+	reasons []string // the first failures, so that a failing test says why
+}
+
+// fail counts a failed request and keeps the first few reasons.
+func (l *load) fail(resp *http.Response, body []byte, err error) {
+	l.failed.Add(1)
+	why := time.Now().Format("15:04:05.000 ")
+	if err != nil {
+		why += err.Error()
+	} else {
+		why += fmt.Sprintf("%s %.200s", resp.Status, body)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.reasons) < 5 {
+		l.reasons = append(l.reasons, why)
+	}
+}
+
+// why is the first failures' reasons, one a line.
+func (l *load) why() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.reasons, "\n")
 }
 
 func startLoad(t *testing.T, n int, url string) *load {
@@ -190,14 +216,15 @@ func startLoad(t *testing.T, n int, url string) *load {
 				req, _ := http.NewRequest("GET", url, nil)
 				req.Header.Set("Authorization", "Bearer "+scannerToken)
 				resp, err := client.Do(req)
+				var body []byte
 				if err == nil {
-					_, err = io.Copy(io.Discard, resp.Body)
+					body, err = io.ReadAll(resp.Body)
 					resp.Body.Close()
 				}
 				if err == nil && resp.StatusCode == 200 {
 					l.ok.Add(1)
 				} else {
-					l.failed.Add(1)
+					l.fail(resp, body, err)
 					time.Sleep(5 * time.Millisecond)
 				}
 			}

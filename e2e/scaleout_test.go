@@ -213,7 +213,7 @@ func TestScaleOutWithRedis(t *testing.T) {
 	waitFor(t, "forwarding back after Redis restart", func() bool { code, _ := scannerGET(t, client, restOn(c)); return code == 200 })
 	waitFor(t, "C not degraded", func() bool { return c.readyz(t) == "200 ready\n" })
 	if lLocal.failed.Load() > 0 {
-		t.Errorf("%d requests to the replica holding the agent failed during the Redis restart", lLocal.failed.Load())
+		t.Errorf("%d requests to the replica holding the agent failed during the Redis restart:\n%s", lLocal.failed.Load(), lLocal.why())
 	}
 
 	// 5. Redis came back empty (no persistence here): a replica that
@@ -285,7 +285,7 @@ func TestPeerSecretRotation(t *testing.T) {
 	more("traffic via B after the old secret went")
 	l.finish()
 	if n := l.failed.Load(); n != 0 {
-		t.Errorf("%d of %d requests via B failed during the rotation", n, n+l.ok.Load())
+		t.Errorf("%d of %d requests via B failed during the rotation:\n%s", n, n+l.ok.Load(), l.why())
 	}
 
 	// B's secret is not A's: the scanner is told it is the relay's fault.
@@ -352,7 +352,7 @@ func TestReloadMoveIsNotRebalancedAway(t *testing.T) {
 		t.Errorf("the successor was sent away %d times", n)
 	}
 	if n := l.failed.Load(); n != 0 {
-		t.Errorf("%d of %d requests failed while the connection moved", n, n+l.ok.Load())
+		t.Errorf("%d of %d requests failed while the connection moved:\n%s", n, n+l.ok.Load(), l.why())
 	}
 	agent.signal(syscall.SIGTERM)
 	for _, rp := range []*replica{a, b} {

@@ -104,12 +104,12 @@ func stripScannerHeaders(h http.Header) {
 }
 
 // openStream opens a stream for one request on the connection the
-// handler picked, or on another live one if that connection just died,
-// and counts the request in flight on it.
+// handler picked, or on another live one if that connection just died or
+// began to drain, and counts the request in flight on it.
 func (r *Relay) openStream(rt *route) (*trackedStream, error) {
 	c := rt.conn
 	for attempt := 0; ; attempt++ {
-		s, err := c.sess.OpenStream()
+		s, err := c.openStream()
 		if err == nil {
 			if id := s.StreamID(); id >= r.retireStreamID && !c.retiring.Load() &&
 				(id >= r.forceRetireStreamID || rt.tunnel.pick(c) != nil) {

@@ -1,9 +1,13 @@
 package relay
 
 import (
+	"errors"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/yamux"
+
+	"github.com/ferry-tunnel/ferry/proto"
 )
 
 func TestSplitScannerPath(t *testing.T) {
@@ -109,5 +113,53 @@ func TestRemovedConnectionIsNotKept(t *testing.T) {
 	}
 	if len(tn.conns) != 1 || tn.conns[0] != conns[1] {
 		t.Fatalf("tunnel holds %v, want b", tn.conns)
+	}
+}
+
+// A request whose connection was picked just before the agent said it
+// drains goes to another connection: once the relay has acked the drain,
+// the agent may close as soon as its streams are done, and a stream
+// opened after the ack would be cut (seen in e2e as one failed request in
+// a reload that moved the agent's connection).
+func TestNoStreamOpensOnADrainingConnection(t *testing.T) {
+	r := startPlainRelay(t, "15s")
+	hello := func(id string) proto.Message {
+		return proto.Message{Type: proto.MsgHello, AgentID: id, Version: "test", Upstreams: []string{"bitbucket"}, KeepaliveMS: 15000}
+	}
+	oldSess, oldCtrl, _ := dialFakeAgent(t, r, hello("old"), 0)
+	tun := r.auth.Load().tunnels["t"]
+	rt := &route{tunnel: tun, conn: tun.pick(nil)} // the scanner handler's pick
+	newSess, _, _ := dialFakeAgent(t, r, hello("successor"), 0)
+
+	if err := proto.WriteMessage(oldCtrl, proto.Message{Type: proto.MsgDraining}); err != nil {
+		t.Fatal(err)
+	}
+	oldCtrl.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if m, err := proto.ReadMessage(oldCtrl); err != nil || m.Type != proto.MsgDraining {
+		t.Fatalf("draining answered with %q, %v", m.Type, err)
+	}
+	s, err := r.openStream(rt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if rt.conn.agentID != "successor" {
+		t.Fatalf("the stream opened on the %s connection, which had acked its drain", rt.conn.agentID)
+	}
+	if n := oldSess.NumStreams(); n != 1 {
+		t.Errorf("the draining agent holds %d streams, want only its control stream", n)
+	}
+	waitFor(t, "the successor to get the stream", func() bool { return newSess.NumStreams() == 2 })
+
+	// Only the draining connection left: the tunnel is offline for new
+	// requests rather than sending them where they would be cut.
+	newSess.Close()
+	waitFor(t, "the successor gone", func() bool { return len(tun.snapshot()) == 1 })
+	rt = &route{tunnel: tun, conn: tun.snapshot()[0]}
+	if s, err := r.openStream(rt); !errors.Is(err, errTunnelOffline) {
+		if s != nil {
+			s.Close()
+		}
+		t.Fatalf("with only a draining connection: %v, want %v", err, errTunnelOffline)
 	}
 }

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -46,6 +47,12 @@ type agentConn struct {
 	inflight atomic.Int64
 	served   atomic.Int64
 	draining atomic.Bool
+	// openMu orders new streams against draining: held shared while one
+	// opens, alone while draining is set. A stream opened before that
+	// reaches the agent ahead of the relay's ack of its draining (yamux
+	// writes frames in the order they are sent), so the agent waits for
+	// it; none opens after, when the agent may already have closed.
+	openMu   sync.RWMutex
 	retiring atomic.Bool // asked to go away as its stream ids run out
 	// retireCut cuts a retired connection the agent keeps open; stopped
 	// when the connection ends first, so that it is not held until then.
@@ -174,8 +181,23 @@ func (c *agentConn) goAway(reason string) {
 // picked, and its idle keep-alive streams are closed (the agent waits for
 // its streams to close before it lets the connection go).
 func (c *agentConn) drain() {
+	c.openMu.Lock()
 	c.draining.Store(true)
+	c.openMu.Unlock()
 	c.pool.close()
+}
+
+// errDraining: a stream was asked of a connection that drains.
+var errDraining = errors.New("the agent connection is draining")
+
+// openStream opens a stream for a request unless c drains.
+func (c *agentConn) openStream() (*yamux.Stream, error) {
+	c.openMu.RLock()
+	defer c.openMu.RUnlock()
+	if c.draining.Load() {
+		return nil, errDraining
+	}
+	return c.sess.OpenStream()
 }
 
 // send writes a control message to the agent.
