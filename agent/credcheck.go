@@ -175,6 +175,7 @@ func (a *Agent) checkOneCredential(ctx context.Context, u *upstream) {
 		return
 	}
 	if !a.recordCredential(u, rep) {
+		a.closeIdleIfReplaced(u)
 		return // a reload removed or replaced the upstream meanwhile
 	}
 	switch {

@@ -331,6 +331,19 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer u.gate.release()
 	u.proxy.ServeHTTP(rec, r.WithContext(ctx))
+	a.closeIdleIfReplaced(u)
+}
+
+// closeIdleIfReplaced closes the idle connections of u's transport if a
+// reload replaced u while it was in use. The reload closed the idle ones
+// (and net/http closes those going idle later, but only until the
+// transport's next request): a request sent on u after the reload, such
+// as one admitted by u's gate or a credential check's second, would
+// leave its connection open to the upstream for the idle timeout (90 s).
+func (a *Agent) closeIdleIfReplaced(u *upstream) {
+	if a.upstreams().byName[u.cfg.Name] != u {
+		u.transport.CloseIdleConnections()
+	}
 }
 
 // admit takes one of the upstream's max_concurrent_requests slots,

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os/exec"
 	"slices"
@@ -408,4 +409,66 @@ func TestRelayReloadChangesTimeouts(t *testing.T) {
 		t.Errorf("the reload dropped agent connections: %d up", a.Connected())
 	}
 	checkReloadMetrics(t, "relay after the reload", r.Metrics().Reloads, 1, 0, 1)
+}
+
+// TestReloadsLeaveNoIdleUpstreamConnections: every reload builds the
+// upstreams' transports anew and closes the old ones' idle connections
+// (net/http then closes those that go idle later too, until the next
+// request on that transport). A credential check, which makes two
+// requests, or a scanner request that waited for a slot of
+// max_concurrent_requests, could make that next request on the old
+// transport after the reload; its connection to Bitbucket then stayed
+// open for the idle timeout (90 s), one per such request.
+func TestReloadsLeaveNoIdleUpstreamConnections(t *testing.T) {
+	w := newWorld(t)
+	var open atomic.Int64
+	srv := &http.Server{Handler: w.bb, TLSConfig: w.pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second,
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			switch s {
+			case http.StateNew:
+				open.Add(1)
+			case http.StateClosed, http.StateHijacked:
+				open.Add(-1)
+			}
+		}}
+	ln := listenLocal(t)
+	go srv.ServeTLS(ln, "", "")
+	defer srv.Close()
+	r, rrun := w.startRelay("127.0.0.1:0")
+	defer rrun.shutdown(t)
+	yaml := strings.Replace(w.agentYAML(r.AgentAddr(), ""), w.bbURL, "https://"+ln.Addr().String(), 1)
+	yaml = strings.Replace(yaml, "    response_timeout: 5s\n", "    response_timeout: 5s\n    max_concurrent_requests: 1\n", 1)
+	w.write("agent.yaml", yaml)
+	a, arun := w.startAgentYAML(yaml)
+	defer arun.shutdown(t)
+	waitFor(t, "the first credential check", func() bool { return len(a.Status().Credentials) == 1 })
+
+	for range 40 {
+		if err := a.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond) // a reload now and then lands during a check
+	}
+	// The last check's connection stays, idle, on the transport in use.
+	waitFor(t, "the replaced transports' connections to Bitbucket closed", func() bool { return open.Load() <= 1 })
+
+	// A request waits for the slot a download holds; the reload comes,
+	// then the download ends and the waiting request goes to Bitbucket
+	// on the transport it was admitted with.
+	syn := testrig.Synthetic{Size: 1 << 20, Seed: [32]byte{3}, BytesPerSec: 2 << 20}
+	w.bb.AddSynthetic("PROJ", "app", "slow.bin", syn)
+	waitFor(t, "the agent connected", func() bool { return a.Connected() == 2 })
+	repo := "http://" + r.ScannerAddr() + "/t/" + tunnelID + "/bitbucket/rest/api/1.0/projects/PROJ/repos/app"
+	dl := startDownload(repo + "/raw/slow.bin")
+	waiting := make(chan download, 1)
+	go func() { waiting <- <-startDownload(repo) }()
+	waitFor(t, "a request waiting for the slot", func() bool { return a.Status().Load[0].Waiting == 1 })
+	if err := a.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	(<-dl).check(t, "the download across the reload", syn)
+	if d := <-waiting; d.err != nil || d.code != 200 {
+		t.Fatalf("the request that waited for the slot: %d %v", d.code, d.err)
+	}
+	waitFor(t, "the waiting request's connection to Bitbucket closed", func() bool { return open.Load() <= 1 })
 }
