@@ -134,7 +134,13 @@ func (r *Relay) forwardToPeer(w http.ResponseWriter, req *http.Request, tunnelID
 	}
 	r.metrics.Forwarded.WithLabelValues(tunnelID, "out").Inc()
 	rt := &peerRoute{target: target, scanner: scanner, rid: rid, publicBase: publicBase, secret: secret}
-	r.peer.Load().rp.ServeHTTP(w, req.WithContext(context.WithValue(req.Context(), peerRouteKey{}, rt)))
+	p := r.peer.Load()
+	p.rp.ServeHTTP(w, req.WithContext(context.WithValue(req.Context(), peerRouteKey{}, rt)))
+	if r.peer.Load() != p {
+		// A reload replaced the transport while this request was on its
+		// way, and closed its idle connections; this one's would stay.
+		p.tr.CloseIdleConnections()
+	}
 	return true, ""
 }
 
