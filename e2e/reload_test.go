@@ -314,7 +314,7 @@ func TestReloadChangesConnectionCount(t *testing.T) {
 	waitFor(t, "three connections", func() bool { return a.Connected() == 3 && slots() == 3 && relayHolds(3, 3)() })
 	more("traffic over three connections")
 	l.finish()
-	failed := l.failed.Load()
+	first := l
 
 	// A slow download on each connection: the relay sends each request to
 	// the connection with the fewest in flight.
@@ -360,8 +360,8 @@ func TestReloadChangesConnectionCount(t *testing.T) {
 	waitFor(t, "two connections", func() bool { return a.Connected() == 2 && slots() == 2 && relayHolds(2, 2)() })
 	more("traffic over two connections")
 	l.finish()
-	if n := failed + l.failed.Load(); n != 0 {
-		t.Errorf("%d requests failed while relay.connections changed:\n%s", n, l.why())
+	if n := first.failed.Load() + l.failed.Load(); n != 0 {
+		t.Errorf("%d requests failed while relay.connections changed:\n%s\n%s", n, first.why(), l.why())
 	}
 	if v := testutil.ToFloat64(a.Metrics().RelayConnections); v != 2 {
 		t.Errorf("ferry_agent_relay_connections = %v, want 2", v)
