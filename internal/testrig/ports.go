@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 )
 
 // StableAddr is a free loopback address for a server that must come back
@@ -15,6 +16,12 @@ import (
 // ephemeral range: a port the kernel handed out for ":0" is also one it
 // may hand to the next outgoing connection, which then holds it while
 // the server is down and the restart fails with "address already in use".
+//
+// A port is handed out once per process: it is free when checked, but
+// its server binds it later, and a second caller meanwhile (two replicas
+// of one test, each port picked at random from some 20,000: about one
+// full test run in a hundred) would get it too, and one of the two would
+// fail to start with "address already in use".
 func StableAddr() (string, error) {
 	low := ephemeralLow()
 	const floor = 10000
@@ -23,6 +30,9 @@ func StableAddr() (string, error) {
 	}
 	for range 200 {
 		port := floor + rand.IntN(low-floor)
+		if !handedOut.take(port) {
+			continue
+		}
 		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 		if err != nil {
 			continue // taken by another test or service; try another
@@ -32,6 +42,27 @@ func StableAddr() (string, error) {
 		return addr, nil
 	}
 	return "", errors.New("no free loopback port below the ephemeral range after 200 tries")
+}
+
+// handedOut is the ports StableAddr gave in this process. Package-level
+// on purpose: the ports are the process's (the machine's, in truth), not
+// any one caller's.
+var handedOut = portSet{ports: map[int]bool{}}
+
+type portSet struct {
+	mu    sync.Mutex
+	ports map[int]bool
+}
+
+// take reports whether port was not taken before, and takes it.
+func (s *portSet) take(port int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ports[port] {
+		return false
+	}
+	s.ports[port] = true
+	return true
 }
 
 // ephemeralLow is the first port the kernel uses for outgoing connections

@@ -29,3 +29,19 @@ func TestStableAddrIsBelowTheEphemeralRangeAndFree(t *testing.T) {
 		ln.Close()
 	}
 }
+
+// Two servers of one test must not get the same port: the first to bind
+// it would make the second fail to start.
+func TestStableAddrNeverRepeats(t *testing.T) {
+	seen := map[string]bool{}
+	for range 500 { // at random, a repeat in 500 of ~20,000 ports is near certain
+		addr, err := StableAddr()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[addr] {
+			t.Fatalf("StableAddr gave %s twice", addr)
+		}
+		seen[addr] = true
+	}
+}
