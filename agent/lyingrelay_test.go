@@ -346,12 +346,14 @@ func TestConnectionWelcomedDuringDrainIsDrained(t *testing.T) {
 	go up.Serve(upLn)
 	defer up.Close()
 
-	second := make(chan struct{}) // the second connection's welcome waits for it
+	second := make(chan struct{})     // the second connection's welcome waits for it
+	secondHeld := make(chan struct{}) // its hello has come
 	first := make(chan *yamux.Session, 1)
 	told := make(chan string, 1) // what the second connection heard first on its control stream
 	var welcomed atomic.Int32
 	srv, addr := serveFakeRelayHolding(t, func(n int) {
 		if n == 2 {
+			close(secondHeld)
 			<-second
 		}
 	}, func(ctrl *yamux.Stream, sess *yamux.Session) {
@@ -395,6 +397,14 @@ func TestConnectionWelcomedDuringDrainIsDrained(t *testing.T) {
 		answered <- resp.StatusCode
 	}()
 	<-arrived
+	// Both connections dialled before the drain: a slot that has not
+	// dialled by then never does (seen under load, a slow second dial).
+	select {
+	case <-secondHeld:
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("the agent's second connection did not say hello")
+	}
 	stopped := make(chan struct{})
 	go func() { stop(); close(stopped) }() // SIGTERM: the agent drains
 	time.Sleep(300 * time.Millisecond)
