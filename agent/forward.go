@@ -31,7 +31,7 @@ type upstream struct {
 	base      *url.URL
 	bases     []*url.URL // base and aliases: URLs that mean this upstream
 	proxy     *httputil.ReverseProxy
-	transport *http.Transport
+	transport *upstreamTransport
 	log       *slog.Logger
 	gate      *gate // max_concurrent_requests; shared with the same name's upstream before a reload
 }
@@ -81,7 +81,9 @@ type forward struct {
 type forwardKey struct{}
 
 // upstreamIdleConns is how many idle connections the agent keeps to each
-// upstream; each costs the upstream a socket and both ends ~40 KiB.
+// upstream for requests without a body, and as many for those with one
+// (upstreamTransport); each costs the upstream a socket and both ends
+// ~40 KiB.
 const upstreamIdleConns = 128
 
 // upstreamBodyChunk is the largest piece of a request body sent to an
@@ -103,7 +105,7 @@ func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger,
 		u.bases = append(u.bases, au)
 	}
 	dial := httpx.IdleDialer(&net.Dialer{Timeout: t.Dial, KeepAlive: 30 * time.Second}, max(t.Idle, cfg.ResponseTimeout))
-	u.transport = &http.Transport{
+	fallback := &http.Transport{
 		Proxy:       nil, // upstreams are internal; HTTPS_PROXY is for the relay only
 		DialContext: dial,
 		// https upstreams: the transport's TLS, but request bodies leave
@@ -121,6 +123,7 @@ func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger,
 		MaxResponseHeaderBytes: 64 << 10,
 		DisableCompression:     true, // pass the scanner's Accept-Encoding through as is
 	}
+	u.transport = newUpstreamTransport(fallback, base)
 	u.proxy = &httputil.ReverseProxy{
 		Rewrite:   u.rewrite,
 		Transport: u.transport,
