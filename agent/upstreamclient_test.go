@@ -124,8 +124,10 @@ func TestUpstreamRequestsShareKeptConnections(t *testing.T) {
 			w.WriteHeader(http.StatusNotModified)
 			return
 		case "/chunked":
+			w.Header().Set("Trailer", "X-Checksum")
 			io.WriteString(w, "part one,")
 			w.(http.Flusher).Flush()
+			defer w.Header().Set("X-Checksum", "abc")
 		}
 		fmt.Fprintf(w, "%s %s", r.Method, r.URL.Path)
 	}), time.Minute)
@@ -145,8 +147,8 @@ func TestUpstreamRequestsShareKeptConnections(t *testing.T) {
 	if resp, body := get(t, u, http.MethodGet, "/early"); resp.StatusCode != 200 || body != "GET /early" {
 		t.Fatalf("after 103: %d %q %v", resp.StatusCode, body, resp.Header)
 	}
-	if _, body := get(t, u, http.MethodGet, "/chunked"); body != "part one,GET /chunked" {
-		t.Fatalf("chunked body %q", body)
+	if resp, body := get(t, u, http.MethodGet, "/chunked"); body != "part one,GET /chunked" || resp.Trailer.Get("X-Checksum") != "abc" {
+		t.Fatalf("chunked body %q, trailer %v", body, resp.Trailer)
 	}
 	if opened, _ := cc.get(); opened != 1 {
 		t.Fatalf("upstream saw %d connections for 14 requests one after another, want 1", opened)
