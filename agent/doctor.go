@@ -23,6 +23,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/spool"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -94,14 +95,7 @@ func Doctor(ctx context.Context, path string, out io.Writer) bool {
 
 func (a *Agent) doctorRelay(ctx context.Context, d *doctor) {
 	u, _ := url.Parse(a.config().Relay.URL)
-	host, port := u.Hostname(), u.Port()
-	if port == "" {
-		port = "443"
-		if u.Scheme == "ws" {
-			port = "80"
-		}
-	}
-	target := net.JoinHostPort(host, port)
+	host, target := u.Hostname(), httpx.HostPort(u)
 	later := []string{"tcp", "tls", "relay"}
 	skipRest := func(from int, why string) {
 		for _, n := range later[from:] {
@@ -230,14 +224,7 @@ func doctorDial(ctx context.Context, proxy *url.URL, target string) (net.Conn, s
 		}
 		return c, fmt.Sprintf("connected to %s (%s) in %s", target, c.RemoteAddr(), time.Since(start).Round(time.Millisecond)), nil
 	}
-	paddr := proxy.Host
-	if proxy.Port() == "" {
-		port := "80"
-		if proxy.Scheme == "https" {
-			port = "443"
-		}
-		paddr = net.JoinHostPort(proxy.Hostname(), port)
-	}
+	paddr := httpx.HostPort(proxy)
 	c, err := dialer.DialContext(ctx, "tcp", paddr)
 	if err != nil {
 		return nil, "", fmt.Errorf("cannot connect to the egress proxy %s: %v", proxy.Redacted(), unwrapOp(err))

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/httpx"
 )
 
 // upstreamTransport is the agent's round tripper to one upstream. A GET
@@ -50,14 +52,7 @@ type upstreamTransport struct {
 }
 
 func newUpstreamTransport(fallback *http.Transport, base *url.URL) *upstreamTransport {
-	addr := base.Host
-	if base.Port() == "" {
-		port := "80"
-		if base.Scheme == "https" {
-			port = "443"
-		}
-		addr = net.JoinHostPort(base.Hostname(), port)
-	}
+	addr := httpx.HostPort(base)
 	dial := func(ctx context.Context) (net.Conn, error) { return fallback.DialContext(ctx, "tcp", addr) }
 	if base.Scheme == "https" {
 		dial = func(ctx context.Context) (net.Conn, error) { return fallback.DialTLSContext(ctx, "tcp", addr) }

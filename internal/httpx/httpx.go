@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -147,4 +148,17 @@ func Unpack(enc string, body io.Reader) (r io.Reader, decoded bool, err error) {
 		return zr, true, nil
 	}
 	return nil, false, ErrUnknownEncoding
+}
+
+// HostPort is u's host and port, the port defaulting by scheme: 80 for
+// http and ws, 443 for https, wss and anything else.
+func HostPort(u *url.URL) string {
+	if u.Port() != "" {
+		return u.Host
+	}
+	port := "443"
+	if u.Scheme == "http" || u.Scheme == "ws" {
+		port = "80"
+	}
+	return net.JoinHostPort(u.Hostname(), port)
 }
