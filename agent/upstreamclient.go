@@ -17,12 +17,15 @@ import (
 )
 
 // upstreamTransport is the agent's round tripper to one upstream. A GET
-// or HEAD without a body (REST calls, a clone's ref advertisement: most
-// of what scanners send) is written, and its response read, on the
-// caller's goroutine, over a connection from the transport's own
-// keep-alive pool. Everything else goes to http.Transport: a body has to
-// stream while the upstream may answer before reading it, which takes a
-// goroutine of its own anyway.
+// without a body (REST calls, a clone's ref advertisement: most of what
+// scanners send) is written, and its response read, on the caller's
+// goroutine, over a connection from the transport's own keep-alive pool.
+// Everything else goes to http.Transport: a body has to stream while the
+// upstream may answer before reading it, which takes a goroutine of its
+// own anyway; and HEAD, whose answer a faulty server follows with a body,
+// bytes that http.Transport's read loop catches arriving on an idle
+// connection where this pool, with no reader on idle connections, sees
+// only those that came with the response.
 //
 // Why: http.Transport hands every request to a write-loop goroutine and
 // its response back from a read-loop goroutine, which it wakes once more
@@ -34,8 +37,8 @@ import (
 // cut when its context ends, a connection reused only once its response
 // was read whole and nothing unasked followed, idle connections closed
 // after IdleConnTimeout, and a request that met a kept connection the
-// upstream had closed sent again on a new one (GET and HEAD are
-// idempotent; it is sent again only if nothing of a response came).
+// upstream had closed sent again on a new one (a GET is idempotent; it
+// is sent again only if nothing of a response came).
 type upstreamTransport struct {
 	fallback *http.Transport
 	// scheme and host name the upstream; requests elsewhere go to the
@@ -77,7 +80,7 @@ const maxUpstreamHead = 64 << 10
 const maxUpstream1xx = 8
 
 func (t *upstreamTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if !(req.Method == http.MethodGet || req.Method == http.MethodHead) || (req.Body != nil && req.Body != http.NoBody) ||
+	if req.Method != http.MethodGet || (req.Body != nil && req.Body != http.NoBody) ||
 		req.URL.Scheme != t.scheme || req.URL.Host != t.host {
 		return t.fallback.RoundTrip(req)
 	}

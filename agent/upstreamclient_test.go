@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -150,11 +151,12 @@ func TestUpstreamRequestsShareKeptConnections(t *testing.T) {
 	if resp, body := get(t, u, http.MethodGet, "/chunked"); body != "part one,GET /chunked" || resp.Trailer.Get("X-Checksum") != "abc" {
 		t.Fatalf("chunked body %q, trailer %v", body, resp.Trailer)
 	}
-	if opened, _ := cc.get(); opened != 1 {
-		t.Fatalf("upstream saw %d connections for 14 requests one after another, want 1", opened)
+	// The HEAD went through http.Transport, on a connection of its own.
+	if opened, _ := cc.get(); opened != 2 {
+		t.Fatalf("upstream saw %d connections for 14 requests one after another, want 2", opened)
 	}
 
-	// A body goes through http.Transport, on connections of its own.
+	// So does a body.
 	req, _ := http.NewRequest(http.MethodPost, u.cfg.URL+"/post", strings.NewReader("x"))
 	resp, err := u.transport.RoundTrip(req)
 	if err != nil {
@@ -435,6 +437,83 @@ func TestUpstreamThatMisbehavesIsNotTrusted(t *testing.T) {
 		}
 		if n := conns(); n != 3 {
 			t.Fatalf("%d connections for 3 requests, want 3", n)
+		}
+	})
+}
+
+// FuzzUpstreamReplies: whatever an upstream answers a first GET with
+// (a short or long body, a second response, stray bytes, a 1xx run, a
+// cut head), the next GET gets its own answer. A connection kept after
+// the first must not hand the next request what was left of it.
+func FuzzUpstreamReplies(f *testing.F) {
+	for _, s := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\nX-Sum: 1\r\n\r\nHTTP/1.1 200 OK\r\n",
+		"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+		"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\nfirst",
+		"HTTP/1.0 200 OK\r\n\r\nuntil the connection closes",
+		"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+		"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nfirst",
+		"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nfirst",
+		"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n",
+		"not HTTP at all",
+		"",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, first []byte) {
+		if len(first) > 2048 { // one write, taken in one read: within the client's buffer
+			return
+		}
+		// In-memory connections: a loopback listener per input would run
+		// out of ports to TIME_WAIT within seconds of fuzzing.
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		serve := func(c net.Conn) {
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for {
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				if req.URL.Path == "/first" {
+					// The whole answer, then the end of the connection:
+					// nothing waits on a body that never comes.
+					c.Write(first)
+					return
+				}
+				if _, err := io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSECOND"); err != nil {
+					return
+				}
+			}
+		}
+		fallback := &http.Transport{
+			DialContext: func(context.Context, string, string) (net.Conn, error) {
+				client, server := net.Pipe()
+				wg.Go(func() { serve(server) })
+				return client, nil
+			},
+			ResponseHeaderTimeout: 5 * time.Second,
+			IdleConnTimeout:       time.Minute,
+			MaxIdleConnsPerHost:   upstreamIdleConns,
+		}
+		base, _ := url.Parse("http://bitbucket.test")
+		u := &upstream{cfg: &config.Upstream{URL: base.String()}, transport: newUpstreamTransport(fallback, base)}
+		defer u.transport.CloseIdleConnections()
+
+		if resp, _, err := tryGet(u, http.MethodGet, "/first"); err == nil && resp.StatusCode < 200 {
+			t.Fatalf("an informational response (%d) came back as the answer", resp.StatusCode)
+		}
+		resp, body, err := tryGet(u, http.MethodGet, "/second")
+		if err != nil {
+			t.Fatalf("the second request failed after the first was answered with %q: %v", first, err)
+		}
+		if resp.StatusCode != 200 || body != "SECOND" {
+			t.Fatalf("the second request got %d %q after the first was answered with %q", resp.StatusCode, body, first)
 		}
 	})
 }
