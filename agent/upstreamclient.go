@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -101,7 +102,7 @@ func (t *upstreamTransport) RoundTrip(req *http.Request) (*http.Response, error)
 		// response byte: the request goes again. Those idle for longer
 		// are closed too: they are as likely dead. A dialled one is not
 		// retried.
-		if !c.reused || c.head.read > 0 || ctx.Err() != nil || errors.Is(err, errUpstreamHeadTimeout) {
+		if !c.reused || c.head.N > 0 || ctx.Err() != nil || errors.Is(err, errUpstreamHeadTimeout) {
 			return nil, err
 		}
 		t.closeIdleSince(c.idleSince)
@@ -151,26 +152,35 @@ func (t *upstreamTransport) closeIdleSince(since time.Time) {
 // conn takes the most recently used idle connection if kept, or dials
 // one.
 func (t *upstreamTransport) conn(ctx context.Context, kept bool) (*keptConn, error) {
+	var found *keptConn
+	var late []*keptConn // their timers have not fired yet
 	t.mu.Lock()
-	for n := len(t.idle); kept && n > 0; n = len(t.idle) {
+	for n := len(t.idle); kept && found == nil && n > 0; n = len(t.idle) {
 		c := t.idle[n-1]
 		t.idle[n-1] = nil
 		t.idle = t.idle[:n-1]
 		c.idleTimer.Stop()
 		if time.Since(c.idleSince) < t.idleTimeout {
-			t.mu.Unlock()
-			c.reused = true
-			return c, nil
+			found = c
+		} else {
+			late = append(late, c)
 		}
-		c.conn.Close() // its timer is late
 	}
 	t.mu.Unlock()
+	// Closed outside the lock: closing TLS writes an alert.
+	for _, c := range late {
+		c.conn.Close()
+	}
+	if found != nil {
+		found.reused = true
+		return found, nil
+	}
 	conn, err := t.dial(ctx)
 	if err != nil {
 		return nil, err
 	}
 	c := &keptConn{t: t, conn: conn}
-	c.head.r = conn
+	c.head.R = conn
 	c.br = bufio.NewReaderSize(&c.head, 4<<10)
 	c.bw = bufio.NewWriterSize(conn, 4<<10)
 	return c, nil
@@ -197,17 +207,15 @@ func (t *upstreamTransport) put(c *keptConn) {
 // expire closes c if it is still idle and has been for idleTimeout.
 func (t *upstreamTransport) expire(c *keptConn) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	if time.Since(c.idleSince) < t.idleTimeout {
-		return // taken and put back since the timer was set
+	i := slices.Index(t.idle, c)
+	if i < 0 || time.Since(c.idleSince) < t.idleTimeout {
+		// Taken (and perhaps put back since the timer was set).
+		t.mu.Unlock()
+		return
 	}
-	for i, ic := range t.idle {
-		if ic == c {
-			t.idle = append(t.idle[:i], t.idle[i+1:]...)
-			c.conn.Close()
-			return
-		}
-	}
+	t.idle = slices.Delete(t.idle, i, i+1)
+	t.mu.Unlock()
+	c.conn.Close()
 }
 
 // keptConn is one connection to the upstream, used by one request at a
@@ -215,7 +223,7 @@ func (t *upstreamTransport) expire(c *keptConn) {
 type keptConn struct {
 	t         *upstreamTransport
 	conn      net.Conn
-	head      countingReader
+	head      httpx.HeadLimit
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	reused    bool
@@ -266,7 +274,7 @@ func (c *keptConn) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 
-	c.head.read, c.head.limit = 0, maxUpstreamHead
+	c.head.Reset(maxUpstreamHead)
 	err := req.Write(c.bw)
 	if err == nil {
 		err = c.bw.Flush()
@@ -278,7 +286,7 @@ func (c *keptConn) roundTrip(req *http.Request) (*http.Response, error) {
 	for n := 0; ; n++ {
 		resp, err = http.ReadResponse(c.br, req)
 		if err != nil {
-			if c.head.read >= maxUpstreamHead {
+			if errors.Is(err, httpx.ErrHeadTooLarge) {
 				return fail(fmt.Errorf("upstream response head larger than %d bytes", maxUpstreamHead))
 			}
 			return fail(fmt.Errorf("read upstream response: %w", err))
@@ -297,7 +305,7 @@ func (c *keptConn) roundTrip(req *http.Request) (*http.Response, error) {
 		// The timer fired as the head arrived: the connection is closed.
 		return fail(errUpstreamHeadTimeout)
 	}
-	c.head.limit = -1
+	c.head.Lift()
 	b := &keptBody{c: c, body: resp.Body, stopCut: stopCut, keep: !resp.Close && !req.Close}
 	if resp.Body == http.NoBody {
 		b.finish(true)
@@ -343,26 +351,4 @@ func (b *keptBody) finish(ended bool) {
 		}
 		b.c.conn.Close()
 	})
-}
-
-// countingReader counts what is read through it and, while limit is not
-// negative, stops at limit.
-type countingReader struct {
-	r     io.Reader
-	read  int
-	limit int
-}
-
-func (h *countingReader) Read(p []byte) (int, error) {
-	if h.limit >= 0 {
-		if h.read >= h.limit {
-			return 0, errors.New("response head too large")
-		}
-		if len(p) > h.limit-h.read {
-			p = p[:h.limit-h.read]
-		}
-	}
-	n, err := h.r.Read(p)
-	h.read += n
-	return n, err
 }

@@ -177,7 +177,8 @@ func (t tunnelTransport) exchange(req *http.Request, rt *route, s *trackedStream
 	// The response head: bounded in time (timeouts.agent_response, as
 	// the agent has its own upstream timeout below it) and in size.
 	s.setIdle(t.r.tmo().AgentResponse)
-	head := &headLimit{r: s, left: maxResponseHead}
+	head := &httpx.HeadLimit{R: s}
+	head.Reset(maxResponseHead)
 	br, _ := t.r.replies.Get().(*bufio.Reader)
 	if br == nil {
 		br = bufio.NewReaderSize(nil, 4<<10)
@@ -191,10 +192,10 @@ func (t tunnelTransport) exchange(req *http.Request, rt *route, s *trackedStream
 			if gate != nil {
 				gate.decide(false)
 			}
-			if errors.Is(err, errHeadTooLarge) {
+			if errors.Is(err, httpx.ErrHeadTooLarge) {
 				return fail(fmt.Errorf("agent response head larger than %d bytes", maxResponseHead))
 			}
-			if pooled && head.left == maxResponseHead && req.Context().Err() == nil && !httpx.IsTimeout(err) {
+			if pooled && head.N == 0 && req.Context().Err() == nil && !httpx.IsTimeout(err) {
 				err = fmt.Errorf("%w: %v", errStaleStream, err)
 			}
 			return fail(fmt.Errorf("read agent response: %w", err))
@@ -217,7 +218,7 @@ func (t tunnelTransport) exchange(req *http.Request, rt *route, s *trackedStream
 		// A final answer before 100 Continue: the body is not wanted.
 		gate.decide(false)
 	}
-	head.lift()
+	head.Lift()
 	s.setIdle(t.r.streamIdle())
 	sb := &streamBody{ReadCloser: resp.Body, s: s, stopCut: stopCut, release: func() {
 		br.Reset(nil)
@@ -336,33 +337,6 @@ func (g *continueGate) Read(p []byte) (int, error) {
 }
 
 func (g *continueGate) Close() error { return g.body.Close() }
-
-// errHeadTooLarge: the agent's response head passed maxResponseHead.
-var errHeadTooLarge = errors.New("response head too large")
-
-// headLimit bounds what is read through it until lift.
-type headLimit struct {
-	r    io.Reader
-	left int
-	off  bool
-}
-
-func (h *headLimit) Read(p []byte) (int, error) {
-	if h.off {
-		return h.r.Read(p)
-	}
-	if h.left <= 0 {
-		return 0, errHeadTooLarge
-	}
-	if len(p) > h.left {
-		p = p[:h.left]
-	}
-	n, err := h.r.Read(p)
-	h.left -= n
-	return n, err
-}
-
-func (h *headLimit) lift() { h.off = true }
 
 func closeBody(b io.ReadCloser) {
 	if b != nil {

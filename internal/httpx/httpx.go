@@ -162,3 +162,35 @@ func HostPort(u *url.URL) string {
 	}
 	return net.JoinHostPort(u.Hostname(), port)
 }
+
+// ErrHeadTooLarge: a response head passed its HeadLimit.
+var ErrHeadTooLarge = errors.New("response head too large")
+
+// HeadLimit reads from R, counting what it read since Reset, and until
+// Lift refuses to read past the limit Reset set (ErrHeadTooLarge): a
+// response head is read through it, then its body.
+type HeadLimit struct {
+	R     io.Reader
+	N     int // bytes read since Reset
+	limit int // < 0: lifted
+}
+
+// Reset starts a new head of at most limit bytes.
+func (h *HeadLimit) Reset(limit int) { h.N, h.limit = 0, limit }
+
+// Lift ends the bound: the head has been read.
+func (h *HeadLimit) Lift() { h.limit = -1 }
+
+func (h *HeadLimit) Read(p []byte) (int, error) {
+	if h.limit >= 0 {
+		if h.N >= h.limit {
+			return 0, ErrHeadTooLarge
+		}
+		if len(p) > h.limit-h.N {
+			p = p[:h.limit-h.N]
+		}
+	}
+	n, err := h.R.Read(p)
+	h.N += n
+	return n, err
+}
