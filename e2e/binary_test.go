@@ -216,6 +216,11 @@ func TestBinariesEndToEnd(t *testing.T) {
 func TestBinariesBadConfigExit2(t *testing.T) {
 	relayBin, agentBin := binaries(t)
 	w := newWorld(t)
+	fifo := filepath.Join(w.dir, "pat.fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pat := filepath.Join(w.dir, "pat")
 	cases := []struct {
 		bin, file, body string
 		want            []string
@@ -223,9 +228,17 @@ func TestBinariesBadConfigExit2(t *testing.T) {
 		{relayBin, "relay.yaml", strings.Replace(w.relayYAML(":0"), "scanner_listen", "scanner_lisen", 1), []string{"relay.yaml:3", "scanner_lisen", "unknown field"}},
 		{agentBin, "agent.yaml", strings.Replace(w.agentYAML("127.0.0.1:1", ""), filepath.Join(w.dir, "pat"), "/nonexistent/pat", 1), []string{"agent.yaml", "upstreams[0].auth.token_file", "no such file"}},
 		{relayBin, "missing.yaml", "", []string{"missing.yaml", "cannot read"}},
+		// Paths pointed at the wrong thing fail at once instead of
+		// filling the memory (/dev/zero) or hanging (a pipe).
+		{agentBin, "zero.yaml", strings.Replace(w.agentYAML("127.0.0.1:1", ""), pat, "/dev/zero", 1), []string{"zero.yaml", "upstreams[0].auth.token_file", "/dev/zero", "is a character device, not a regular file"}},
+		{agentBin, "fifo.yaml", strings.Replace(w.agentYAML("127.0.0.1:1", ""), pat, fifo, 1), []string{"fifo.yaml", "upstreams[0].auth.token_file", "is a named pipe, not a regular file"}},
+		{relayBin, "/dev/zero", "", []string{"/dev/zero", "cannot read", "more than 16 MiB"}},
 	}
 	for _, c := range cases {
 		path := filepath.Join(w.dir, c.file)
+		if filepath.IsAbs(c.file) {
+			path = c.file
+		}
 		if c.body != "" {
 			path = w.write(c.file, c.body)
 		}

@@ -9,11 +9,15 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/readfile"
 )
+
+// maxPEM bounds a certificate chain or key file.
+const maxPEM = 1 << 20
 
 // Source is a certificate and key pair read from files.
 type Source struct {
@@ -51,11 +55,11 @@ func (s *Source) Reload() (changed bool, err error) {
 }
 
 func (s *Source) reload() (bool, error) {
-	certPEM, err := os.ReadFile(s.CertFile)
+	certPEM, err := readfile.Regular(s.CertFile, maxPEM)
 	if err != nil {
 		return false, fmt.Errorf("load certificate: %w", err)
 	}
-	keyPEM, err := os.ReadFile(s.KeyFile)
+	keyPEM, err := readfile.Regular(s.KeyFile, maxPEM)
 	if err != nil {
 		return false, fmt.Errorf("load certificate key: %w", err)
 	}

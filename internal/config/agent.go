@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/policy"
+	"github.com/ferry-tunnel/ferry/internal/readfile"
 	"github.com/ferry-tunnel/ferry/internal/secret"
 	"github.com/ferry-tunnel/ferry/proto"
 )
@@ -308,7 +309,7 @@ func loadCA(v *validator, field string, path *string) *x509.CertPool {
 		return nil
 	}
 	*path = p
-	pem, err := os.ReadFile(p)
+	pem, err := readfile.Regular(p, maxPEM)
 	if err != nil {
 		v.failf(field, "cannot read: %v", unwrapPathError(err))
 		return nil

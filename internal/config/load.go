@@ -16,6 +16,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/ferry-tunnel/ferry/internal/readfile"
 	"github.com/ferry-tunnel/ferry/internal/secret"
 )
 
@@ -170,9 +171,16 @@ func mapValue(n *yaml.Node, key string) *yaml.Node {
 	return nil
 }
 
+// maxConfig bounds a config file: thousands of tunnels and scanners take
+// a few MiB at most.
+const maxConfig = 16 << 20
+
+// maxPEM bounds a CA bundle (the system's is a few hundred KiB).
+const maxPEM = 4 << 20
+
 // readFile reads a config file, with the error already in config form.
 func readFile(path string) ([]byte, error) {
-	data, err := os.ReadFile(path)
+	data, err := readfile.Limited(path, maxConfig)
 	if err != nil {
 		return nil, &Error{File: path, Msg: fmt.Sprintf("cannot read: %v", unwrapPathError(err))}
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/readfile"
 )
 
 // Source yields the current value of one secret.
@@ -107,10 +109,10 @@ func (f *File) reloadLocked() ([]string, error) {
 	if st.ModTime().Equal(f.mod) && st.Size() == f.size && f.vals != nil {
 		return f.vals, nil
 	}
-	if st.Size() > maxSecret {
+	if st.Mode().IsRegular() && st.Size() > maxSecret {
 		return nil, f.fail(fmt.Errorf("%d bytes is too large for a credential", st.Size()))
 	}
-	b, err := os.ReadFile(f.path)
+	b, err := readfile.Regular(f.path, maxSecret)
 	if err != nil {
 		return nil, f.fail(err)
 	}

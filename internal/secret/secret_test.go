@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -41,6 +42,32 @@ func TestFileRejects(t *testing.T) {
 	}
 	if _, err := NewFile(filepath.Join(dir, "missing")); err == nil {
 		t.Error("missing file accepted")
+	}
+}
+
+// A rotation that leaves the path pointing at something that is not a
+// file (a named pipe here) fails the secret at once: the re-read neither
+// waits for a writer nor keeps the old value.
+func TestFileReplacedByPipeFails(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "tok")
+	os.WriteFile(p, []byte("first\n"), 0o600)
+	f, err := NewFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(p)
+	if err := syscall.Mkfifo(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.checked = time.Time{} // as if checkEvery passed
+	f.mu.Unlock()
+	v, err := f.Value()
+	if err == nil || v != "" || !strings.Contains(err.Error(), "is a named pipe, not a regular file") || !strings.Contains(err.Error(), p) {
+		t.Fatalf("Value after the file became a pipe = %q, %v; want an error naming the file and its kind", v, err)
+	}
+	if _, err := NewFile("/dev/zero"); err == nil || !strings.Contains(err.Error(), "character device") {
+		t.Fatalf("NewFile(/dev/zero) = %v; want refused as a device", err)
 	}
 }
 
