@@ -11,6 +11,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/readfile"
 )
 
 // Entry is one decision.
@@ -97,8 +99,15 @@ func (l *Log) open() error {
 	return nil
 }
 
-// openAt opens path for appending and says how large it is.
+// openAt opens path for appending and says how large it is. Only a
+// regular file (or none yet) is opened: rotation renames the file, and
+// opening a named pipe waits for a reader.
 func (l *Log) openAt(path string) (*os.File, int64, error) {
+	if st, err := os.Stat(path); err == nil {
+		if err := readfile.NotRegular(st.Mode()); err != nil {
+			return nil, 0, fmt.Errorf("open audit log: %s %w", path, err)
+		}
+	}
 	f, err := l.openFile(path)
 	if err != nil {
 		return nil, 0, fmt.Errorf("open audit log: %w", err)

@@ -260,6 +260,34 @@ func TestReopenFollowsAMovedFile(t *testing.T) {
 	}
 }
 
+// A path that became a named pipe (or a device) is not opened on reopen:
+// opening a pipe would wait for a reader, holding every request's audit
+// line, and rotation would rename it. The line is refused with an error
+// saying why, and the pipe stays where it was.
+func TestReopenRefusesWhatIsNotAFile(t *testing.T) {
+	l, p := openTemp(t, Options{MaxBytes: 1})
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(p, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err := l.Reopen()
+	if err == nil || !strings.Contains(err.Error(), p+" is a named pipe, not a regular file") {
+		t.Fatalf("Reopen onto a pipe: %v", err)
+	}
+	if err := l.Record(Entry{RequestID: "r1"}); err == nil || !strings.Contains(err.Error(), "named pipe") {
+		t.Fatalf("Record with the path a pipe: %v", err)
+	}
+	if st, err := os.Stat(p); err != nil || st.Mode()&os.ModeNamedPipe == 0 {
+		t.Fatalf("the pipe was moved or replaced: %v %v", st, err)
+	}
+	if s := l.State(); s.Lost == 0 {
+		t.Fatalf("the refused line is not counted as lost: %+v", s)
+	}
+	l.Close()
+}
+
 // Reconfigure (a reload) moves the log to a new path, or changes how it
 // rotates; a path that cannot be opened changes nothing.
 func TestReconfigure(t *testing.T) {

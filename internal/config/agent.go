@@ -197,6 +197,12 @@ func (c *Agent) validate(v *validator) {
 		var err error
 		if c.Audit.Path, err = ExpandCredentialsDir(c.Audit.Path); err != nil {
 			v.failf("audit.path", "%v", err)
+		} else if st, err := os.Stat(c.Audit.Path); err == nil {
+			// The log rotates by renaming: a device or a named pipe
+			// there would be renamed, and a pipe blocks its opening.
+			if err := readfile.NotRegular(st.Mode()); err != nil {
+				v.failf("audit.path", "%s %v (\"-\" writes the lines to standard output)", c.Audit.Path, err)
+			}
 		}
 	}
 	switch {

@@ -34,8 +34,8 @@ func Regular(path string, limit int64) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !st.Mode().IsRegular() {
-		return nil, &fs.PathError{Op: "read", Path: path, Err: notRegular(st.Mode())}
+	if err := NotRegular(st.Mode()); err != nil {
+		return nil, &fs.PathError{Op: "read", Path: path, Err: err}
 	}
 	return readAtMost(f, path, limit)
 }
@@ -63,9 +63,13 @@ func readAtMost(r io.Reader, path string, limit int64) ([]byte, error) {
 	return b, nil
 }
 
-func notRegular(m fs.FileMode) error {
+// NotRegular says what a file of mode m is when it is not a regular file,
+// for an error; nil for a regular file.
+func NotRegular(m fs.FileMode) error {
 	var kind string
 	switch {
+	case m.IsRegular():
+		return nil
 	case m.IsDir():
 		kind = "a directory"
 	case m&fs.ModeNamedPipe != 0:
