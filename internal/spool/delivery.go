@@ -33,6 +33,10 @@ const (
 	MaxMeta = 256 << 10
 	// MaxBody bounds a body the decoder accepts.
 	MaxBody = 64 << 20
+	// maxFile bounds a spool file as read: what Encode can write. A
+	// larger one (or anything but a regular file) found in the spool is
+	// quarantined unread.
+	maxFile = int64(len(magic) + MaxMeta + 1 + MaxBody)
 )
 
 type meta struct {

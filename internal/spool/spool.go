@@ -22,6 +22,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/readfile"
 )
 
 // ErrFull is returned by Put when the spool's limits are reached.
@@ -131,7 +133,7 @@ func (s *Spool) load(name string) (*Entry, error) {
 	if !ok {
 		return nil, errors.New("file name is not <seq>-<id>.delivery")
 	}
-	data, err := os.ReadFile(filepath.Join(s.dir, name))
+	data, err := readfile.Regular(filepath.Join(s.dir, name), maxFile)
 	if err != nil {
 		return nil, err
 	}
@@ -249,7 +251,7 @@ func syncDir(dir string) error {
 // Read returns the delivery for a spooled entry. A file that no longer
 // decodes is quarantined and reported as an error.
 func (s *Spool) Read(e Entry) (Delivery, error) {
-	data, err := os.ReadFile(filepath.Join(s.dir, e.name))
+	data, err := readfile.Regular(filepath.Join(s.dir, e.name), maxFile)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			s.forget(e.ID)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -126,6 +127,12 @@ func TestCorruptFilesAreQuarantinedAndTheRestKept(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(dir, "00000000000000ff-wh-x.delivery.tmp"), []byte("half"), 0o600)
+	// Something that is not a file where a delivery would be: quarantined
+	// unread (reading a named pipe would hang the agent's start).
+	pipe := "00000000000000fe-wh-p.delivery"
+	if err := syscall.Mkfifo(filepath.Join(dir, pipe), 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	s2, entries, err := Open(dir, Limits{MaxBytes: 1 << 20, MaxCount: 100}, quiet())
 	if err != nil {
@@ -135,8 +142,15 @@ func TestCorruptFilesAreQuarantinedAndTheRestKept(t *testing.T) {
 		t.Fatalf("entries after corruption: %+v", entries)
 	}
 	st := s2.Stats()
-	if st.Quarantined != 1 || len(st.RecentQuarantine) != 1 || !strings.Contains(st.RecentQuarantine[0].Reason, "metadata") {
+	reasons := ""
+	for _, q := range st.RecentQuarantine {
+		reasons += q.Reason + "; "
+	}
+	if st.Quarantined != 2 || !strings.Contains(reasons, "metadata") || !strings.Contains(reasons, "is a named pipe, not a regular file") {
 		t.Fatalf("quarantine not reported: %+v", st)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, quarantineDir, pipe)); err != nil {
+		t.Fatalf("the pipe was not moved to quarantine: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, quarantineDir, bad.name)); err != nil {
 		t.Fatalf("corrupt file not kept in quarantine: %v", err)
@@ -152,7 +166,7 @@ func TestCorruptFilesAreQuarantinedAndTheRestKept(t *testing.T) {
 	if _, err := s2.Read(entries[1]); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("read of damaged file: %v", err)
 	}
-	if st := s2.Stats(); st.Spooled != 1 || st.Quarantined != 2 {
+	if st := s2.Stats(); st.Spooled != 1 || st.Quarantined != 3 {
 		t.Fatalf("after read-time quarantine: %+v", st)
 	}
 	d, err := s2.Read(entries[0])
