@@ -51,6 +51,12 @@ func TestDoctorPassesOnAHealthySetup(t *testing.T) {
 		!strings.Contains(line(out, "audit log"), "MiB free") {
 		t.Errorf("doctor output lacks detail:\n%s", out)
 	}
+	// An audit log sent to a device: written, never rotated, no disk to
+	// judge.
+	ok, out = runDoctor(t, w, strings.Replace(w.agentYAML(r.AgentAddr(), ""), filepath.Join(w.dir, "audit.jsonl"), os.DevNull, 1))
+	if l := line(out, "audit log"); !ok || l != "✓ audit log              "+os.DevNull+" is a device: the lines are written to it, never rotated" {
+		t.Errorf("audit log to %s: %q\n%s", os.DevNull, l, out)
+	}
 }
 
 func TestDoctorDiagnoses(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"sync"
 	"time"
@@ -65,6 +66,7 @@ type Log struct {
 	w           io.Writer // nil while the file could not be opened: tried again at the next line
 	f           *os.File  // nil for stdout
 	size        int64
+	rotatable   bool      // a regular file: rotated by size (not a device, nor stdout)
 	torn        bool      // the file ends in part of a line that could not be taken back
 	rotateAfter time.Time // a failed rotation is not tried again before then
 	closed      bool
@@ -91,33 +93,47 @@ func Open(o Options) (*Log, error) {
 }
 
 func (l *Log) open() error {
-	f, size, err := l.openAt(l.opts.Path)
+	f, size, rotatable, err := l.openAt(l.opts.Path)
 	if err != nil {
 		return err
 	}
-	l.f, l.w, l.size, l.torn = f, f, size, false
+	l.f, l.w, l.size, l.rotatable, l.torn = f, f, size, rotatable, false
 	return nil
 }
 
-// openAt opens path for appending and says how large it is. Only a
-// regular file (or none yet) is opened: rotation renames the file, and
-// opening a named pipe waits for a reader.
-func (l *Log) openAt(path string) (*os.File, int64, error) {
-	if st, err := os.Stat(path); err == nil {
-		if err := readfile.NotRegular(st.Mode()); err != nil {
-			return nil, 0, fmt.Errorf("open audit log: %s %w", path, err)
-		}
-	}
-	f, err := l.openFile(path)
+// CheckPath says why path cannot take the audit log; nil if it can: a
+// regular file (or none yet), or a character device such as /dev/null,
+// which is written to but never rotated (rotation renames the file). A
+// named pipe would hold the opening until it had a reader, and with it
+// every request's line; a directory, a socket or a block device is no
+// log.
+func CheckPath(path string) error {
+	st, err := os.Stat(path)
 	if err != nil {
-		return nil, 0, fmt.Errorf("open audit log: %w", err)
+		return nil // opening creates it, or says why it cannot
+	}
+	if m := st.Mode(); !m.IsRegular() && m&fs.ModeCharDevice == 0 {
+		return fmt.Errorf("%s %w", path, readfile.NotRegular(m))
+	}
+	return nil
+}
+
+// openAt opens path for appending and says how large it is, and whether
+// it is a file that rotates (not a device).
+func (l *Log) openAt(path string) (f *os.File, size int64, rotatable bool, err error) {
+	if err := CheckPath(path); err != nil {
+		return nil, 0, false, fmt.Errorf("open audit log: %w", err)
+	}
+	f, err = l.openFile(path)
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("open audit log: %w", err)
 	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, 0, fmt.Errorf("open audit log: %w", err)
+		return nil, 0, false, fmt.Errorf("open audit log: %w", err)
 	}
-	return f, st.Size(), nil
+	return f, st.Size(), st.Mode().IsRegular(), nil
 }
 
 // Reconfigure puts o in force (a config reload). A new path is opened
@@ -136,9 +152,10 @@ func (l *Log) Reconfigure(o Options) error {
 		var f *os.File
 		var w io.Writer = os.Stdout
 		var size int64
+		var rotatable bool
 		if o.Path != "-" {
 			var err error
-			if f, size, err = l.openAt(o.Path); err != nil {
+			if f, size, rotatable, err = l.openAt(o.Path); err != nil {
 				return err
 			}
 			w = f
@@ -146,7 +163,7 @@ func (l *Log) Reconfigure(o Options) error {
 		if l.f != nil {
 			l.f.Close()
 		}
-		l.f, l.w, l.size, l.torn, l.rotateAfter = f, w, size, false, time.Time{}
+		l.f, l.w, l.size, l.rotatable, l.torn, l.rotateAfter = f, w, size, rotatable, false, time.Time{}
 		l.state.Path = o.Path
 	}
 	l.opts = o
@@ -193,7 +210,7 @@ func (l *Log) write(b []byte) error {
 			return err
 		}
 	}
-	if l.f != nil && l.opts.MaxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.opts.MaxBytes && !time.Now().Before(l.rotateAfter) {
+	if l.f != nil && l.rotatable && l.opts.MaxBytes > 0 && l.size > 0 && l.size+int64(len(b)) > l.opts.MaxBytes && !time.Now().Before(l.rotateAfter) {
 		if err := l.rotate(); err != nil {
 			// Nothing was lost: the line goes on the current file, past
 			// the limit, and rotation waits a while.

@@ -260,6 +260,33 @@ func TestReopenFollowsAMovedFile(t *testing.T) {
 	}
 }
 
+// A character device (/dev/null for no audit trail, say) takes the lines
+// and is never rotated: rotating renames, and a device node is not the
+// log's to move.
+func TestDeviceIsWrittenNeverRotated(t *testing.T) {
+	l, err := Open(Options{Path: os.DevNull, MaxBytes: 1, Keep: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var moves []string
+	l.moveAside = func(from, to string) error {
+		moves = append(moves, from)
+		return syscall.EPERM // never really move a device node
+	}
+	for i := range 3 {
+		if err := l.Record(Entry{RequestID: fmt.Sprint("r", i)}); err != nil {
+			t.Fatalf("line %d to %s: %v", i, os.DevNull, err)
+		}
+	}
+	if len(moves) != 0 {
+		t.Fatalf("tried to rotate %v", moves)
+	}
+	if s := l.State(); s.Written != 3 || s.Lost != 0 {
+		t.Fatalf("state: %+v", s)
+	}
+}
+
 // A path that became a named pipe (or a device) is not opened on reopen:
 // opening a pipe would wait for a reader, holding every request's audit
 // line, and rotation would rename it. The line is refused with an error

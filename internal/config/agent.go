@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ferry-tunnel/ferry/internal/audit"
 	"github.com/ferry-tunnel/ferry/internal/policy"
 	"github.com/ferry-tunnel/ferry/internal/readfile"
 	"github.com/ferry-tunnel/ferry/internal/secret"
@@ -197,12 +198,8 @@ func (c *Agent) validate(v *validator) {
 		var err error
 		if c.Audit.Path, err = ExpandCredentialsDir(c.Audit.Path); err != nil {
 			v.failf("audit.path", "%v", err)
-		} else if st, err := os.Stat(c.Audit.Path); err == nil {
-			// The log rotates by renaming: a device or a named pipe
-			// there would be renamed, and a pipe blocks its opening.
-			if err := readfile.NotRegular(st.Mode()); err != nil {
-				v.failf("audit.path", "%s %v (\"-\" writes the lines to standard output)", c.Audit.Path, err)
-			}
+		} else if err := audit.CheckPath(c.Audit.Path); err != nil {
+			v.failf("audit.path", "%v (\"-\" writes the lines to standard output)", err)
 		}
 	}
 	switch {

@@ -198,7 +198,7 @@ func TestAgentErrors(t *testing.T) {
 		{"webhooks tls unloadable", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, tls: {cert_file: /etc/hostname, key_file: /etc/hostname}}\n", []string{"webhooks.tls", "cannot load certificate"}},
 		{"webhooks secret", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, secret_file: /nonexistent/s}\n", []string{"webhooks.secret_file"}},
 		{"webhooks lanes", base + "webhooks: {listen: \":8181\", spool_dir: /tmp/x, lanes: 100}\n", []string{"webhooks.lanes", "1-16"}},
-		{"audit to a device", base + "audit: {path: /dev/null}\n", []string{"audit.path", "/dev/null is a character device, not a regular file", `"-" writes the lines to standard output`}},
+		{"audit to a directory", base + "audit: {path: " + dir + "}\n", []string{"audit.path", dir + " is a directory, not a regular file", `"-" writes the lines to standard output`}},
 		{"ca bundle a directory", strings.Replace(base, "profile:", "ca_file: /etc\n    profile:", 1), []string{"upstreams[0].ca_file", "is a directory, not a regular file"}},
 		{"pat a device", strings.Replace(base, "${CREDENTIALS_DIRECTORY}/pat", "/dev/zero", 1), []string{"upstreams[0].auth.token_file", "/dev/zero: is a character device"}},
 	}
