@@ -143,6 +143,12 @@ func (u *upstream) rewriteLFSBatch(resp *http.Response, public string) error {
 		for name, a := range actions {
 			act, _ := a.(map[string]any)
 			href, _ := act["href"].(string)
+			if href == "" {
+				// Not an action git-lfs could follow (not an object, or
+				// no href): dropped, as the agent cannot vouch for it.
+				delete(actions, name)
+				continue
+			}
 			nv, ours := u.rewriteURL(href, public)
 			if !ours {
 				delete(actions, name) // an action elsewhere cannot go through the tunnel
