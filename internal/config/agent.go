@@ -312,7 +312,7 @@ func loadCA(v *validator, field string, path *string) *x509.CertPool {
 		return nil
 	}
 	*path = p
-	pem, err := readfile.Regular(p, maxPEM)
+	pem, err := readfile.Regular(p, maxCABundle)
 	if err != nil {
 		v.failf(field, "cannot read: %v", unwrapPathError(err))
 		return nil

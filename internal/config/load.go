@@ -175,8 +175,8 @@ func mapValue(n *yaml.Node, key string) *yaml.Node {
 // a few MiB at most.
 const maxConfig = 16 << 20
 
-// maxPEM bounds a CA bundle (the system's is a few hundred KiB).
-const maxPEM = 4 << 20
+// maxCABundle bounds a CA bundle (the system's is a few hundred KiB).
+const maxCABundle = 4 << 20
 
 // readFile reads a config file, with the error already in config form.
 func readFile(path string) ([]byte, error) {
