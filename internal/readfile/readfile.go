@@ -22,9 +22,16 @@ var ErrTooLarge = errors.New("file too large")
 // pipe, is refused without reading it: these files are read again when
 // they change, which only a regular file can be.
 func Regular(path string, limit int64) ([]byte, error) {
-	// Non-blocking, so that opening a named pipe does not wait for a
-	// writer before the check below refuses it. A regular file's reads
-	// ignore the flag.
+	// Judged before opening: opening a device may do something (a tape
+	// rewinds), and opening a named pipe waits for a writer.
+	if st, err := os.Stat(path); err == nil {
+		if err := NotRegular(st.Mode()); err != nil {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		}
+	}
+	// And again once open, in case the path changed in between:
+	// non-blocking, so that a pipe put there meanwhile is refused rather
+	// than waited on. A regular file's reads ignore the flag.
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
