@@ -384,19 +384,14 @@ func doctorAudit(d *doctor, c *config.Audit) {
 		return
 	}
 	const hint = "the agent's user must be able to create and append to audit.path (LogsDirectory= under systemd)"
-	if st, err := os.Stat(c.Path); err == nil && st.Mode()&fs.ModeCharDevice != 0 {
+	if f, err := os.OpenFile(c.Path, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+		st, err := f.Stat()
+		f.Close()
 		// Config validation refused the other kinds that are not files.
-		f, err := os.OpenFile(c.Path, os.O_WRONLY|os.O_APPEND, 0)
-		if err != nil {
-			d.fail("audit log", err.Error(), hint)
+		if err == nil && st.Mode()&fs.ModeCharDevice != 0 {
+			d.pass("audit log", "%s is a device: the lines are written to it, never rotated", c.Path)
 			return
 		}
-		f.Close()
-		d.pass("audit log", "%s is a device: the lines are written to it, never rotated", c.Path)
-		return
-	}
-	if f, err := os.OpenFile(c.Path, os.O_WRONLY|os.O_APPEND, 0); err == nil {
-		f.Close()
 	} else if !errors.Is(err, os.ErrNotExist) {
 		d.fail("audit log", err.Error(), hint)
 		return
