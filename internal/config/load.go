@@ -41,8 +41,31 @@ func (e *Error) Error() string {
 	}
 	b.WriteString(": ")
 	b.WriteString(e.Msg)
+	return oneLine(b.String())
+}
+
+// oneLine escapes control characters, so that a value quoted from the file
+// (a YAML error quotes the text it could not read) cannot break the
+// message over lines or write escape sequences to the operator's terminal.
+func oneLine(s string) string {
+	if !strings.ContainsFunc(s, isControl) {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r == '\n':
+			b.WriteString(`\n`)
+		case isControl(r):
+			fmt.Fprintf(&b, `\x%02x`, r)
+		default:
+			b.WriteRune(r)
+		}
+	}
 	return b.String()
 }
+
+func isControl(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f || r >= 0x80 && r < 0xa0 }
 
 // IsConfigError reports whether err is (or wraps) a configuration error.
 func IsConfigError(err error) bool {
@@ -100,6 +123,7 @@ var (
 )
 
 func parseTypeError(file, msg string) *Error {
+	msg = oneLine(msg) // before matching: a quoted value may hold a newline
 	if m := unknownFieldRE.FindStringSubmatch(msg); m != nil {
 		line, _ := strconv.Atoi(m[1])
 		return &Error{File: file, Line: line, Field: m[2], Msg: "unknown field (check spelling and indentation)"}
