@@ -437,8 +437,12 @@ func (l *lane) pop() {
 // retryAfter parses a Retry-After in seconds, capped; 0 if absent.
 func retryAfter(h http.Header) time.Duration {
 	s, err := strconv.Atoi(h.Get("Retry-After"))
-	if err != nil || s <= 0 {
+	const most = 5 * time.Minute
+	switch {
+	case err != nil || s <= 0:
 		return 0
+	case s >= int(most/time.Second): // before multiplying: a huge value would wrap
+		return most
 	}
-	return min(time.Duration(s)*time.Second, 5*time.Minute)
+	return time.Duration(s) * time.Second
 }

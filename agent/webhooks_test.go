@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
@@ -111,6 +112,29 @@ func TestRepoOf(t *testing.T) {
 	for body, want := range cases {
 		if got := repoOf([]byte(body)); got != want {
 			t.Errorf("repoOf(%.40s…) = %q, want %q", body, got, want)
+		}
+	}
+}
+
+// A relay's Retry-After is obeyed up to five minutes, whatever it says.
+func TestRetryAfterIsBounded(t *testing.T) {
+	for v, want := range map[string]time.Duration{
+		"":                     0,
+		"soon":                 0,
+		"-3":                   0,
+		"0":                    0,
+		"7":                    7 * time.Second,
+		"300":                  5 * time.Minute,
+		"86400":                5 * time.Minute,
+		"9223372036854775807":  5 * time.Minute, // wrapped negative when multiplied
+		"18446744073709551617": 0,               // not an int: ignored
+	} {
+		h := http.Header{}
+		if v != "" {
+			h.Set("Retry-After", v)
+		}
+		if got := retryAfter(h); got != want {
+			t.Errorf("Retry-After %q: waits %v, want %v", v, got, want)
 		}
 	}
 }
