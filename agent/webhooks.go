@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -173,6 +174,13 @@ func (w *webhooks) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		st := w.spool.Stats()
 		w.refuse(rw, log, http.StatusServiceUnavailable, "spool_full",
 			fmt.Sprintf("webhook spool is full (%d deliveries, %d bytes; limits %d, %d): the cloud target has not been reachable; retry later", st.Spooled, st.Bytes, st.MaxCount, st.MaxBytes))
+		return
+	case errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT):
+		// Like a full spool: nothing was stored, and room may come back.
+		log.Error("cannot spool webhook delivery: the spool's disk is full; answering 503", "err", err)
+		w.metrics.WebhookRefused.WithLabelValues("disk_full").Inc()
+		rw.Header().Set("Retry-After", "60")
+		http.Error(rw, "the agent's webhook spool disk is full; retry later", http.StatusServiceUnavailable)
 		return
 	case err != nil:
 		log.Error("cannot spool webhook delivery; answering 500 so the sender retries", "err", err)

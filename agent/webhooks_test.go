@@ -138,3 +138,28 @@ func TestRetryAfterIsBounded(t *testing.T) {
 		}
 	}
 }
+
+// When the spool's disk is full, Bitbucket is told to come back (503 and
+// Retry-After, as for a full spool), not that the delivery is broken; once
+// there is room the next delivery is taken.
+func TestWebhookOnFullDiskAnswers503(t *testing.T) {
+	disk := testrig.SmallDisk(t, 256<<10)
+	w := newTestWebhooks(t, config.Webhooks{SpoolDir: filepath.Join(disk, "spool"), MaxBodyKB: 64, SpoolMaxCount: 10})
+	if rec := post(w, "", testrig.RefsChangedPayload("PROJ", "app", 1)); rec.Code != http.StatusAccepted {
+		t.Fatalf("first delivery: %d %s", rec.Code, rec.Body)
+	}
+	filler := testrig.FillDisk(t, disk)
+	rec := post(w, "", testrig.RefsChangedPayload("PROJ", "app", 2))
+	if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" || !strings.Contains(rec.Body.String(), "disk is full") {
+		t.Fatalf("delivery on a full disk answered %d %q (Retry-After %q); want 503 saying the disk is full", rec.Code, rec.Body, rec.Header().Get("Retry-After"))
+	}
+	if st := w.spool.Stats(); st.Spooled != 1 {
+		t.Fatalf("spool counts %d deliveries, want the 1 accepted", st.Spooled)
+	}
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if rec := post(w, "", testrig.RefsChangedPayload("PROJ", "app", 2)); rec.Code != http.StatusAccepted {
+		t.Fatalf("delivery once there is room: %d %s", rec.Code, rec.Body)
+	}
+}

@@ -227,16 +227,22 @@ func (s *Spool) write(name string, data []byte) error {
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(s.dir, name))
-	}
-	if err == nil {
-		err = syncDir(s.dir)
-	}
 	if err != nil {
 		os.Remove(tmp)
+		return err
 	}
-	return err
+	final := filepath.Join(s.dir, name)
+	if err := os.Rename(tmp, final); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := syncDir(s.dir); err != nil {
+		// The sender is told to retry, so the file must not stay for the
+		// next start to deliver as well (nor outside this spool's count).
+		os.Remove(final)
+		return err
+	}
+	return nil
 }
 
 func syncDir(dir string) error {
