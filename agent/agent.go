@@ -19,6 +19,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/audit"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/statuspage"
 	"github.com/ferry-tunnel/ferry/internal/version"
@@ -155,9 +156,9 @@ func (a *Agent) Serve(ctx context.Context) error {
 		// the relay closes those it no longer needs (relay/pool.go).
 		ReadHeaderTimeout: 30 * time.Second,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(a.log.Handler(), slog.LevelDebug),
+		ErrorLog:          logging.ServerErrorLog(a.log),
 	}
-	diagSrv := &http.Server{Handler: a.diagHandler(), ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10}
+	diagSrv := &http.Server{Handler: a.diagHandler(), ReadHeaderTimeout: 5 * time.Second, MaxHeaderBytes: 16 << 10, ErrorLog: logging.ServerErrorLog(a.log)}
 	errc := make(chan error, 2)
 	go func() { errc <- tunnelSrv.Serve(a.streams) }()
 	go func() { errc <- diagSrv.Serve(a.diagLn) }()

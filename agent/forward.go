@@ -20,6 +20,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/policy"
 	"github.com/ferry-tunnel/ferry/proto"
@@ -132,7 +133,7 @@ func newUpstream(cfg *config.Upstream, t config.AgentTimeouts, log *slog.Logger,
 		BufferPool:     pool,
 		ErrorHandler:   u.proxyError,
 		ModifyResponse: u.modifyResponse,
-		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ErrorLog:       logging.ServerErrorLog(log),
 	}
 	return u, nil
 }

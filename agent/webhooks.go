@@ -26,6 +26,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/certfile"
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/secret"
 	"github.com/ferry-tunnel/ferry/internal/spool"
@@ -315,7 +316,7 @@ func (w *webhooks) status() *WebhookStatus {
 // serve runs the listener and the lanes until ctx ends.
 func (w *webhooks) serve(ctx context.Context, a *Agent) {
 	srv := &http.Server{Handler: w, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, MaxHeaderBytes: 64 << 10,
-		ErrorLog: slog.NewLogLogger(w.log.Handler(), slog.LevelDebug)}
+		ErrorLog: logging.ServerErrorLog(w.log)}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {

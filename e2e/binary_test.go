@@ -121,6 +121,32 @@ func (p *proc) waitLog(msg string) map[string]any {
 	return nil
 }
 
+// findLog waits up to wait for a log line that match accepts.
+func (p *proc) findLog(match func(map[string]any) bool, wait time.Duration) map[string]any {
+	deadline := time.Now().Add(wait)
+	for {
+		p.mu.Lock()
+		for _, m := range p.logs {
+			if match(m) {
+				p.mu.Unlock()
+				return m
+			}
+		}
+		p.mu.Unlock()
+		if time.Now().After(deadline) {
+			return nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// rawLog is everything the process wrote to stderr so far.
+func (p *proc) rawLog() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.raw, "\n")
+}
+
 // signal sends sig and waits up to 40 s for the exit; it returns the exit code.
 func (p *proc) signal(sig syscall.Signal) int {
 	p.t.Helper()

@@ -23,6 +23,7 @@ import (
 	"github.com/ferry-tunnel/ferry/internal/config"
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/registry"
 	"github.com/ferry-tunnel/ferry/internal/statuspage"
@@ -372,7 +373,7 @@ func (r *Relay) newServer(h http.Handler, maxHeader int) *http.Server {
 		ReadHeaderTimeout: r.cfg.Timeouts.HeaderRead,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    maxHeader,
-		ErrorLog:          slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
+		ErrorLog:          logging.ServerErrorLog(r.log),
 	}
 }
 

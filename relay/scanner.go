@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math"
 	"net/http"
 	"net/http/httputil"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/ferry-tunnel/ferry/internal/httperr"
 	"github.com/ferry-tunnel/ferry/internal/httpx"
+	"github.com/ferry-tunnel/ferry/internal/logging"
 	"github.com/ferry-tunnel/ferry/internal/metrics"
 	"github.com/ferry-tunnel/ferry/internal/policy"
 	"github.com/ferry-tunnel/ferry/internal/token"
@@ -87,7 +87,7 @@ func (r *Relay) newProxy() *httputil.ReverseProxy {
 			resp.Header.Del(httperr.RequestIDHeader) // the relay set its own, same value
 			return nil
 		},
-		ErrorLog: slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
+		ErrorLog: logging.ServerErrorLog(r.log),
 	}
 }
 

@@ -2,7 +2,9 @@
 package logging
 
 import (
+	"context"
 	"io"
+	"log"
 	"log/slog"
 	"strings"
 
@@ -31,3 +33,28 @@ func NewLeveled(w io.Writer, c config.Log) (*slog.Logger, *slog.LevelVar) {
 
 // Discard is a logger that drops everything, for tests that do not read logs.
 func Discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// ServerErrorLog is the ErrorLog for an http.Server or a ReverseProxy.
+// Most of what net/http reports there is about one peer (a failed TLS
+// handshake from a port scanner, a client gone mid-body) and goes out at
+// debug level; what the operator must see is raised: a listener that
+// cannot accept (out of file descriptors) and a handler's panic at error,
+// a handler's misuse of its ResponseWriter at warn.
+func ServerErrorLog(l *slog.Logger) *log.Logger {
+	return log.New(serverErrorWriter{l}, "", 0)
+}
+
+type serverErrorWriter struct{ l *slog.Logger }
+
+func (w serverErrorWriter) Write(p []byte) (int, error) {
+	msg := strings.TrimSuffix(string(p), "\n")
+	level := slog.LevelDebug
+	switch {
+	case strings.HasPrefix(msg, "http: Accept error"), strings.HasPrefix(msg, "http: panic serving"):
+		level = slog.LevelError
+	case strings.HasPrefix(msg, "http: superfluous"), strings.HasPrefix(msg, "http: response.Write on hijacked"):
+		level = slog.LevelWarn
+	}
+	w.l.Log(context.Background(), level, msg)
+	return len(p), nil
+}
