@@ -1,40 +1,27 @@
 package logging
 
 import (
-	"bytes"
 	"crypto/tls"
 	"encoding/json"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
 	"github.com/ferry-tunnel/ferry/internal/config"
+	"github.com/ferry-tunnel/ferry/internal/testrig"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) lines() []map[string]any {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// lines are the JSON log lines written to buf so far.
+func lines(buf *testrig.LogBuffer) []map[string]any {
 	var out []map[string]any
-	for _, l := range strings.Split(strings.TrimSpace(s.b.String()), "\n") {
+	for _, l := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
 		var m map[string]any
 		if json.Unmarshal([]byte(l), &m) == nil {
 			out = append(out, m)
@@ -46,7 +33,7 @@ func (s *syncBuffer) lines() []map[string]any {
 // What net/http reports about one peer stays at debug; a handler's panic
 // reaches an info-level log, at error.
 func TestServerErrorLogLevels(t *testing.T) {
-	var buf syncBuffer
+	var buf testrig.LogBuffer
 	log := New(&buf, config.Log{Level: "info"})
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/panic" {
@@ -74,9 +61,9 @@ func TestServerErrorLogLevels(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		lines := buf.lines()
+		got := lines(&buf)
 		var panicLine map[string]any
-		for _, m := range lines {
+		for _, m := range got {
 			msg, _ := m["msg"].(string)
 			if strings.Contains(msg, "TLS handshake error") {
 				t.Fatalf("a peer's handshake error reached the info log: %v", m)
@@ -92,7 +79,7 @@ func TestServerErrorLogLevels(t *testing.T) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no panic line in the log: %v", lines)
+			t.Fatalf("no panic line in the log: %v", got)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
