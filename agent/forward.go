@@ -14,6 +14,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/ferry-tunnel/ferry/internal/audit"
@@ -189,7 +190,12 @@ func (u *upstream) proxyError(w http.ResponseWriter, r *http.Request, err error)
 		httperr.Respond(w, r, http.StatusGatewayTimeout, httperr.UpstreamTimeout, "upstream "+u.cfg.Name+" did not answer in time")
 		return
 	}
-	u.log.Warn("upstream request failed", "request_id", rid, "err", err)
+	if outOfDescriptors(err) {
+		// The agent's own limit, not the upstream: say so loudly.
+		u.log.Error("upstream request failed: the agent is out of file descriptors (raise LimitNOFILE)", "request_id", rid, "err", err)
+	} else {
+		u.log.Warn("upstream request failed", "request_id", rid, "err", err)
+	}
 	httperr.Respond(w, r, http.StatusBadGateway, httperr.UpstreamError, "upstream "+u.cfg.Name+": "+classify(err)+" (details in the agent log)")
 }
 
@@ -201,6 +207,8 @@ func classify(err error) string {
 	var op *net.OpError
 	var dns *net.DNSError
 	switch {
+	case outOfDescriptors(err):
+		return "the agent is out of file descriptors"
 	case errors.Is(err, errOffHostRedirect):
 		return "it redirected to another host, which ferry does not follow"
 	case errors.As(err, &cv), errors.As(err, &ua), errors.As(err, &hn):
@@ -211,6 +219,12 @@ func classify(err error) string {
 		return "cannot connect"
 	}
 	return "request failed"
+}
+
+// outOfDescriptors: the process or the system has no file descriptor
+// left for a new connection.
+func outOfDescriptors(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
 }
 
 // ServeHTTP serves one request arriving through the tunnel: judge it,
