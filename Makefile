@@ -34,17 +34,7 @@ soak: deps build
 
 # Longer fuzzing of every decoder and the path normaliser.
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzReadHeader$$' -fuzztime $(FUZZTIME) ./proto
-	$(GO) test -run '^$$' -fuzz '^FuzzReadMessage$$' -fuzztime $(FUZZTIME) ./proto
-	$(GO) test -run '^$$' -fuzz '^FuzzParseFieldValue$$' -fuzztime $(FUZZTIME) ./proto
-	$(GO) test -run '^$$' -fuzz '^FuzzFrameWatch$$' -fuzztime $(FUZZTIME) ./proto
-	$(GO) test -run '^$$' -fuzz '^FuzzNormalizePath$$' -fuzztime $(FUZZTIME) ./internal/policy
-	$(GO) test -run '^$$' -fuzz '^FuzzReceivePackCommands$$' -fuzztime $(FUZZTIME) ./internal/policy
-	$(GO) test -run '^$$' -fuzz '^FuzzCheckBody$$' -fuzztime $(FUZZTIME) ./internal/policy
-	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./internal/spool
-	$(GO) test -run '^$$' -fuzz '^FuzzParseConfig$$' -fuzztime $(FUZZTIME) ./internal/config
-	$(GO) test -run '^$$' -fuzz '^FuzzUpstreamReplies$$' -fuzztime $(FUZZTIME) ./agent
-	$(GO) test -run '^$$' -fuzz '^FuzzRewriteLFSBatch$$' -fuzztime $(FUZZTIME) ./agent
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME)
 
 lint:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
