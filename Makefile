@@ -50,6 +50,7 @@ deps:
 	command -v tinyproxy >/dev/null || missing="$$missing tinyproxy"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v prlimit >/dev/null || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
