@@ -264,6 +264,7 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	entry := audit.Entry{RequestID: rid, Scanner: hdr.Scanner, Upstream: hdr.Upstream, Method: r.Method, Decision: "deny"}
 	defer func() {
+		rec.SendIfComplete() // the answer before the log and audit lines
 		took := time.Since(start)
 		entry.Time, entry.Status, entry.Bytes = start.UTC(), rec.StatusCode(), rec.Bytes
 		entry.DurationMS = took.Milliseconds()

@@ -194,11 +194,17 @@ func (w *world) startRelay(agentAddr string) (*relay.Relay, *running) {
 
 func (w *world) startRelayYAML(yaml string) (*relay.Relay, *running) {
 	w.t.Helper()
+	return w.startRelayLogged(yaml, testLog(w.t))
+}
+
+// startRelayLogged runs a relay on yaml that logs to out.
+func (w *world) startRelayLogged(yaml string, out io.Writer) (*relay.Relay, *running) {
+	w.t.Helper()
 	cfg, err := config.ParseRelay(filepath.Join(w.dir, "relay.yaml"), []byte(yaml))
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	r, err := relay.New(cfg, logging.New(testLog(w.t), cfg.Log).With("side", "relay"))
+	r, err := relay.New(cfg, logging.New(out, cfg.Log).With("side", "relay"))
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -220,11 +226,17 @@ func (w *world) startAgent(relayAddr, extra string) (*agent.Agent, *running) {
 // world's agent.yaml, which Reload re-reads.
 func (w *world) startAgentYAML(yaml string) (*agent.Agent, *running) {
 	w.t.Helper()
+	return w.startAgentLogged(yaml, testLog(w.t))
+}
+
+// startAgentLogged runs an agent on yaml that logs to out.
+func (w *world) startAgentLogged(yaml string, out io.Writer) (*agent.Agent, *running) {
+	w.t.Helper()
 	cfg, err := config.ParseAgent(filepath.Join(w.dir, "agent.yaml"), []byte(yaml))
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	a, err := agent.New(cfg, logging.New(testLog(w.t), cfg.Log).With("side", "agent"))
+	a, err := agent.New(cfg, logging.New(out, cfg.Log).With("side", "agent"))
 	if err != nil {
 		w.t.Fatal(err)
 	}

@@ -280,6 +280,7 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 	// announced: path segments are the scanner's to choose.
 	mTunnel, mUpstream := "-", "-"
 	defer func() {
+		rec.SendIfComplete() // the answer before the log line
 		status, took := rec.StatusCode(), time.Since(start)
 		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
 			"method", req.Method, "path", pathOnly(req.RequestURI), "status", status, "bytes", rec.Bytes,

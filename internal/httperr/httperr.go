@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strconv"
 
 	"github.com/ferry-tunnel/ferry/internal/httpx"
 )
@@ -47,9 +48,13 @@ func Write(w http.ResponseWriter, status int, code, msg string) {
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
 	h.Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
 	b, _ := json.Marshal(Body{Error: code, Message: msg, RequestID: h.Get(RequestIDHeader)})
-	w.Write(append(b, '\n'))
+	b = append(b, '\n')
+	// Declared, so the answer can leave before the log line (see
+	// httpx.Recorder.SendIfComplete).
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	w.Write(b)
 }
 
 // Respond writes an error in the form the client reads best: plain text
@@ -61,8 +66,10 @@ func Respond(w http.ResponseWriter, r *http.Request, status int, code, msg strin
 		h := w.Header()
 		h.Set("Content-Type", "text/plain; charset=utf-8")
 		h.Set("Cache-Control", "no-store")
+		b := fmt.Appendf(nil, "ferry: %s: %s (request %s)\n", code, msg, h.Get(RequestIDHeader))
+		h.Set("Content-Length", strconv.Itoa(len(b)))
 		w.WriteHeader(status)
-		fmt.Fprintf(w, "ferry: %s: %s (request %s)\n", code, msg, h.Get(RequestIDHeader))
+		w.Write(b)
 		return
 	}
 	Write(w, status, code, msg)

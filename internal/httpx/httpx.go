@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,9 +23,10 @@ type Recorder struct {
 	Bytes  int64
 }
 
-// WriteHeader implements http.ResponseWriter.
+// WriteHeader implements http.ResponseWriter. Informational answers
+// (103 Early Hints, which ReverseProxy passes on) are not the status.
 func (r *Recorder) WriteHeader(code int) {
-	if r.Status == 0 {
+	if r.Status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
 		r.Status = code
 	}
 	r.ResponseWriter.WriteHeader(code)
@@ -51,6 +53,32 @@ func (r *Recorder) StatusCode() int {
 
 // Unwrap lets http.ResponseController reach the underlying writer.
 func (r *Recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// SendIfComplete sends the response on its way at once if the handler has
+// written all of it: its declared Content-Length reached, or a status
+// without a body. The daemons call it before they write a request's log
+// and audit lines, which otherwise go first: net/http sends a small
+// response only when the handler returns. So a log destination that is
+// slow (journald under load, a pipe nobody drains) never holds up an
+// answer that is ready, and a line's write is off the request's path.
+// A response of undeclared length is left alone: sent early, it would be
+// chunked, where net/http would give it a Content-Length.
+func (r *Recorder) SendIfComplete() {
+	if r.complete() {
+		http.NewResponseController(r.ResponseWriter).Flush() // an error: the client left
+	}
+}
+
+func (r *Recorder) complete() bool {
+	switch r.Status {
+	case 0, http.StatusSwitchingProtocols:
+		return false
+	case http.StatusNoContent, http.StatusNotModified:
+		return true
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(r.Header().Get("Content-Length")), 10, 64)
+	return err == nil && n == r.Bytes
+}
 
 // BufferPool hands httputil.ReverseProxy reusable copy buffers, so
 // streaming a large body allocates nothing per chunk.
