@@ -60,7 +60,8 @@ func (r *Recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
 // and audit lines, which otherwise go first: net/http sends a small
 // response only when the handler returns. So a log destination that is
 // slow (journald under load, a pipe nobody drains) never holds up an
-// answer that is ready, and a line's write is off the request's path.
+// answer that is ready. (It does not make a request cheaper: the line is
+// still formatted and written, by the same goroutine, just later.)
 // A response of undeclared length is left alone: sent early, it would be
 // chunked, where net/http would give it a Content-Length.
 func (r *Recorder) SendIfComplete() {
