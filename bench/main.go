@@ -889,6 +889,9 @@ func (s *setup) restartRelay() error {
 }
 
 func printTable(rs []Result) {
+	if idle := cpuIdle(); idle != "" {
+		fmt.Printf("\nidle CPUs: %s\n", idle)
+	}
 	fmt.Printf("\n%-58s %12s %12s %8s %-18s %s\n", "workload", "direct", "ferry", "ratio", "target", "")
 	for _, r := range rs {
 		d, ratio := "", ""
@@ -906,6 +909,33 @@ func printTable(rs []Result) {
 	}
 }
 
+// cpuIdle says how this machine's idle CPUs wait for work: in a VM whose
+// guest halts an idle vCPU at once (the haltpoll driver with no polling),
+// waking it again costs tens of µs, and a request through ferry wakes
+// CPUs six times to direct's two, which shows in the latency rows (see
+// README, Performance). Empty where Linux does not say.
+func cpuIdle() string {
+	read := func(path string) string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return ""
+		}
+		return strings.TrimSpace(string(b))
+	}
+	driver := read("/sys/devices/system/cpu/cpuidle/current_driver")
+	if driver == "" {
+		return ""
+	}
+	s := "driver " + driver
+	if g := read("/sys/devices/system/cpu/cpuidle/current_governor"); g != "" {
+		s += ", governor " + g
+	}
+	if ns := read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"); ns != "" {
+		s += ", guest_halt_poll_ns " + ns
+	}
+	return s
+}
+
 func writeJSON(path string, rs []Result, env []string) error {
 	commit, _ := exec.Command("git", "rev-parse", "HEAD").Output()
 	cpu := ""
@@ -920,7 +950,7 @@ func writeJSON(path string, rs []Result, env []string) error {
 	doc := map[string]any{
 		"time":    time.Now().UTC().Format(time.RFC3339),
 		"commit":  strings.TrimSpace(string(commit)),
-		"machine": map[string]any{"cpus": runtime.NumCPU(), "cpu": cpu, "go": runtime.Version(), "os": runtime.GOOS + "/" + runtime.GOARCH},
+		"machine": map[string]any{"cpus": runtime.NumCPU(), "cpu": cpu, "go": runtime.Version(), "os": runtime.GOOS + "/" + runtime.GOARCH, "cpuidle": cpuIdle()},
 		"results": rs,
 	}
 	if len(env) > 0 {
