@@ -909,11 +909,12 @@ func printTable(rs []Result) {
 	}
 }
 
-// cpuIdle says how this machine's idle CPUs wait for work: in a VM whose
+// cpuIdle says how this machine's idle CPUs wait for work. In a VM whose
 // guest halts an idle vCPU at once (the haltpoll driver with no polling),
-// waking it again costs tens of µs, and a request through ferry wakes
-// CPUs six times to direct's two, which shows in the latency rows (see
-// README, Performance). Empty where Linux does not say.
+// a wake-up that lands on a halted vCPU waits for it to come back (15–25
+// µs where it was measured), and a request through ferry wakes a process
+// six times to direct's two: it shows in the latency rows (README,
+// Performance). Empty where Linux does not say.
 func cpuIdle() string {
 	read := func(path string) string {
 		b, err := os.ReadFile(path)
