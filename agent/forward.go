@@ -264,11 +264,15 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	entry := audit.Entry{RequestID: rid, Scanner: hdr.Scanner, Upstream: hdr.Upstream, Method: r.Method, Decision: "deny"}
 	defer func() {
-		rec.SendIfComplete() // the answer before the log and audit lines
 		took := time.Since(start)
 		entry.Time, entry.Status, entry.Bytes = start.UTC(), rec.StatusCode(), rec.Bytes
 		entry.DurationMS = took.Milliseconds()
-		a.record(entry, took, in.N())
+		// Counted before the answer leaves, so a scanner holding its
+		// answer finds it in /metrics and on the status page; logged and
+		// audited after, so a slow log destination never holds it up.
+		a.count(entry, took, in.N())
+		rec.SendIfComplete()
+		a.logAndAudit(entry)
 	}()
 
 	rawPath, rawQuery, _ := strings.Cut(r.RequestURI, "?")
@@ -402,7 +406,9 @@ func writeRefusal(w http.ResponseWriter, r *http.Request, status int, reason str
 	httperr.Respond(w, r, status, code, reason)
 }
 
-func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
+// count adds a finished request to the metrics and the status page's
+// figures: memory only, nothing that can wait.
+func (a *Agent) count(e audit.Entry, took time.Duration, bytesIn int64) {
 	up := "-" // the relay names the upstream: only configured names become labels
 	if a.upstreams().byName[e.Upstream] != nil {
 		up = e.Upstream
@@ -418,11 +424,15 @@ func (a *Agent) record(e audit.Entry, took time.Duration, bytesIn int64) {
 		shown.Path = httpx.Truncate(e.Path, 200)
 		a.denials.Add(shown)
 	}
+	a.stats.record(e)
+}
+
+// logAndAudit writes a finished request's log line and audit record.
+func (a *Agent) logAndAudit(e audit.Entry) {
 	a.log.Info("request", "request_id", e.RequestID, "scanner", e.Scanner, "upstream", e.Upstream, "method", e.Method,
 		"path", e.Path, "decision", e.Decision, "rule", e.Rule, "status", e.Status, "bytes", e.Bytes, "duration_ms", e.DurationMS)
 	if err := a.audit.Record(e); err != nil {
-		m.AuditLost.Inc()
+		a.metrics.AuditLost.Inc()
 		a.log.Error("audit log write failed; this decision is not in the audit log", "request_id", e.RequestID, "err", err)
 	}
-	a.stats.record(e)
 }

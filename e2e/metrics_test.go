@@ -22,7 +22,9 @@ func TestMetricsAfterRealTraffic(t *testing.T) {
 	e.do("GET", e.scannerBase+"/rest/api/1.0/projects", "fry_wrong", nil, nil)
 	e.do("GET", "http://"+e.relay.ScannerAddr()+"/t/no-such-tunnel-"+strings.Repeat("x", 20)+"/bitbucket/", scannerToken, nil, nil)
 
-	rm, am := e.relay.Metrics(), e.agent.Metrics()
+	rm, am, st := e.relay.Metrics(), e.agent.Metrics(), e.agent.Status().Requests
+	// Requests are counted before their answers leave: a scrape right
+	// after an answer has it, no waiting.
 	checks := []struct {
 		name      string
 		got, want float64
@@ -32,19 +34,23 @@ func TestMetricsAfterRealTraffic(t *testing.T) {
 		{"relay unknown tunnel under '-'", testutil.ToFloat64(rm.Requests.WithLabelValues("-", "-", "read", "404")), 1},
 		{"relay scanner auth failures", testutil.ToFloat64(rm.AuthFailures.WithLabelValues("scanner")), 1},
 		{"relay agent connections", testutil.ToFloat64(rm.AgentConnections.WithLabelValues(tunnelID)), 2},
-		{"relay streams in flight at rest", testutil.ToFloat64(rm.StreamsInFlight.WithLabelValues(tunnelID)), 0},
 		{"agent allowed reads", testutil.ToFloat64(am.Requests.WithLabelValues("bitbucket", "read", "200", "allow")), 3},
 		// The push and GET admin/users (a read the read profile does not list).
 		{"agent default-deny", testutil.ToFloat64(am.PolicyDenials.WithLabelValues("bitbucket", "default-deny")), 2},
 		{"agent never:admin", testutil.ToFloat64(am.PolicyDenials.WithLabelValues("bitbucket", "never:admin")), 0},
 		{"agent relay connections", testutil.ToFloat64(am.RelayConnections), 2},
-		{"agent streams in flight at rest", testutil.ToFloat64(am.StreamsInFlight), 0},
+		{"agent status page's requests", float64(st.Total), 5},
+		{"agent status page's denials", float64(st.Denied), 2},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
 			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
 		}
 	}
+	// A stream is done with a moment after its answer has left.
+	waitFor(t, "no streams in flight", func() bool {
+		return testutil.ToFloat64(rm.StreamsInFlight.WithLabelValues(tunnelID)) == 0 && testutil.ToFloat64(am.StreamsInFlight) == 0
+	})
 	if n := testutil.ToFloat64(am.Bytes.WithLabelValues("bitbucket", "to_relay")); n <= 0 {
 		t.Errorf("agent bytes to_relay = %v", n)
 	}

@@ -280,11 +280,10 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 	// announced: path segments are the scanner's to choose.
 	mTunnel, mUpstream := "-", "-"
 	defer func() {
-		rec.SendIfComplete() // the answer before the log line
+		// Counted before the answer leaves, so a scanner holding its
+		// answer finds it in /metrics and on the status page; logged
+		// after, so a slow log destination never holds it up.
 		status, took := rec.StatusCode(), time.Since(start)
-		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
-			"method", req.Method, "path", pathOnly(req.RequestURI), "status", status, "bytes", rec.Bytes,
-			"duration_ms", took.Milliseconds(), "via", via)
 		r.requests.Add(1)
 		if status >= 400 {
 			if status >= 500 {
@@ -303,6 +302,10 @@ func (r *Relay) serveTunnelRequest(w http.ResponseWriter, req *http.Request, pee
 		m.RequestDuration.WithLabelValues(mTunnel).Observe(took.Seconds())
 		m.Bytes.WithLabelValues(mTunnel, "to_agent").Add(float64(in.N()))
 		m.Bytes.WithLabelValues(mTunnel, "to_scanner").Add(float64(rec.Bytes))
+		rec.SendIfComplete()
+		r.log.Info("scanner request", "request_id", rid, "scanner", scanner, "tunnel", tunnelID, "upstream", upstream,
+			"method", req.Method, "path", pathOnly(req.RequestURI), "status", status, "bytes", rec.Bytes,
+			"duration_ms", took.Milliseconds(), "via", via)
 	}()
 
 	if len(req.RequestURI) > maxRequestURI {
