@@ -13,7 +13,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -47,6 +46,8 @@ type setup struct {
 	dir                 string
 	pki                 *testrig.PKI
 	upstream            string // https://127.0.0.1:port
+	upstreamCmd         *exec.Cmd
+	upstreamIn          io.WriteCloser // closing it stops the upstream
 	pat                 string
 	scannerTok          string
 	agentTok            string
@@ -97,6 +98,13 @@ func (e *envFlag) Set(v string) error {
 }
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == upstreamFlag {
+		if err := serveUpstream(os.Args[2]); err != nil {
+			fmt.Fprintln(os.Stderr, "bench upstream:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	bin := flag.String("bin", "bin", "directory with ferry-relay and ferry-agent")
 	out := flag.String("out", "bench/results.json", "where to write the results")
 	size := flag.Int64("size", 1<<30, "bytes for the download and upload workloads")
@@ -220,36 +228,10 @@ func start(bin string, pprof bool, env []string) (_ *setup, err error) {
 	if s.pki, err = testrig.NewPKI(s.dir); err != nil {
 		return nil, err
 	}
-	s.pat = "bench-pat"
-	bb := &testrig.Bitbucket{GitRoot: filepath.Join(s.dir, "git"), Token: s.pat, User: "svc-bench"}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /bench/blob", func(w http.ResponseWriter, r *http.Request) {
-		n, _ := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
-		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
-		io.CopyBuffer(w, &repeatReader{left: n}, make([]byte, 256<<10))
-	})
-	mux.HandleFunc("POST /bench/sink", func(w http.ResponseWriter, r *http.Request) {
-		n, _ := io.CopyBuffer(io.Discard, r.Body, make([]byte, 256<<10))
-		fmt.Fprintf(w, "%d\n", n)
-	})
-	mux.HandleFunc("GET /bench/slow", func(w http.ResponseWriter, r *http.Request) {
-		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
-		select {
-		case <-time.After(time.Duration(ms) * time.Millisecond):
-			w.Write([]byte("slow\n"))
-		case <-r.Context().Done():
-		}
-	})
-	small := []byte(strings.Repeat("x", 100))
-	mux.HandleFunc("GET /bench/small", func(w http.ResponseWriter, r *http.Request) { w.Write(small) })
-	mux.Handle("/", bb)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
+	s.pat = benchPAT
+	if err := s.startUpstream(); err != nil {
 		return nil, err
 	}
-	srv := &http.Server{Handler: mux, TLSConfig: s.pki.ServerTLS(), ReadHeaderTimeout: 10 * time.Second}
-	go srv.ServeTLS(ln, "", "")
-	s.upstream = "https://" + ln.Addr().String()
 
 	s.agentTok, _ = token.Generate()
 	s.scannerTok, _ = token.Generate()
@@ -380,6 +362,10 @@ func (s *setup) stop() {
 			c.Wait()
 		}
 	}
+	if s.upstreamIn != nil {
+		s.upstreamIn.Close()
+		s.upstreamCmd.Wait()
+	}
 	os.RemoveAll(s.dir)
 }
 
@@ -473,10 +459,10 @@ type costMeter struct {
 // measure starts measuring a run with client c; the returned func ends
 // it.
 func (m *costMeter) measure(c *http.Client) (end func()) {
-	self0 := procCPU(os.Getpid())
+	self0 := m.s.clientAndUpstreamCPU()
 	if c != m.s.viaFerry {
 		return func() {
-			m.selfDirect += procCPU(os.Getpid()) - self0
+			m.selfDirect += m.s.clientAndUpstreamCPU() - self0
 			m.runsDirect++
 		}
 	}
@@ -484,7 +470,7 @@ func (m *costMeter) measure(c *http.Client) (end func()) {
 	relay0, agent0 := m.s.daemonCPU()
 	ra0, aa0 := metric(m.s.adminAddr, allocated), metric(m.s.diagAddr, allocated)
 	return func() {
-		m.selfFerry += procCPU(os.Getpid()) - self0
+		m.selfFerry += m.s.clientAndUpstreamCPU() - self0
 		relay1, agent1 := m.s.daemonCPU()
 		m.relay, m.agent, m.runs = m.relay+relay1-relay0, m.agent+agent1-agent0, m.runs+1
 		m.relayAlloc += metric(m.s.adminAddr, allocated) - ra0
@@ -671,6 +657,12 @@ func (s *setup) latency(n int) (Result, Result, error) {
 // processes have used so far.
 func (s *setup) daemonCPU() (relay, agent time.Duration) {
 	return procCPU(s.relay.Process.Pid), procCPU(s.agent.Process.Pid)
+}
+
+// clientAndUpstreamCPU is the CPU time the bench process (the client) and
+// the upstream have used so far.
+func (s *setup) clientAndUpstreamCPU() time.Duration {
+	return procCPU(os.Getpid()) + procCPU(s.upstreamCmd.Process.Pid)
 }
 
 // procCPU reads a process's utime and stime from /proc, in clock ticks of

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"bufio"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ferry-tunnel/ferry/internal/testrig"
+)
+
+// benchPAT is the upstream's token, which the agent adds.
+const benchPAT = "bench-pat"
+
+// upstreamFlag, as the bench's first argument, makes it the upstream: a
+// process of its own, as Bitbucket is, so that the direct client does
+// not share a Go runtime with the server it measures (in one process a
+// request and its answer cross between goroutines, never between
+// processes, which no real deployment has). The next argument is the
+// bench's directory, with the certificate and the git repositories.
+const upstreamFlag = "-serve-upstream"
+
+// startUpstream runs the upstream as a child process and learns its
+// address from the child's first line of output.
+func (s *setup) startUpstream() error {
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find the bench binary: %w", err)
+	}
+	s.upstreamCmd = exec.Command(self, upstreamFlag, s.dir)
+	s.upstreamCmd.Stderr = os.Stderr
+	out, err := s.upstreamCmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	// The child stops when its stdin closes: when the bench exits, even
+	// if it is killed.
+	if s.upstreamIn, err = s.upstreamCmd.StdinPipe(); err != nil {
+		return err
+	}
+	if err := s.upstreamCmd.Start(); err != nil {
+		return fmt.Errorf("start the upstream: %w", err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	addr, ok := strings.CutPrefix(strings.TrimSpace(line), "listening ")
+	if err != nil || !ok {
+		return fmt.Errorf("upstream did not start (read %q: %v)", line, err)
+	}
+	s.upstream = "https://" + addr
+	return nil
+}
+
+// serveUpstream is the child's main: the bench's endpoints and a
+// Bitbucket stand-in over TLS, until stdin closes.
+func serveUpstream(dir string) error {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
+	if err != nil {
+		return fmt.Errorf("load the certificate: %w", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: upstreamMux(filepath.Join(dir, "git")), ReadHeaderTimeout: 10 * time.Second,
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeTLS(ln, "", "") }()
+	fmt.Printf("listening %s\n", ln.Addr())
+	go func() { io.Copy(io.Discard, os.Stdin); srv.Close() }()
+	if err := <-done; err != http.ErrServerClosed {
+		return err
+	}
+	return nil
+}
+
+func upstreamMux(gitRoot string) *http.ServeMux {
+	bb := &testrig.Bitbucket{GitRoot: gitRoot, Token: benchPAT, User: "svc-bench"}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /bench/blob", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+		io.CopyBuffer(w, &repeatReader{left: n}, make([]byte, 256<<10))
+	})
+	mux.HandleFunc("POST /bench/sink", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.CopyBuffer(io.Discard, r.Body, make([]byte, 256<<10))
+		fmt.Fprintf(w, "%d\n", n)
+	})
+	mux.HandleFunc("GET /bench/slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+			w.Write([]byte("slow\n"))
+		case <-r.Context().Done():
+		}
+	})
+	small := []byte(strings.Repeat("x", 100))
+	mux.HandleFunc("GET /bench/small", func(w http.ResponseWriter, r *http.Request) { w.Write(small) })
+	mux.Handle("/", bb)
+	return mux
+}
