@@ -98,8 +98,8 @@ func (e *envFlag) Set(v string) error {
 }
 
 func main() {
-	if len(os.Args) == 3 && os.Args[1] == upstreamFlag {
-		if err := serveUpstream(os.Args[2]); err != nil {
+	if len(os.Args) == 5 && os.Args[1] == upstreamFlag {
+		if err := serveUpstream(os.Args[2], os.Args[3], os.Args[4]); err != nil {
 			fmt.Fprintln(os.Stderr, "bench upstream:", err)
 			os.Exit(1)
 		}
@@ -684,7 +684,7 @@ func procCPU(pid int) time.Duration {
 
 func (s *setup) cloneBench(n, mib int) (Result, error) {
 	name := fmt.Sprintf("%d parallel git clones, %d MiB repo", n, mib)
-	if err := makeRepo(filepath.Join(s.dir, "git"), "big/repo.git", mib); err != nil {
+	if err := makeRepo(s.gitRoot(), "big/repo.git", mib); err != nil {
 		return Result{Workload: name}, err
 	}
 	run := func(url, tok string, extra ...string) (float64, error) {

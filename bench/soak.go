@@ -156,7 +156,7 @@ func (s *setup) soak(dur time.Duration) ([]Result, error) {
 	fail := func(err error) ([]Result, error) {
 		return []Result{{Workload: "soak"}}, err
 	}
-	if err := makeRepo(filepath.Join(s.dir, "git"), "soak/repo.git", 4); err != nil {
+	if err := makeRepo(s.gitRoot(), "soak/repo.git", 4); err != nil {
 		return fail(err)
 	}
 	fmt.Fprintf(os.Stderr, "bench: soak: warm-up, then %v quiet\n", soakQuiet)

@@ -24,8 +24,8 @@ const benchPAT = "bench-pat"
 // process of its own, as Bitbucket is, so that the direct client does
 // not share a Go runtime with the server it measures (in one process a
 // request and its answer cross between goroutines, never between
-// processes, which no real deployment has). The next argument is the
-// bench's directory, with the certificate and the git repositories.
+// processes, which no real deployment has). The next arguments are the
+// certificate's and key's files and the git repositories' directory.
 const upstreamFlag = "-serve-upstream"
 
 // startUpstream runs the upstream as a child process and learns its
@@ -35,7 +35,7 @@ func (s *setup) startUpstream() error {
 	if err != nil {
 		return fmt.Errorf("find the bench binary: %w", err)
 	}
-	s.upstreamCmd = exec.Command(self, upstreamFlag, s.dir)
+	s.upstreamCmd = exec.Command(self, upstreamFlag, s.pki.CertFile, s.pki.KeyFile, s.gitRoot())
 	s.upstreamCmd.Stderr = os.Stderr
 	out, err := s.upstreamCmd.StdoutPipe()
 	if err != nil {
@@ -60,8 +60,8 @@ func (s *setup) startUpstream() error {
 
 // serveUpstream is the child's main: the bench's endpoints and a
 // Bitbucket stand-in over TLS, until stdin closes.
-func serveUpstream(dir string) error {
-	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
+func serveUpstream(certFile, keyFile, gitRoot string) error {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
 		return fmt.Errorf("load the certificate: %w", err)
 	}
@@ -69,7 +69,7 @@ func serveUpstream(dir string) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: upstreamMux(filepath.Join(dir, "git")), ReadHeaderTimeout: 10 * time.Second,
+	srv := &http.Server{Handler: upstreamMux(gitRoot), ReadHeaderTimeout: 10 * time.Second,
 		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTLS(ln, "", "") }()
@@ -106,3 +106,6 @@ func upstreamMux(gitRoot string) *http.ServeMux {
 	mux.Handle("/", bb)
 	return mux
 }
+
+// gitRoot is where the upstream serves git repositories from.
+func (s *setup) gitRoot() string { return filepath.Join(s.dir, "git") }
