@@ -46,8 +46,7 @@ type setup struct {
 	dir                 string
 	pki                 *testrig.PKI
 	upstream            string // https://127.0.0.1:port
-	upstreamCmd         *exec.Cmd
-	upstreamIn          io.WriteCloser // closing it stops the upstream
+	upstreamProc        *child
 	pat                 string
 	scannerTok          string
 	agentTok            string
@@ -98,6 +97,13 @@ func (e *envFlag) Set(v string) error {
 }
 
 func main() {
+	if len(os.Args) == 7 && os.Args[1] == referenceFlag {
+		if err := serveReference(os.Args[2], os.Args[3], os.Args[4], os.Args[5], os.Args[6]); err != nil {
+			fmt.Fprintln(os.Stderr, "bench reference tunnel:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) == 5 && os.Args[1] == upstreamFlag {
 		if err := serveUpstream(os.Args[2], os.Args[3], os.Args[4]); err != nil {
 			fmt.Fprintln(os.Stderr, "bench upstream:", err)
@@ -115,7 +121,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "alternating direct/ferry runs of each throughput workload; the median is reported")
 	var env envFlag
 	flag.Var(&env, "env", "NAME=value added to the relay's and agent's environment, e.g. GOMAXPROCS=1 (repeatable): to try runtime settings on this machine")
-	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,clones,rss,relay-memory,restart,soak); default all but soak")
+	only := flag.String("only", "", "comma-separated workloads to run (download,upload,gets,latency,references,clones,rss,relay-memory,restart,soak); default all but soak")
 	soak := flag.Duration("soak", 5*time.Minute, "traffic time of the soak workload (which adds about 4 minutes of warm-up and quiet)")
 	flag.Parse()
 	named := func(name string) bool { return slices.Contains(strings.Split(*only, ","), name) }
@@ -154,6 +160,14 @@ func main() {
 		add(lat50, err)
 		add(lat99, err)
 	}
+	var refs []Reference
+	if want("references") {
+		var err error
+		if refs, err = s.references(64, 5*time.Second, 2000); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: reference tunnels:", err)
+		}
+		fmt.Fprintf(os.Stderr, "  done: reference tunnels\n")
+	}
 	if want("clones") {
 		add(s.cloneBench(*clones, *repoMiB))
 	}
@@ -176,11 +190,12 @@ func main() {
 		add(s.relayMemoryPerAgent(*agents, *rounds))
 	}
 	printTable(results)
+	printReferences(refs, results)
 	if *only != "" {
 		fmt.Println("\n(partial run: bench/results.json not written)")
 		return
 	}
-	if err := writeJSON(*out, results, env); err != nil {
+	if err := writeJSON(*out, results, refs, env); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -362,10 +377,7 @@ func (s *setup) stop() {
 			c.Wait()
 		}
 	}
-	if s.upstreamIn != nil {
-		s.upstreamIn.Close()
-		s.upstreamCmd.Wait()
-	}
+	s.upstreamProc.stop()
 	os.RemoveAll(s.dir)
 }
 
@@ -551,42 +563,74 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 	cost := &costMeter{s: s}
 	var served int64 // through ferry
 	d, f, err := s.both(func(c *http.Client, url func(string) string) (float64, error) {
-		var n, bad atomic.Int64
 		defer cost.measure(c)()
+		rate, n, err := s.load(c, url("/bench/small"), workers, dur)
 		if c == s.viaFerry {
-			defer func() { served += n.Load() + bad.Load() }()
+			served += n
 		}
-		stop := time.Now().Add(dur)
-		var wg sync.WaitGroup
-		for i := 0; i < workers; i++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for time.Now().Before(stop) {
-					resp, err := s.do(c, "GET", url("/bench/small"), nil, -1)
-					if err != nil {
-						bad.Add(1)
-						continue
-					}
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode == 200 {
-						n.Add(1)
-					} else {
-						bad.Add(1)
-					}
-				}
-			}()
-		}
-		wg.Wait()
-		if bad.Load() > 0 {
-			return 0, fmt.Errorf("%d requests failed", bad.Load())
-		}
-		return float64(n.Load()) / dur.Seconds(), nil
+		return rate, err
 	})
 	r := ratio(fmt.Sprintf("small GETs, %d concurrent", workers), "req/s", d, f, 0.35)
 	r.Note = cost.perRequest(served)
 	return r, err
+}
+
+// load runs workers clients, each sending small GETs to url one after
+// another for dur: the rate of answers a second, and the requests sent.
+// Any request that fails or is not a 200 fails the run.
+func (s *setup) load(c *http.Client, url string, workers int, dur time.Duration) (float64, int64, error) {
+	var n, bad atomic.Int64
+	stop := time.Now().Add(dur)
+	var wg sync.WaitGroup
+	for i := 0; i < workers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) {
+				resp, err := s.do(c, "GET", url, nil, -1)
+				if err != nil {
+					bad.Add(1)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					n.Add(1)
+				} else {
+					bad.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	sent := n.Load() + bad.Load()
+	if bad.Load() > 0 {
+		return 0, sent, fmt.Errorf("%d requests failed", bad.Load())
+	}
+	return float64(n.Load()) / dur.Seconds(), sent, nil
+}
+
+// sequential times n GETs of url, one at a time, after 50 of warm-up;
+// each must answer want. The times come sorted.
+func (s *setup) sequential(c *http.Client, url string, n, want int) ([]time.Duration, error) {
+	out := make([]time.Duration, 0, n)
+	for i := 0; i < n+50; i++ {
+		start := time.Now()
+		resp, err := s.do(c, "GET", url, nil, -1)
+		if err != nil {
+			return nil, err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			return nil, fmt.Errorf("GET %s: status %d, want %d", url, resp.StatusCode, want)
+		}
+		if i >= 50 {
+			out = append(out, time.Since(start))
+		}
+	}
+	slices.Sort(out)
+	return out, nil
 }
 
 // latency measures n sequential small GETs direct and through ferry. The
@@ -599,24 +643,7 @@ func (s *setup) smallGETs(workers int, dur time.Duration) (Result, error) {
 // beside the figures under load.
 func (s *setup) latency(n int) (Result, Result, error) {
 	measure := func(c *http.Client, url string, want int) ([]time.Duration, error) {
-		out := make([]time.Duration, 0, n)
-		for i := 0; i < n+50; i++ {
-			start := time.Now()
-			resp, err := s.do(c, "GET", url, nil, -1)
-			if err != nil {
-				return nil, err
-			}
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != want {
-				return nil, fmt.Errorf("GET %s: status %d, want %d", url, resp.StatusCode, want)
-			}
-			if i >= 50 { // warm-up
-				out = append(out, time.Since(start))
-			}
-		}
-		slices.Sort(out)
-		return out, nil
+		return s.sequential(c, url, n, want)
 	}
 	fail := func(err error) (Result, Result, error) {
 		return Result{Workload: "latency p50"}, Result{Workload: "latency p99"}, err
@@ -662,7 +689,7 @@ func (s *setup) daemonCPU() (relay, agent time.Duration) {
 // clientAndUpstreamCPU is the CPU time the bench process (the client) and
 // the upstream have used so far.
 func (s *setup) clientAndUpstreamCPU() time.Duration {
-	return procCPU(os.Getpid()) + procCPU(s.upstreamCmd.Process.Pid)
+	return procCPU(os.Getpid()) + procCPU(s.upstreamProc.pid())
 }
 
 // procCPU reads a process's utime and stime from /proc, in clock ticks of
@@ -929,7 +956,7 @@ func cpuIdle() string {
 	return s
 }
 
-func writeJSON(path string, rs []Result, env []string) error {
+func writeJSON(path string, rs []Result, refs []Reference, env []string) error {
 	commit, _ := exec.Command("git", "rev-parse", "HEAD").Output()
 	cpu := ""
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
@@ -945,6 +972,9 @@ func writeJSON(path string, rs []Result, env []string) error {
 		"commit":  strings.TrimSpace(string(commit)),
 		"machine": map[string]any{"cpus": runtime.NumCPU(), "cpu": cpu, "go": runtime.Version(), "os": runtime.GOOS + "/" + runtime.GOARCH, "cpuidle": cpuIdle()},
 		"results": rs,
+	}
+	if len(refs) > 0 {
+		doc["references"] = refs // not ferry: the scale of this machine
 	}
 	if len(env) > 0 {
 		doc["daemon_env"] = env // figures of a tuned run, not the defaults

@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -28,33 +25,14 @@ const benchPAT = "bench-pat"
 // certificate's and key's files and the git repositories' directory.
 const upstreamFlag = "-serve-upstream"
 
-// startUpstream runs the upstream as a child process and learns its
-// address from the child's first line of output.
+// startUpstream runs the upstream as a child process.
 func (s *setup) startUpstream() error {
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("find the bench binary: %w", err)
-	}
-	s.upstreamCmd = exec.Command(self, upstreamFlag, s.pki.CertFile, s.pki.KeyFile, s.gitRoot())
-	s.upstreamCmd.Stderr = os.Stderr
-	out, err := s.upstreamCmd.StdoutPipe()
+	c, err := startChild(upstreamFlag, s.pki.CertFile, s.pki.KeyFile, s.gitRoot())
 	if err != nil {
 		return err
 	}
-	// The child stops when its stdin closes: when the bench exits, even
-	// if it is killed.
-	if s.upstreamIn, err = s.upstreamCmd.StdinPipe(); err != nil {
-		return err
-	}
-	if err := s.upstreamCmd.Start(); err != nil {
-		return fmt.Errorf("start the upstream: %w", err)
-	}
-	line, err := bufio.NewReader(out).ReadString('\n')
-	addr, ok := strings.CutPrefix(strings.TrimSpace(line), "listening ")
-	if err != nil || !ok {
-		return fmt.Errorf("upstream did not start (read %q: %v)", line, err)
-	}
-	s.upstream = "https://" + addr
+	s.upstreamProc = c
+	s.upstream = "https://" + c.addr
 	return nil
 }
 
@@ -73,12 +51,14 @@ func serveUpstream(certFile, keyFile, gitRoot string) error {
 		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTLS(ln, "", "") }()
-	fmt.Printf("listening %s\n", ln.Addr())
-	go func() { io.Copy(io.Discard, os.Stdin); srv.Close() }()
-	if err := <-done; err != http.ErrServerClosed {
+	select {
+	case err := <-done:
 		return err
+	case <-announce(ln.Addr().String()):
+		srv.Close()
+		<-done
+		return nil
 	}
-	return nil
 }
 
 func upstreamMux(gitRoot string) *http.ServeMux {
