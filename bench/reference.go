@@ -69,8 +69,11 @@ type Reference struct {
 	// CPU per request under that load, of each end.
 	EntryCPU float64 `json:"entry_cpu_us"`
 	ExitCPU  float64 `json:"exit_cpu_us"`
-	// AddedP50 is one client's median, less direct's, in ms.
-	AddedP50 float64 `json:"added_p50_ms"`
+	// AddedP50 is one client's median, less direct's, in ms; the CPU
+	// per request of each end at that load.
+	AddedP50       float64 `json:"added_p50_ms"`
+	EntryCPUSerial float64 `json:"entry_cpu_one_client_us"`
+	ExitCPUSerial  float64 `json:"exit_cpu_one_client_us"`
 }
 
 // references measures the reference tunnels with the small-GETs and
@@ -132,13 +135,16 @@ func (s *setup) references(workers int, dur time.Duration, n int) ([]Reference, 
 	var out []Reference
 	dm := median(direct)
 	for _, t := range tunnels {
+		c0, x0 := procCPU(t.entry.pid()), procCPU(t.exit.pid())
 		p, err := s.p50(t.client, "http://"+t.entry.addr+"/bench/small", n)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", t.kind.name, err)
 		}
+		serial := func(c time.Duration) float64 { return float64(c.Microseconds()) / float64(n+50) }
 		per := func(c time.Duration) float64 { return float64(c.Microseconds()) / float64(max(t.served, 1)) }
 		r := Reference{Tunnel: t.kind.name, What: t.kind.what, SmallGETs: median(t.rates), Direct: dm,
-			EntryCPU: per(t.cpu[0]), ExitCPU: per(t.cpu[1]), AddedP50: float64((p - d).Microseconds()) / 1000}
+			EntryCPU: per(t.cpu[0]), ExitCPU: per(t.cpu[1]), AddedP50: float64((p - d).Microseconds()) / 1000,
+			EntryCPUSerial: serial(procCPU(t.entry.pid()) - c0), ExitCPUSerial: serial(procCPU(t.exit.pid()) - x0)}
 		if dm > 0 {
 			r.Ratio = r.SmallGETs / dm
 		}
@@ -162,9 +168,9 @@ func printReferences(refs []Reference, results []Result) {
 		return
 	}
 	fmt.Printf("\nreference tunnels on this machine (not ferry): small GETs, 64 concurrent, and one client's added p50\n")
-	fmt.Printf("%-14s %10s %8s %22s %10s  %s\n", "tunnel", "req/s", "ratio", "CPU/request entry, exit", "added p50", "")
+	fmt.Printf("%-14s %10s %8s %22s %10s %22s  %s\n", "tunnel", "req/s", "ratio", "CPU/request entry, exit", "added p50", "CPU/request, 1 client", "")
 	for _, r := range refs {
-		fmt.Printf("%-14s %10.0f %8.2f %15.0f, %3.0f µs %7.3f ms  %s\n", r.Tunnel, r.SmallGETs, r.Ratio, r.EntryCPU, r.ExitCPU, r.AddedP50, r.What)
+		fmt.Printf("%-14s %10.0f %8.2f %15.0f, %3.0f µs %7.3f ms %15.0f, %3.0f µs  %s\n", r.Tunnel, r.SmallGETs, r.Ratio, r.EntryCPU, r.ExitCPU, r.AddedP50, r.EntryCPUSerial, r.ExitCPUSerial, r.What)
 	}
 	var gets, p50 *Result
 	for i := range results {
@@ -176,7 +182,7 @@ func printReferences(refs []Reference, results []Result) {
 		}
 	}
 	if gets != nil && p50 != nil {
-		fmt.Printf("%-14s %10.0f %8.2f %22s %7.3f ms  %s\n", "ferry", gets.Ferry, gets.Ratio, "(see the table)", p50.Ferry-p50.Direct, "relay and agent: HTTP read and judged, credential added, logged, counted")
+		fmt.Printf("%-14s %10.0f %8.2f %22s %7.3f ms %22s  %s\n", "ferry", gets.Ferry, gets.Ratio, "(see the table)", p50.Ferry-p50.Direct, "(see the table)", "relay and agent: HTTP read and judged, credential added, logged, counted")
 	}
 }
 
