@@ -187,9 +187,8 @@ func printReferences(refs []Reference, results []Result) {
 }
 
 // serveReference is a reference tunnel end's main: role is
-// "KIND-entry" or "KIND-exit", target the address it forwards to. An
-// entry listens for plain connections, an exit for TLS with the bench's
-// certificate; both reach their target over TLS, trusting the bench's CA.
+// "KIND-entry" or "KIND-exit", target the address it forwards to. It
+// serves until its stdin closes.
 func serveReference(role, target, certFile, keyFile, caFile string) error {
 	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
@@ -201,49 +200,82 @@ func serveReference(role, target, certFile, keyFile, caFile string) error {
 	}
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(ca)
-	client := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
-	server := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	end, err := newReferenceEnd(role, target, cert, roots)
 	if err != nil {
 		return err
 	}
+	defer end.close()
+	done := make(chan error, 1)
+	go func() { done <- end.serve() }()
+	select {
+	case err := <-done:
+		return err
+	case <-announce(end.ln.Addr().String()):
+		return nil
+	}
+}
+
+// referenceEnd is one end of a reference tunnel, listening on loopback.
+// An entry takes plain connections, an exit TLS ones with cert; both
+// reach their target over TLS, trusting roots.
+type referenceEnd struct {
+	ln      net.Listener
+	serve   func() error // until the listener is closed
+	closers []io.Closer  // what close closes before the listener
+}
+
+// close closes the end's sessions and servers, then its listener.
+// Connections being forwarded end when their peers close them (close an
+// entry before its exit).
+func (e *referenceEnd) close() {
+	for _, c := range e.closers {
+		c.Close()
+	}
+	e.ln.Close()
+}
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }
+
+func newReferenceEnd(role, target string, cert tls.Certificate, roots *x509.CertPool) (*referenceEnd, error) {
+	client := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
+	server := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	e := &referenceEnd{ln: ln}
 	dial := func() (net.Conn, error) { return tls.Dial("tcp", target, client) }
-	var serve func() error
-	switch role {
-	case "pipe-entry":
-		serve = func() error { return forwardEach(ln, dial) }
-	case "pipe-exit":
-		serve = func() error { return forwardEach(tls.NewListener(ln, server), dial) }
-	case "yamux-entry":
+	// session opens the entry's one yamux session to its exit.
+	session := func() (*yamux.Session, error) {
 		conn, err := dial()
 		if err != nil {
-			return err
+			return nil, err
 		}
 		sess, err := yamux.Client(conn, quietYamux())
 		if err != nil {
-			return err
+			conn.Close()
+			return nil, err
 		}
-		defer sess.Close()
-		serve = func() error { return forwardEach(ln, func() (net.Conn, error) { return sess.Open() }) }
+		e.closers = append(e.closers, sess)
+		return sess, nil
+	}
+	switch role {
+	case "pipe-entry":
+		e.serve = func() error { return forwardEach(ln, dial) }
+	case "pipe-exit":
+		e.serve = func() error { return forwardEach(tls.NewListener(ln, server), dial) }
+	case "yamux-entry":
+		sess, err := session()
+		if err != nil {
+			ln.Close()
+			return nil, err
+		}
+		e.serve = func() error { return forwardEach(ln, func() (net.Conn, error) { return sess.Open() }) }
 	case "yamux-exit":
-		serve = func() error {
-			tl := tls.NewListener(ln, server)
-			for {
-				conn, err := tl.Accept()
-				if err != nil {
-					return err
-				}
-				go func() {
-					sess, err := yamux.Server(conn, quietYamux())
-					if err != nil {
-						conn.Close()
-						return
-					}
-					forwardEach(sess, dial)
-				}()
-			}
-		}
+		sl := newSessionListener(tls.NewListener(ln, server))
+		e.serve = func() error { return forwardEach(sl, dial) }
 	case "proxies-entry", "proxies-exit", "proxies-yamux-entry", "proxies-yamux-exit":
 		u := &url.URL{Scheme: "https", Host: target}
 		tr := &http.Transport{TLSClientConfig: client, MaxIdleConnsPerHost: 256, DisableCompression: true}
@@ -252,15 +284,11 @@ func serveReference(role, target, certFile, keyFile, caFile string) error {
 		case "proxies-exit":
 			l = tls.NewListener(ln, server)
 		case "proxies-yamux-entry":
-			conn, err := dial()
+			sess, err := session()
 			if err != nil {
-				return err
+				ln.Close()
+				return nil, err
 			}
-			sess, err := yamux.Client(conn, quietYamux())
-			if err != nil {
-				return err
-			}
-			defer sess.Close()
 			// Plain HTTP on each stream: the TLS is the session's.
 			u.Scheme = "http"
 			tr = &http.Transport{MaxIdleConnsPerHost: 256, DisableCompression: true,
@@ -271,19 +299,18 @@ func serveReference(role, target, certFile, keyFile, caFile string) error {
 		rp := httputil.NewSingleHostReverseProxy(u)
 		rp.Transport = tr
 		srv := &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
-		serve = func() error { return srv.Serve(l) }
+		e.closers = append(e.closers, srv, closerFunc(func() error { tr.CloseIdleConnections(); return nil }))
+		e.serve = func() error {
+			if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		}
 	default:
-		return fmt.Errorf("unknown role %q", role)
+		ln.Close()
+		return nil, fmt.Errorf("unknown reference tunnel role %q", role)
 	}
-	done := make(chan error, 1)
-	go func() { done <- serve() }()
-	select {
-	case err := <-done:
-		return err
-	case <-announce(ln.Addr().String()):
-		// The process exits: its connections go with it.
-		return nil
-	}
+	return e, nil
 }
 
 // sessionListener hands out, as connections, the yamux streams of the
