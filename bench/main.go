@@ -610,11 +610,14 @@ func (s *setup) load(c *http.Client, url string, workers int, dur time.Duration)
 	return float64(n.Load()) / dur.Seconds(), sent, nil
 }
 
-// sequential times n GETs of url, one at a time, after 50 of warm-up;
-// each must answer want. The times come sorted.
+// warmUp is how many requests sequential sends before it times any.
+const warmUp = 50
+
+// sequential times n GETs of url, one at a time, after the warm-up; each
+// must answer want. The times come sorted.
 func (s *setup) sequential(c *http.Client, url string, n, want int) ([]time.Duration, error) {
 	out := make([]time.Duration, 0, n)
-	for i := 0; i < n+50; i++ {
+	for i := 0; i < n+warmUp; i++ {
 		start := time.Now()
 		resp, err := s.do(c, "GET", url, nil, -1)
 		if err != nil {
@@ -625,7 +628,7 @@ func (s *setup) sequential(c *http.Client, url string, n, want int) ([]time.Dura
 		if resp.StatusCode != want {
 			return nil, fmt.Errorf("GET %s: status %d, want %d", url, resp.StatusCode, want)
 		}
-		if i >= 50 {
+		if i >= warmUp {
 			out = append(out, time.Since(start))
 		}
 	}
@@ -667,7 +670,7 @@ func (s *setup) latency(n int) (Result, Result, error) {
 	if err != nil {
 		return fail(fmt.Errorf("ferry: %w", err))
 	}
-	perRequest := cost.perRequest(int64(n + 50))
+	perRequest := cost.perRequest(int64(n + warmUp))
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	p := func(xs []time.Duration, q float64) time.Duration { return xs[int(q*float64(len(xs)-1))] }
 	mk := func(name string, q, target float64) Result {

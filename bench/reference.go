@@ -19,7 +19,7 @@ import (
 )
 
 // Reference tunnels put the small-request figures in scale on the machine
-// at hand: three stand-ins of ferry's shape (an entry process the client
+// at hand: four stand-ins of ferry's shape (an entry process the client
 // talks plain HTTP to, TLS between it and an exit process, TLS from there
 // to the upstream), each doing less than ferry must:
 //
@@ -140,7 +140,7 @@ func (s *setup) references(workers int, dur time.Duration, n int) ([]Reference, 
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", t.kind.name, err)
 		}
-		serial := func(c time.Duration) float64 { return float64(c.Microseconds()) / float64(n+50) }
+		serial := func(c time.Duration) float64 { return float64(c.Microseconds()) / float64(n+warmUp) }
 		per := func(c time.Duration) float64 { return float64(c.Microseconds()) / float64(max(t.served, 1)) }
 		r := Reference{Tunnel: t.kind.name, What: t.kind.what, SmallGETs: median(t.rates), Direct: dm,
 			EntryCPU: per(t.cpu[0]), ExitCPU: per(t.cpu[1]), AddedP50: float64((p - d).Microseconds()) / 1000,
@@ -153,8 +153,7 @@ func (s *setup) references(workers int, dur time.Duration, n int) ([]Reference, 
 	return out, nil
 }
 
-// p50 is the median time of n sequential small GETs (after a warm-up of
-// 50).
+// p50 is the median time of n sequential small GETs (after the warm-up).
 func (s *setup) p50(c *http.Client, url string, n int) (time.Duration, error) {
 	xs, err := s.sequential(c, url, n, http.StatusOK)
 	if err != nil {
