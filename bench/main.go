@@ -645,27 +645,24 @@ func (s *setup) sequential(c *http.Client, url string, n, want int) ([]time.Dura
 // they allocate, per request at this load (one request at a time), to set
 // beside the figures under load.
 func (s *setup) latency(n int) (Result, Result, error) {
-	measure := func(c *http.Client, url string, want int) ([]time.Duration, error) {
-		return s.sequential(c, url, n, want)
-	}
 	fail := func(err error) (Result, Result, error) {
 		return Result{Workload: "latency p50"}, Result{Workload: "latency p99"}, err
 	}
-	d, err := measure(s.direct, s.directURL("/bench/small"), http.StatusOK)
+	d, err := s.sequential(s.direct, s.directURL("/bench/small"), n, http.StatusOK)
 	if err != nil {
 		return fail(fmt.Errorf("direct: %w", err))
 	}
-	relayOnly, err := measure(s.viaFerry, "http://"+s.scanAddr+"/t/no-such-tunnel/bitbucket/bench/small", http.StatusNotFound)
+	relayOnly, err := s.sequential(s.viaFerry, "http://"+s.scanAddr+"/t/no-such-tunnel/bitbucket/bench/small", n, http.StatusNotFound)
 	if err != nil {
 		return fail(fmt.Errorf("relay only: %w", err))
 	}
-	refused, err := measure(s.viaFerry, s.ferryURL("/not-allowed"), http.StatusForbidden)
+	refused, err := s.sequential(s.viaFerry, s.ferryURL("/not-allowed"), n, http.StatusForbidden)
 	if err != nil {
 		return fail(fmt.Errorf("refused by the agent: %w", err))
 	}
 	cost := &costMeter{s: s}
 	end := cost.measure(s.viaFerry)
-	f, err := measure(s.viaFerry, s.ferryURL("/bench/small"), http.StatusOK)
+	f, err := s.sequential(s.viaFerry, s.ferryURL("/bench/small"), n, http.StatusOK)
 	end()
 	if err != nil {
 		return fail(fmt.Errorf("ferry: %w", err))
